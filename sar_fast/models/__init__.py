@@ -1,0 +1,14 @@
+"""Scale-wise AR transformers (FlexVAR, VAR), their checkpoints, and the tokenizers."""
+from .checkpoint import (CheckpointError, export_state_dict, extract_state_dict, infer_config,
+                         load_checkpoint, read_checkpoint_file, save_export)
+from .transformer import ARCHS, ModelConfig, ScaleAR, preset_config
+
+
+def build_model(preset: str = "flexvar-d16", **overrides) -> ScaleAR:
+    """A freshly initialised model from a preset ('flexvar-d16', 'var-d24', 'flexvar-tiny', ...)."""
+    return ScaleAR(preset_config(preset, **overrides))
+
+
+__all__ = ["ARCHS", "ModelConfig", "ScaleAR", "preset_config", "build_model", "load_checkpoint",
+           "export_state_dict", "save_export", "extract_state_dict", "infer_config",
+           "read_checkpoint_file", "CheckpointError"]

@@ -1,0 +1,210 @@
+"""Load the checkpoints users bring, export ones the original code loads.
+
+Accepted: FlexVAR/SAR training checkpoints `ar-ckpt-*.pth` ({'trainer': {'var_wo_ddp':
+state_dict, ...}, 'args': ...}), flat state dicts (`FlexVARd16-epo179.pth`, SAR's released
+weights, VAR's `var_d16.pth`), sar_fast exports ({'config': ..., 'model': ...}), and
+DDP/compile-wrapped keys ('module.', '_orig_mod.'). Arch, depth, width, heads, vocab, code
+dim, classes and (VAR) schedule are inferred from the weights.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from collections import Counter
+from typing import Any, Mapping
+
+import torch
+
+from ..schedules import STANDARD_SCHEDULE, total_length
+from .transformer import ModelConfig, ScaleAR
+
+# Buffers the originals keep in their state dicts that sar_fast derives instead.
+_DERIVED = ("attn_bias_for_masking", "lvl_1L")
+_DERIVED_BLOCK = re.compile(r"^blocks\.\d+\.attn\.zero_k_bias$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not a FlexVAR/VAR transformer, or does not fit the model."""
+
+
+class _Opaque:
+    """Stands in for classes of the original training code pickled into a checkpoint
+    (its args object): we never need them, and importing their code is not an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED = ("torch", "collections", "builtins", "numpy", "_codecs", "copyreg")
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] in self._ALLOWED:
+            return super().find_class(module, name)
+        return _Opaque
+
+
+class _SafePickle:
+    Unpickler = _SafeUnpickler
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _SafeUnpickler(f, **kwargs).load()
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """torch.load on CPU: weights_only first; classes of the original code become stubs."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickle)
+
+
+def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The transformer's flat state dict inside any supported checkpoint layout, and the
+    sar_fast config if the checkpoint carries one."""
+    config = None
+    if isinstance(obj, Mapping):
+        if "trainer" in obj and isinstance(obj["trainer"], Mapping) and "var_wo_ddp" in obj["trainer"]:
+            obj = obj["trainer"]["var_wo_ddp"]
+        elif "model" in obj and isinstance(obj["model"], Mapping):
+            config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+            obj = obj["model"]
+        elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError("no model state dict found (expected a flat state dict, an 'ar-ckpt' with "
+                              "trainer.var_wo_ddp, or {'model': ...})")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+    return sd, dict(config) if config else None
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], arch: str | None = None) -> dict:
+    """Model hyperparameters read off the weights."""
+    need = ("class_emb.weight", "word_embed.weight", "head.weight", "pos_1LC")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a FlexVAR/VAR transformer state dict: missing {missing} "
+                              f"(found e.g. {sorted(sd)[:5]})")
+    if any(k.startswith("shared_ada_lin.") for k in sd):
+        raise CheckpointError("checkpoints with shared AdaLN (shared_aln=True) are not supported")
+    detected = "var" if "lvl_embed.weight" in sd else "flexvar"
+    if arch is not None and arch != detected:
+        raise CheckpointError(f"arch={arch!r} was requested but the weights are a {detected} model "
+                              f"({'has' if detected == 'var' else 'has no'} lvl_embed)")
+    C = sd["class_emb.weight"].shape[1]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth < 1:
+        raise CheckpointError("no transformer blocks (blocks.N.*) in the state dict")
+    l2 = "blocks.0.attn.scale_mul_1H11" in sd
+    heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if l2 else max(C // 64, 1)
+    cfg = dict(arch=detected, depth=depth, embed_dim=C, num_heads=heads,
+               mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C if "blocks.0.ffn.fc1.weight" in sd else 4.0,
+               vocab_size=sd["head.weight"].shape[0], code_dim=sd["word_embed.weight"].shape[1],
+               num_classes=sd["class_emb.weight"].shape[0] - 1, attn_l2_norm=l2)
+    if detected == "flexvar":
+        cfg["pos_grid"] = sd["pos_1LC"].shape[-1]
+    else:
+        cfg["schedule"] = _var_schedule(sd)
+    return cfg
+
+
+def _var_schedule(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """VAR's schedule from its lvl_1L buffer (scale id per token), or the standard one."""
+    L, n = sd["pos_1LC"].shape[1], sd["lvl_embed.weight"].shape[0]
+    if "lvl_1L" in sd:
+        counts = Counter(sd["lvl_1L"].flatten().tolist())
+        sides = []
+        for i in range(n):
+            side = round(counts.get(i, 0) ** 0.5)
+            if side * side != counts.get(i, 0):
+                raise CheckpointError(f"lvl_1L has {counts.get(i, 0)} tokens at scale {i}: not a square map")
+            sides.append(side)
+        return tuple(sides)
+    if n == len(STANDARD_SCHEDULE) and L == total_length(STANDARD_SCHEDULE):
+        return STANDARD_SCHEDULE
+    raise CheckpointError(f"cannot infer the VAR schedule of a {n}-scale, L={L} model without lvl_1L; "
+                          f"pass schedule=... explicitly")
+
+
+def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, arch: str | None = None,
+                    strict: bool = True, **overrides) -> ScaleAR:
+    """Build a ScaleAR from any supported checkpoint; the config is inferred from the weights
+    (overrides win, e.g. cond_drop_rate=0.0). Fails listing missing/unexpected keys."""
+    obj = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint_file(path_or_state_dict)
+    sd, saved_config = extract_state_dict(obj)
+    cfg = dict(saved_config) if saved_config else infer_config(sd, arch)
+    if saved_config and arch is not None and saved_config.get("arch") != arch:
+        raise CheckpointError(f"arch={arch!r} requested but the checkpoint is {saved_config.get('arch')!r}")
+    cfg.update(overrides)
+    model = ScaleAR(ModelConfig(**cfg))
+    load_model_state(model, sd, strict=strict)
+    return model
+
+
+def load_model_state(model: ScaleAR, sd: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy weights in, ignoring the originals' derived buffers; clear errors on mismatch."""
+    own = model.state_dict()
+    clean = {k: v for k, v in sd.items() if k not in _DERIVED and not _DERIVED_BLOCK.match(k)}
+    missing = sorted(set(own) - set(clean))
+    unexpected = sorted(set(clean) - set(own))
+    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in clean.items() if k in own and v.shape != own[k].shape]
+    if shape_errors or (strict and (missing or unexpected)):
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if shape_errors:
+            lines.append(f"shape mismatches ({len(shape_errors)}): {_short(shape_errors)}")
+        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
+    model.load_state_dict({k: v for k, v in clean.items() if k in own}, strict=False)
+
+
+def _short(items: list[str], n: int = 12) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def export_state_dict(model: ScaleAR, patch_nums: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A flat fp32 state dict the original FlexVAR/VAR module loads with strict=True: ours
+    plus the buffers the originals keep (the dense mask for `patch_nums` — the model's
+    schedule by default —, VAR's lvl_1L, the zero k-bias of every block)."""
+    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    schedule = tuple(patch_nums or model.config.schedule)
+    scale_id = torch.cat([torch.full((s * s,), i) for i, s in enumerate(schedule)])
+    sd["attn_bias_for_masking"] = torch.where(scale_id[:, None] >= scale_id[None, :], 0.0, -torch.inf) \
+        .reshape(1, 1, len(scale_id), len(scale_id))
+    if model.arch == "var":
+        sd["lvl_1L"] = scale_id.view(1, -1)
+    for i in range(len(model.blocks)):
+        sd[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(model.config.embed_dim)
+    return sd
+
+
+def save_export(model: ScaleAR, path: str | os.PathLike) -> None:
+    """Write export_state_dict(model) atomically (temp file + rename)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    buf = io.BytesIO()
+    torch.save(export_state_dict(model), buf)
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,362 @@
+"""The scale-wise autoregressive transformer, in its FlexVAR and VAR variants.
+
+Parameter names equal the original implementations', so their checkpoints load key for
+key (see checkpoint.py). What differs between the variants is only the input side:
+
+- flexvar: a 2D position table (1, C, 32, 32), area-resized to every scale's side, so any
+  schedule works; no level embedding; inputs are non-residual (upsampled code maps).
+- var: a learned position table (1, L, C) for one fixed schedule plus a level embedding
+  per scale; inputs are VAR's residual f_hat maps.
+
+The blocks (AdaLN self-attention with L2-normalised q/k and a learned per-head scale) and
+the head (AdaLN before a linear head) are shared. Attention runs through sar_fast.ops, so
+the Triton kernel swaps in without touching this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..schedules import STANDARD_SCHEDULE, scale_lengths, total_length, validate_schedule
+
+ARCHS = ("flexvar", "var")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "flexvar"
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    vocab_size: int = 8912
+    code_dim: int = 32
+    num_classes: int = 1000
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    cond_drop_rate: float = 0.1       # label dropout for classifier-free guidance
+    drop_path_rate: float = 0.0       # stochastic depth, linearly increasing over blocks
+    pos_grid: int = 32                # flexvar: side of the 2D position table
+    # var: the one schedule the position table is built for; flexvar: the default schedule
+    schedule: tuple[int, ...] = field(default=STANDARD_SCHEDULE)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for name in ("depth", "embed_dim", "num_heads", "vocab_size", "code_dim", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.schedule = validate_schedule(self.schedule, name="config.schedule")
+        if self.schedule[0] != 1:
+            raise ValueError(f"the first scale must be 1x1 (the class token), got schedule {self.schedule}")
+        if not 0.0 <= self.cond_drop_rate < 1.0:
+            raise ValueError(f"cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schedule"] = list(self.schedule)
+        return d
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """'flexvar-d16', 'var-d24', ..., or 'flexvar-tiny' / 'var-tiny' (tests, laptops).
+
+    Depth d -> width 64d, d heads of dim 64, as in VAR/FlexVAR. FlexVAR: vocab 8912
+    (LlamaGen VQ-16), VAR: vocab 4096; both code dim 32. Stochastic depth 0.1*d/24.
+    """
+    try:
+        arch, size = name.lower().split("-", 1)
+    except ValueError:
+        raise ValueError(f"preset must look like 'flexvar-d16' or 'var-tiny', got {name!r}") from None
+    if arch not in ARCHS:
+        raise ValueError(f"preset arch must be one of {ARCHS}, got {name!r}")
+    base = dict(arch=arch, vocab_size=8912 if arch == "flexvar" else 4096, code_dim=32)
+    if size == "tiny":
+        base.update(depth=2, embed_dim=64, num_heads=4, vocab_size=64, code_dim=8, num_classes=10)
+    elif size.startswith("d") and size[1:].isdigit():
+        d = int(size[1:])
+        base.update(depth=d, embed_dim=64 * d, num_heads=d, drop_path_rate=0.1 * d / 24)
+    else:
+        raise ValueError(f"unknown preset size {size!r} in {name!r}: use tiny or d<depth> (d16, d20, d24, d30)")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with q/k/v biases (k's fixed at zero) and, with attn_l2_norm,
+    L2-normalised q and k, q scaled per head by exp(min(s_h, log 100))."""
+
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim, self.l2_norm = num_heads, dim // num_heads, l2_norm
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.softmax_scale = 1.0
+        else:
+            self.softmax_scale = 0.25 / math.sqrt(self.head_dim)
+        self._max_log_scale = math.log(100.0)
+
+    def forward(self, x: torch.Tensor, scale_lens: Sequence[int] | None,
+                cache: dict | None = None) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, L, hd
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self._max_log_scale).exp()
+            k = F.normalize(k, dim=-1)
+        if cache is not None:  # sampling: append this scale to the cache, attend to all of it
+            if "k" in cache:
+                k = torch.cat((cache["k"], k), dim=2)
+                v = torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+            out = ops.cached_attention(q, k, v, softmax_scale=self.softmax_scale)
+        else:
+            out = ops.scale_causal_attention(q, k, v, scale_lens, softmax_scale=self.softmax_scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """x += gamma1 * attn(LN(x) * (1 + scale1) + shift1); x += gamma2 * ffn(... 2);
+    the six modulations come from the class embedding."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float,
+                 l2_norm: bool, drop_path: float):
+        super().__init__()
+        self.dim, self.norm_eps, self.drop_path = dim, norm_eps, drop_path
+        self.attn = SelfAttention(dim, num_heads, l2_norm)
+        self.ffn = FFN(dim, round(dim * mlp_ratio))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def _residual(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_path == 0.0:
+            return branch
+        keep = 1.0 - self.drop_path
+        mask = branch.new_empty(branch.shape[0], 1, 1).bernoulli_(keep)
+        return branch * mask / keep
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, scale_lens: Sequence[int] | None,
+                cache: dict | None = None) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = \
+            self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        h = F.layer_norm(x, (self.dim,), eps=self.norm_eps) * (scale1 + 1) + shift1
+        x = x + self._residual(self.attn(h, scale_lens, cache) * gamma1)
+        h = F.layer_norm(x, (self.dim,), eps=self.norm_eps) * (scale2 + 1) + shift2
+        return x + self._residual(self.ffn(h) * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, norm_eps: float):
+        super().__init__()
+        self.dim, self.norm_eps = dim, norm_eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return F.layer_norm(x, (self.dim,), eps=self.norm_eps) * (scale + 1) + shift
+
+
+class ScaleAR(nn.Module):
+    """Class-conditional next-scale prediction (FlexVAR or VAR, see the module docstring).
+
+    Call convention of the originals: `model(label_B, x_BLCv_wo_first_l, schedule)` ->
+    logits [B, L, V], where x holds the teacher-forcing inputs of scales 2..n.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        C, first_l = cfg.embed_dim, 1
+        self.num_classes, self.vocab_size, self.code_dim = cfg.num_classes, cfg.vocab_size, cfg.code_dim
+        self.word_embed = nn.Linear(cfg.code_dim, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class (CFG)
+        self.pos_start = nn.Parameter(torch.zeros(1, first_l, C))
+        if cfg.arch == "flexvar":
+            self.pos_1LC = nn.Parameter(sincos_table_2d(cfg.pos_grid, C))
+        else:
+            self.pos_1LC = nn.Parameter(torch.zeros(1, total_length(cfg.schedule), C))
+            self.lvl_embed = nn.Embedding(len(cfg.schedule), C)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attn_l2_norm, rates[i])
+            for i in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        self._pos_cache: dict = {}
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def arch(self) -> str:
+        return self.config.arch
+
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
+                     init_head: float = 0.02) -> None:
+        """VAR's initialisation: truncated normal std sqrt(1/(3C)), zero biases, small head,
+        AdaLN gammas near zero so every block starts close to the identity."""
+        C, std = self.config.embed_dim, math.sqrt(1 / self.config.embed_dim / 3)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        if self.arch == "var":
+            nn.init.trunc_normal_(self.pos_1LC, std=std)
+        with torch.no_grad():
+            self.head.weight.mul_(init_head)
+            self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+            for block in self.blocks:
+                block.attn.proj.weight.div_(math.sqrt(2 * len(self.blocks)))
+                block.ffn.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
+                block.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+                block.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
+                nn.init.zeros_(block.attn.q_bias)
+                nn.init.zeros_(block.attn.v_bias)
+
+    def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
+        if schedule is None:
+            return self.config.schedule
+        schedule = validate_schedule(schedule)
+        if schedule[0] != 1:
+            raise ValueError(f"schedule must start with the 1x1 scale, got {schedule}")
+        if self.arch == "var" and schedule != self.config.schedule:
+            raise ValueError(f"a VAR model only runs the schedule its position table was built for, "
+                             f"{self.config.schedule}; got {schedule}")
+        if self.arch == "flexvar" and schedule[-1] > self.config.pos_grid:
+            raise ValueError(f"schedule side {schedule[-1]} exceeds the position table ({self.config.pos_grid})")
+        return schedule
+
+    # ------------------------------------------------------------------ inputs
+    def pos_embed(self, schedule: Sequence[int], scale_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Position (and, for VAR, level) embedding [1, sum(s^2), C] of the given scales.
+
+        flexvar: the 2D table area-resized to each side. var: the rows of scale i in the
+        fixed table plus lvl_embed[i]; `scale_ids` says which scales of the model's schedule
+        (default: all of them, in order).
+        """
+        if self.arch == "flexvar":
+            pieces = []
+            for s in schedule:
+                table = F.interpolate(self.pos_1LC.float(), size=(s, s), mode="area")
+                pieces.append(table.flatten(2).transpose(1, 2))
+            return torch.cat(pieces, dim=1)
+        offsets = [0]
+        for s in self.config.schedule:
+            offsets.append(offsets[-1] + s * s)
+        ids = range(len(self.config.schedule)) if scale_ids is None else scale_ids
+        pieces = [self.pos_1LC[:, offsets[i]:offsets[i + 1]].float() + self.lvl_embed.weight[i].float()
+                  for i in ids]
+        return torch.cat(pieces, dim=1)
+
+    def class_condition(self, label_B: torch.Tensor) -> torch.Tensor:
+        """Class embedding [B, C]; in training, labels drop to the null class with
+        probability cond_drop_rate (the original applies it in eval too; we don't)."""
+        if not isinstance(label_B, torch.Tensor) or label_B.dim() != 1 or label_B.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"label_B must be an int64 tensor [B], got "
+                             f"{getattr(label_B, 'shape', type(label_B).__name__)} {getattr(label_B, 'dtype', '')}")
+        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                             f"got [{int(label_B.min())}, {int(label_B.max())}]")
+        if self.training and self.config.cond_drop_rate > 0:
+            drop = torch.rand(label_B.shape[0], device=label_B.device) < self.config.cond_drop_rate
+            label_B = torch.where(drop, torch.full_like(label_B, self.num_classes), label_B)
+        return self.class_emb(label_B.long())
+
+    def _check_inputs(self, x: torch.Tensor, B: int, length: int, name: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor [B, {length}, {self.code_dim}], "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")
+        if tuple(x.shape) != (B, length, self.code_dim):
+            raise ValueError(f"{name} must have shape ({B}, {length}, {self.code_dim}), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------ forward
+    def trunk(self, x_BLC: torch.Tensor, cond: torch.Tensor, scale_lens: Sequence[int]) -> torch.Tensor:
+        """Blocks + AdaLN-before-head: the hidden states [B, L, C] the head maps to logits
+        (what the fused head+CE loss takes)."""
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond, scale_lens)
+        return self.head_nm(x_BLC.float(), cond.float())
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
+                schedule: Sequence[int] | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Teacher forcing: logits [B, L, V] (or the pre-head hidden states [B, L, C])."""
+        schedule = self.check_schedule(schedule)
+        B, L = label_B.shape[0], total_length(schedule)
+        self._check_inputs(x_BLCv_wo_first_l, B, L - 1, "x_BLCv_wo_first_l")
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
+            cond = self.class_condition(label_B)
+            sos = cond.unsqueeze(1) + self.pos_start
+            x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+            x = x + self.pos_embed(schedule)
+        hidden = self.trunk(x, cond, scale_lengths(schedule))
+        return hidden if return_hidden else self.head(hidden)
+
+    def forward_student(self, label_B: torch.Tensor, x_BlCv: torch.Tensor, side: int,
+                        scale_index: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Student forcing, as in SAR: the class token followed by one scale's inputs
+        (layout [1, side*side]); returns logits [B, side*side, V] for that scale only.
+
+        The class token gets the first scale's position but no pos_start (as in SAR's code).
+        VAR needs `scale_index`, the index of that scale in its schedule.
+        """
+        B, n = label_B.shape[0], side * side
+        self._check_inputs(x_BlCv, B, n, "x_BlCv")
+        if self.arch == "var":
+            if scale_index is None or not 0 < scale_index < len(self.config.schedule) \
+                    or self.config.schedule[scale_index] != side:
+                raise ValueError(f"VAR student forcing needs scale_index of side {side} in {self.config.schedule}, "
+                                 f"got {scale_index}")
+            ids = (0, scale_index)
+        else:
+            self.check_schedule((1, side)) if side > 1 else None
+            ids = None
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
+            cond = self.class_condition(label_B)
+            x = torch.cat((cond.unsqueeze(1), self.word_embed(x_BlCv.float())), dim=1)
+            x = x + self.pos_embed((1, side), scale_ids=ids)
+        hidden = self.trunk(x, cond, (1, n))[:, 1:]
+        return hidden if return_hidden else self.head(hidden)
+
+    @torch.no_grad()
+    def step_with_cache(self, x_BlC: torch.Tensor, cond: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Sampling: run one scale's tokens [B, l, C] (already embedded + positioned) against
+        the per-block KV caches (updated in place); returns that scale's logits [B, l, V]."""
+        for block, cache in zip(self.blocks, caches):
+            x_BlC = block(x_BlC, cond, None, cache)
+        return self.head(self.head_nm(x_BlC.float(), cond.float()))
+
+
+def sincos_table_2d(grid: int, dim: int) -> torch.Tensor:
+    """FlexVAR's initial 2D position table (1, dim, grid, grid): even channels sin(y * f_j),
+    odd channels cos(x * f_j), f_j = 10000^(-2j/dim). A learned parameter afterwards."""
+    if dim % 2:
+        raise ValueError(f"embed_dim must be even for the 2D position table, got {dim}")
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    coords = torch.arange(grid, dtype=torch.float32)
+    table = torch.zeros(grid, grid, dim)
+    table[:, :, 0::2] = torch.sin(coords[:, None, None] * freqs)          # y varies along rows
+    table[:, :, 1::2] = torch.cos(coords[None, :, None] * freqs)          # x varies along columns
+    return table.permute(2, 0, 1).unsqueeze(0).contiguous()

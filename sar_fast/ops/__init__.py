@@ -1,0 +1,16 @@
+"""sar_fast.ops: the fused ops, each validated and dispatched to Triton or the reference.
+
+Backend: SAR_FAST_BACKEND=auto|triton|reference, or set_backend()/use_backend().
+"""
+from . import reference
+from .attention import cached_attention, scale_causal_attention
+from .backend import BACKENDS, BackendError, get_backend, set_backend, use_backend
+from .cross_entropy import fused_linear_cross_entropy
+from .quantize import msq_decode, msq_encode
+from .scale_shift import scale_shift
+
+__all__ = [
+    "BACKENDS", "BackendError", "get_backend", "set_backend", "use_backend",
+    "scale_shift", "scale_causal_attention", "cached_attention",
+    "fused_linear_cross_entropy", "msq_encode", "msq_decode", "reference",
+]

@@ -1,0 +1,152 @@
+"""Class-conditional generation, scale by scale, with a per-scale KV cache.
+
+Each scale's tokens attend to the cached keys/values of every earlier scale plus their own,
+so the block-causal mask is never needed at inference. Classifier-free guidance runs the
+conditional and the null-class batch together and mixes the logits as
+(1 + t) * cond - t * uncond, with the guidance weight t ramped over the scales:
+
+- 'linear'  (VAR):      t = cfg * si / (n - 1)
+- 'flexvar' (FlexVAR):  t = cfg * si / min(n - 1, 9)   (sides beyond 16: t = cfg, greedy)
+- 'sar'     (SAR's SSR sampling during training): t = cfg * (1 + si / (n - 1)) / 2
+- 'constant' (LlamaGen-style): t = cfg - 1, i.e. uncond + cfg * (cond - uncond)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .models.transformer import ScaleAR
+from .schedules import scale_offsets
+
+CFG_RAMPS = ("linear", "flexvar", "sar", "constant")
+
+
+def guidance_weight(ramp: str, cfg: float, si: int, num_scales: int) -> float:
+    """t for scale `si` of `num_scales` (see the module docstring)."""
+    last = max(num_scales - 1, 1)
+    if ramp == "linear":
+        return cfg * si / last
+    if ramp == "flexvar":
+        return cfg * si / min(last, 9)
+    if ramp == "sar":
+        return cfg * 0.5 * (1 + si / last)
+    if ramp == "constant":
+        return cfg - 1.0
+    raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {ramp!r}")
+
+
+def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of logits [..., V] after top-k / nucleus filtering -> int64 [...].
+
+    top_k > 0 keeps the k largest logits (ties at the k-th are kept); 0 < top_p < 1 drops
+    the least likely tokens whose total probability stays within 1 - top_p, so the kept
+    set is the smallest whose mass reaches top_p. top_k == 1 is greedy (argmax).
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, V).float()
+    if top_k == 1:
+        return flat.argmax(-1).view(shape)
+    if 0 < top_k < V:
+        kth = flat.topk(top_k, dim=-1).values[:, -1:]
+        flat = flat.masked_fill(flat < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = flat.sort(dim=-1)  # ascending
+        tail_mass = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = tail_mass <= 1.0 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        flat = flat.masked_fill(drop, float("-inf"))
+    probs = flat.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).view(shape)
+
+
+@dataclass
+class Samples:
+    codes: list[torch.Tensor]        # per scale, [B, s*s] int64
+    images: torch.Tensor | None      # [B, 3, H, W] in [0, 1] when a decoder was given
+
+
+@torch.no_grad()
+def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
+             schedule: Sequence[int] | None = None, cfg: float = 1.5, cfg_ramp: str = "linear",
+             top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
+             generator: torch.Generator | None = None,
+             phi: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+             decode: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+             use_cache: bool = True) -> Samples:
+    """Generate one image per label.
+
+    codebook [V, Cv]: the embedding the model's inputs are built from (FlexVAR: the
+    L2-normalised VQ codebook; VAR: the raw one, with `phi` its shared convs). `decode`
+    maps the per-scale codes to images. cfg <= 0 disables guidance (no null-class batch).
+    `seed` (or a `generator`) makes the draw reproducible. use_cache=False recomputes the
+    whole prefix under the block-causal mask at every scale (slow; the test oracle).
+    """
+    schedule = model.check_schedule(schedule)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be an int64 tensor [B], got {getattr(labels, 'shape', labels)}")
+    if codebook.dim() != 2 or codebook.shape != (model.vocab_size, model.code_dim):
+        raise ValueError(f"codebook must be [{model.vocab_size}, {model.code_dim}] to match the model, "
+                         f"got {tuple(codebook.shape)}")
+    if cfg_ramp not in CFG_RAMPS:
+        raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {cfg_ramp!r}")
+    device = model.head.weight.device
+    labels = labels.to(device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}], got [{int(labels.min())}, {int(labels.max())}]")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    guided = cfg > 0
+    B, n, last = labels.shape[0], len(schedule), schedule[-1]
+    book = codebook.to(device=device, dtype=torch.float32)
+
+    all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
+    cond = model.class_emb(all_labels.long())
+    pos = model.pos_embed(schedule)
+    offsets = scale_offsets(schedule)
+    tokens = [cond.unsqueeze(1) + model.pos_start + pos[:, :1]]  # embedded inputs per scale
+    caches = [dict() for _ in model.blocks]
+    f_hat = torch.zeros(B, model.code_dim, last, last, device=device)  # VAR's running sum
+    codes: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for si, side in enumerate(schedule):
+            if use_cache:
+                logits = model.step_with_cache(tokens[-1], cond, caches)
+            else:
+                x = torch.cat(tokens, dim=1)
+                hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
+                logits = model.head(hidden[:, offsets[si]:])
+            k = top_k
+            if guided:
+                t = guidance_weight(cfg_ramp, cfg, si, n)
+                if cfg_ramp == "flexvar" and side > 16:
+                    t, k = cfg, 1
+                logits = (1 + t) * logits[:B] - t * logits[B:]
+            idx = sample_top_k_top_p(logits, k, top_p, generator)
+            codes.append(idx)
+            if si == n - 1:
+                break
+            emb = book[idx].transpose(1, 2).reshape(B, model.code_dim, side, side)
+            nxt = schedule[si + 1]
+            if model.arch == "flexvar":
+                inp = F.interpolate(emb, size=(nxt, nxt), mode="bicubic")
+            else:
+                up = F.interpolate(emb, size=(last, last), mode="bicubic")
+                f_hat = f_hat + (phi(up, si, n) if phi is not None else up)
+                inp = F.interpolate(f_hat, size=(nxt, nxt), mode="area")
+            x = model.word_embed(inp.flatten(2).transpose(1, 2)) + pos[:, offsets[si + 1]:offsets[si + 2]]
+            tokens.append(x.repeat(2, 1, 1) if guided else x)
+    finally:
+        model.train(was_training)
+    images = decode(codes) if decode is not None else None
+    return Samples(codes=codes, images=images)
