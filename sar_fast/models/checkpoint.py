@@ -91,6 +91,8 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
             while k.startswith(prefix):
                 k = k[len(prefix):]
         sd[k] = v
+    if not sd:
+        raise CheckpointError("no model state dict found: the checkpoint holds no tensors at the model level")
     return sd, dict(config) if config else None
 
 

@@ -198,7 +198,7 @@ class ScaleAR(nn.Module):
         else:
             self.pos_1LC = nn.Parameter(torch.zeros(1, total_length(cfg.schedule), C))
             self.lvl_embed = nn.Embedding(len(cfg.schedule), C)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             AdaLNSelfAttn(C, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attn_l2_norm, rates[i])
             for i in range(cfg.depth))

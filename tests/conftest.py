@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, ROOT)
+
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Every test starts from a fixed seed and the default backend."""
+    from sar_fast import ops
+    torch.manual_seed(0)
+    ops.set_backend(None)
+    yield
+    ops.set_backend(None)

@@ -1,0 +1,147 @@
+"""Public ops: backend switch, validation errors, and agreement with the references."""
+import pytest
+import torch
+
+from sar_fast import ops
+from sar_fast.ops import BackendError, reference
+
+
+def test_backend_switch_env_and_override(monkeypatch):
+    monkeypatch.setenv("SAR_FAST_BACKEND", "reference")
+    assert ops.get_backend() == "reference"
+    ops.set_backend("auto")
+    assert ops.get_backend() == "auto"
+    with ops.use_backend("reference"):
+        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == "auto"
+    ops.set_backend(None)
+    monkeypatch.setenv("SAR_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SAR_FAST_BACKEND"):
+        ops.get_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("fast")
+
+
+def test_triton_request_without_kernel_is_an_error_not_a_fallback():
+    q = torch.randn(1, 1, 5, 8)
+    with ops.use_backend("triton"), pytest.raises(BackendError, match="no Triton kernel"):
+        ops.scale_causal_attention(q, q, q, (1, 4))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from sar_fast.ops import backend
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "triton_installed", lambda: True)
+    with ops.use_backend("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        backend.select("x", torch.zeros(1), kernel="some_kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with ops.use_backend("triton"):
+        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "triton"
+    with ops.use_backend("auto"):  # auto never picks Triton for CPU tensors
+        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "reference"
+
+
+def test_scale_shift_codes_and_dense_agree():
+    sched, book = (1, 2, 3), torch.randn(9, 4)
+    codes = torch.randint(0, 9, (2, 14))
+    a = ops.scale_shift(codes, book, sched)
+    maps = [m.clone().requires_grad_() for m in reference.embed_scales(codes, book, sched)]
+    b = ops.scale_shift(scales=maps, schedule=sched)
+    torch.testing.assert_close(a, b)
+    b.square().sum().backward()  # dense latents are differentiable
+    assert maps[0].grad.abs().sum() > 0 and maps[-1].grad is None  # the last scale feeds nothing
+
+
+@pytest.mark.parametrize("kwargs, err, msg", [
+    (dict(codes=torch.randint(0, 9, (2, 13))), ValueError, "schedule"),
+    (dict(codes=torch.randint(0, 9, (2, 14)).float()), TypeError, "codes must have dtype"),
+    (dict(codes=torch.full((2, 14), 9)), ValueError, r"codes must lie in \[0, 9\)"),
+    (dict(codes=torch.full((2, 14), -1)), ValueError, "codes must lie"),
+    (dict(codes=torch.zeros(14, dtype=torch.long)), ValueError, "codes must have 2 dims"),
+])
+def test_scale_shift_bad_input(kwargs, err, msg):
+    with pytest.raises(err, match=msg):
+        ops.scale_shift(codebook=torch.randn(9, 4), schedule=(1, 2, 3), **kwargs)
+
+
+def test_scale_shift_bad_dense_input():
+    with pytest.raises(ValueError, match=r"scales\[1\] must have shape"):
+        ops.scale_shift(scales=[torch.randn(2, 4, 1, 1), torch.randn(2, 4, 3, 3)], schedule=(1, 2))
+    with pytest.raises(ValueError, match="either codes"):
+        ops.scale_shift(schedule=(1, 2))
+
+
+@pytest.mark.parametrize("q, k, lens, err, msg", [
+    (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), (1, 3), ValueError, "sum to 4"),
+    (torch.randn(2, 5, 8), torch.randn(2, 5, 8), (1, 4), ValueError, "q must have 4 dims"),
+    (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), (1, 4), ValueError, "k must have shape"),
+    (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).half(), (1, 4), TypeError, "k must have dtype"),
+    (torch.randn(1, 2, 5, 8).long(), torch.randn(1, 2, 5, 8).long(), (1, 4), TypeError, "q must have dtype"),
+    (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), (0, 5), ValueError, "positive"),
+])
+def test_attention_bad_input(q, k, lens, err, msg):
+    with pytest.raises(err, match=msg):
+        ops.scale_causal_attention(q, k, k, lens)
+
+
+def test_attention_matches_reference():
+    q, k, v = (torch.randn(2, 2, 14, 8) for _ in range(3))
+    torch.testing.assert_close(ops.scale_causal_attention(q, k, v, (1, 4, 9)),
+                               reference.scale_causal_attention(q, k, v, (1, 4, 9)))
+
+
+def test_cross_entropy_bad_input():
+    h, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.randint(0, 7, (5,))
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 7\)"):
+        ops.fused_linear_cross_entropy(h, w, None, torch.full((5,), 7))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.fused_linear_cross_entropy(h, torch.randn(7, 3), None, t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.fused_linear_cross_entropy(h, w, torch.randn(6), t)
+    with pytest.raises(TypeError, match="target must have dtype"):
+        ops.fused_linear_cross_entropy(h, w, None, t.float())
+    with pytest.raises(ValueError, match="reduction"):
+        ops.fused_linear_cross_entropy(h, w, None, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ops.fused_linear_cross_entropy(h, w, None, t, label_smoothing=1.5)
+    t2 = t.clone()
+    t2[0] = -100  # ignored tokens are not range-checked
+    ops.fused_linear_cross_entropy(h, w, None, t2)
+
+
+def test_cross_entropy_gradients_flow():
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    loss = ops.fused_linear_cross_entropy(h, w, None, torch.randint(0, 9, (6,)))
+    loss.backward()
+    assert h.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs, err, msg", [
+    (dict(latent=torch.randn(2, 4, 5)), ValueError, "latent must have 4 dims"),
+    (dict(latent=torch.randn(2, 3, 5, 5)), ValueError, "code dim 4 but latent has 3"),
+    (dict(latent=torch.randn(2, 4, 5, 4)), ValueError, "square"),
+    (dict(schedule=(1, 2, 4)), ValueError, "latent side 5"),
+    (dict(mode="rq"), ValueError, "mode"),
+    (dict(codebook=torch.randn(9, 4).long()), TypeError, "codebook must have dtype"),
+    (dict(phi=3), TypeError, "phi must be callable"),
+])
+def test_msq_encode_bad_input(kwargs, err, msg):
+    args = dict(latent=torch.randn(2, 4, 5, 5), codebook=torch.randn(9, 4), schedule=(1, 2, 5))
+    args.update(kwargs)
+    with pytest.raises(err, match=msg):
+        ops.msq_encode(**args)
+
+
+def test_msq_roundtrip_and_decode_errors():
+    book = torch.randn(9, 4)
+    z = torch.randn(2, 4, 5, 5)
+    codes = ops.msq_encode(z, book, (1, 2, 5))
+    assert codes.dtype == torch.int64 and codes.shape == (2, 30)
+    # re-encoding the decoded latent gives the same last-scale codes
+    again = ops.msq_encode(ops.msq_decode(codes, book, (1, 2, 5)), book, (1, 2, 5))
+    assert torch.equal(again[:, 5:], codes[:, 5:])
+    with pytest.raises(ValueError, match="has 30"):
+        ops.msq_decode(codes[:, :29], book, (1, 2, 5))
+    with pytest.raises(ValueError, match="codes must lie"):
+        ops.msq_decode(codes + 9, book, (1, 2, 5))
