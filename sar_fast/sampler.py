@@ -6,7 +6,8 @@ conditional and the null-class batch together and mixes the logits as
 (1 + t) * cond - t * uncond, with the guidance weight t ramped over the scales:
 
 - 'linear'  (VAR):      t = cfg * si / (n - 1)
-- 'flexvar' (FlexVAR):  t = cfg * si / min(n - 1, 9)   (sides beyond 16: t = cfg, greedy)
+- 'flexvar' (FlexVAR):  t = cfg * si / min(n - 1, 9); sides beyond 16 get t = cfg, and
+  sides beyond 16 or outside FlexVAR's list (1..6, 8, 10, 13, 16, 23, 24, 32) are greedy
 - 'sar'     (SAR's SSR sampling during training): t = cfg * (1 + si / (n - 1)) / 2
 - 'constant' (LlamaGen-style): t = cfg - 1, i.e. uncond + cfg * (cond - uncond)
 """
@@ -22,6 +23,7 @@ from .models.transformer import ScaleAR
 from .schedules import scale_offsets
 
 CFG_RAMPS = ("linear", "flexvar", "sar", "constant")
+FLEXVAR_TRAINED_SIDES = frozenset((1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32))
 
 
 def guidance_weight(ramp: str, cfg: float, si: int, num_scales: int) -> float:
@@ -127,10 +129,12 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
                 hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
                 logits = model.head(hidden[:, offsets[si]:])
             k = top_k
+            if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
+                k = 1  # FlexVAR samples greedily at sides it was not trained on
             if guided:
                 t = guidance_weight(cfg_ramp, cfg, si, n)
                 if cfg_ramp == "flexvar" and side > 16:
-                    t, k = cfg, 1
+                    t = cfg
                 logits = (1 + t) * logits[:B] - t * logits[B:]
             idx = sample_top_k_top_p(logits, k, top_p, generator)
             codes.append(idx)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from .. import ops
 from ..schedules import STANDARD_SCHEDULE, scale_lengths, total_length, validate_schedule
 
 ARCHS = ("flexvar", "var")
+HeadFn = Callable[[torch.Tensor, nn.Linear], Any]  # (hidden [B, L, C], head) -> anything
 
 
 @dataclass
@@ -300,9 +301,17 @@ class ScaleAR(nn.Module):
             x_BLC = block(x_BLC, cond, scale_lens)
         return self.head_nm(x_BLC.float(), cond.float())
 
+    def _output(self, hidden: torch.Tensor, return_hidden: bool, head_fn: HeadFn | None):
+        if head_fn is not None:
+            return head_fn(hidden, self.head)
+        return hidden if return_hidden else self.head(hidden)
+
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                schedule: Sequence[int] | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """Teacher forcing: logits [B, L, V] (or the pre-head hidden states [B, L, C])."""
+                schedule: Sequence[int] | None = None, return_hidden: bool = False,
+                head_fn: HeadFn | None = None):
+        """Teacher forcing: logits [B, L, V], or the pre-head hidden states [B, L, C] with
+        return_hidden, or head_fn(hidden, head) — e.g. a fused head + loss that never builds
+        the logits. head_fn runs inside forward so FSDP's hooks cover the head's weights."""
         schedule = self.check_schedule(schedule)
         B, L = label_B.shape[0], total_length(schedule)
         self._check_inputs(x_BLCv_wo_first_l, B, L - 1, "x_BLCv_wo_first_l")
@@ -311,11 +320,11 @@ class ScaleAR(nn.Module):
             sos = cond.unsqueeze(1) + self.pos_start
             x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x = x + self.pos_embed(schedule)
-        hidden = self.trunk(x, cond, scale_lengths(schedule))
-        return hidden if return_hidden else self.head(hidden)
+        return self._output(self.trunk(x, cond, scale_lengths(schedule)), return_hidden, head_fn)
 
     def forward_student(self, label_B: torch.Tensor, x_BlCv: torch.Tensor, side: int,
-                        scale_index: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+                        scale_index: int | None = None, return_hidden: bool = False,
+                        head_fn: HeadFn | None = None):
         """Student forcing, as in SAR: the class token followed by one scale's inputs
         (layout [1, side*side]); returns logits [B, side*side, V] for that scale only.
 
@@ -337,8 +346,7 @@ class ScaleAR(nn.Module):
             cond = self.class_condition(label_B)
             x = torch.cat((cond.unsqueeze(1), self.word_embed(x_BlCv.float())), dim=1)
             x = x + self.pos_embed((1, side), scale_ids=ids)
-        hidden = self.trunk(x, cond, (1, n))[:, 1:]
-        return hidden if return_hidden else self.head(hidden)
+        return self._output(self.trunk(x, cond, (1, n))[:, 1:], return_hidden, head_fn)
 
     @torch.no_grad()
     def step_with_cache(self, x_BlC: torch.Tensor, cond: torch.Tensor, caches: list[dict]) -> torch.Tensor:
