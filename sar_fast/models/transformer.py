@@ -243,9 +243,9 @@ class ScaleAR(nn.Module):
         schedule = validate_schedule(schedule)
         if schedule[0] != 1:
             raise ValueError(f"schedule must start with the 1x1 scale, got {schedule}")
-        if self.arch == "var" and schedule != self.config.schedule:
+        if self.arch == "var" and schedule != self.config.schedule[:len(schedule)]:
             raise ValueError(f"a VAR model only runs the schedule its position table was built for, "
-                             f"{self.config.schedule}; got {schedule}")
+                             f"{self.config.schedule} (or a prefix of it); got {schedule}")
         if self.arch == "flexvar" and schedule[-1] > self.config.pos_grid:
             raise ValueError(f"schedule side {schedule[-1]} exceeds the position table ({self.config.pos_grid})")
         return schedule
@@ -256,7 +256,7 @@ class ScaleAR(nn.Module):
 
         flexvar: the 2D table area-resized to each side. var: the rows of scale i in the
         fixed table plus lvl_embed[i]; `scale_ids` says which scales of the model's schedule
-        (default: all of them, in order).
+        (default: the first len(schedule), in order).
         """
         if self.arch == "flexvar":
             pieces = []
@@ -267,7 +267,7 @@ class ScaleAR(nn.Module):
         offsets = [0]
         for s in self.config.schedule:
             offsets.append(offsets[-1] + s * s)
-        ids = range(len(self.config.schedule)) if scale_ids is None else scale_ids
+        ids = range(len(schedule)) if scale_ids is None else scale_ids
         pieces = [self.pos_1LC[:, offsets[i]:offsets[i + 1]].float() + self.lvl_embed.weight[i].float()
                   for i in ids]
         return torch.cat(pieces, dim=1)
@@ -347,6 +347,13 @@ class ScaleAR(nn.Module):
             x = torch.cat((cond.unsqueeze(1), self.word_embed(x_BlCv.float())), dim=1)
             x = x + self.pos_embed((1, side), scale_ids=ids)
         return self._output(self.trunk(x, cond, (1, n))[:, 1:], return_hidden, head_fn)
+
+    def generate(self, codebook: torch.Tensor, labels: torch.Tensor, schedule: Sequence[int] | None = None,
+                 **kwargs):
+        """sar_fast.sampler.generate on this model (a method, so FSDP can register it as a
+        forward method and unshard the root's weights for it)."""
+        from ..sampler import generate
+        return generate(self, codebook, labels, schedule, **kwargs)
 
     @torch.no_grad()
     def step_with_cache(self, x_BlC: torch.Tensor, cond: torch.Tensor, caches: list[dict]) -> torch.Tensor:

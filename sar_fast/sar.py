@@ -1,0 +1,383 @@
+"""The SAR objective: teacher forcing, Stagger-Scale Rollout, Contrastive Student-Forcing Loss.
+
+One training step on a batch (labels, ground-truth codes of every scale):
+
+1. TF pass on ground-truth inputs -> L_TF (cross-entropy vs the ground truth), through the
+   fused head + loss so the logits are never materialised; logits are built (no grad) only
+   for the scales SSR samples from.
+2. SSR: sample those scales' TF predictions (argmax, top-k/top-p, or top-k/top-p on
+   classifier-free-guided logits with SAR's ramp t = cfg * (1 + si/(n-1)) / 2); the
+   null-class pass this needs runs without autograd, over the prefix that the sampled
+   scales need, and maps to logits only there.
+3. One SF pass on inputs rebuilt from the samples (transition 'last' as the public code,
+   a 'random' one, or 'all' at once as the paper's Eq. 6), supervised by the TF-sampled
+   codes (CSFL), the TF distribution (KL) or the ground truth: L = L_TF + gamma * L_CSF.
+
+`objective='official'` reproduces the public SAR step as written (TF on a 2B batch with
+the null class and autograd through all of it, every scale sampled, dense logits); the
+default path computes the same loss and gradients without that waste (tested). Sampling
+draws from a generator seeded per (seed, step, scale), so both paths draw identically.
+
+Naive student forcing (the paper's Table 3 ablations) is here too: 'sf_full' (train on a
+full autoregressive rollout), 'sf_alternate' (TF and sf_full on alternate steps),
+'sf_interleave' (odd scales' inputs from the rollout, even ones ground truth) and
+'sf_hybrid' (the first hybrid_k scales teacher-forced, the rest from the rollout); each
+is one pass with ground-truth targets.
+
+No distributed code here: the trainer wraps the model (FSDP2) and calls `sar_step`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .sampler import generate, guidance_weight, sample_top_k_top_p
+from .schedules import scale_offsets, validate_schedule
+
+OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
+TRANSITIONS = ("last", "random", "all")
+SAMPLINGS = ("argmax", "sample", "cfg")
+CSF_TARGETS = ("sampled", "soft", "gt")
+SCALE_WEIGHTINGS = ("token", "scale")
+
+Phi = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+@dataclass
+class SARConfig:
+    objective: str = "sar"
+    transitions: str = "last"
+    sampling: str = "cfg"
+    csf_target: str = "sampled"
+    gamma: float = 0.01
+    cfg: float = 1.2
+    top_k: int = 900
+    top_p: float = 0.96
+    scale_weighting: str = "token"   # token: 1/L per token (VAR/FlexVAR); scale: each scale 1/n
+    label_smoothing: float = 0.0
+    hybrid_k: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("objective", OBJECTIVES), ("transitions", TRANSITIONS),
+                              ("sampling", SAMPLINGS), ("csf_target", CSF_TARGETS),
+                              ("scale_weighting", SCALE_WEIGHTINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got {self.top_k}, {self.top_p}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.hybrid_k < 1:
+            raise ValueError(f"hybrid_k must be >= 1, got {self.hybrid_k}")
+        if self.objective == "official" and (self.transitions != "last" or self.csf_target != "sampled"):
+            raise ValueError("objective 'official' is the public code's step: transitions 'last', "
+                             "csf_target 'sampled'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The public SAR code's settings (GengzeZhou/SAR trainer.py, csfl mode).
+OFFICIAL = dict(objective="official", transitions="last", sampling="cfg", csf_target="sampled",
+                gamma=0.01, cfg=1.2, top_k=900, top_p=0.96)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                  # what backward runs on
+    metrics: dict[str, torch.Tensor]    # detached 0-d tensors (no host sync until logged)
+    scale_stats: torch.Tensor           # [n, 3]: per scale, TF pass: CE sum, correct argmax, tokens
+
+
+def _scale_generator(seed: int, step: int, si: int, device: torch.device) -> torch.Generator:
+    """An independent stream per (seed, step, scale): skipping a scale changes no other draw."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + si)
+
+
+def token_weights(schedule: tuple[int, ...], weighting: str, device: torch.device,
+                  first_scale: int = 0) -> torch.Tensor:
+    """Per-token weights [L'] over scales first_scale..n-1 (normalised by the mean reduction)."""
+    sides = schedule[first_scale:]
+    if weighting == "token":
+        return torch.ones(sum(s * s for s in sides), device=device)
+    return torch.cat([torch.full((s * s,), 1.0 / (len(sides) * s * s), device=device) for s in sides])
+
+
+class _Inputs:
+    """Builds the model's input sequences from code maps (FlexVAR non-residual, VAR residual)."""
+
+    def __init__(self, arch: str, codebook: torch.Tensor, phi: Phi | None):
+        self.arch, self.codebook, self.phi = arch, codebook, phi
+
+    def tf(self, codes: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+        return ops.scale_shift(codes, self.codebook, schedule, mode=self.arch, phi=self.phi,
+                               check_range=False, out_dtype=torch.float32)
+
+    def one_transition(self, gt: torch.Tensor, pred_j: torch.Tensor, schedule: tuple[int, ...],
+                       j: int) -> torch.Tensor:
+        """Input of scale j+1 [B, s_{j+1}^2, C] built from the predicted codes of scale j
+        (VAR: on top of the ground-truth f_hat of scales < j)."""
+        off = scale_offsets(schedule)
+        if self.arch == "flexvar":  # depends on scale j alone; the scale j+1 codes are placeholders
+            pad = pred_j.new_zeros(pred_j.shape[0], schedule[j + 1] ** 2)
+            return self.tf(torch.cat((pred_j, pad), dim=1), schedule[j:j + 2])
+        mixed = gt[:, :off[j + 2]].clone()
+        mixed[:, off[j]:off[j + 1]] = pred_j
+        seq = self.tf(mixed, schedule[:j + 2])
+        return seq[:, off[j + 1] - 1:off[j + 2] - 1]
+
+    def all_transitions(self, gt: torch.Tensor, preds: dict[int, torch.Tensor],
+                        schedule: tuple[int, ...]) -> torch.Tensor:
+        """Eq. 6: every scale's input rebuilt from the previous scale's prediction at once."""
+        n, off = len(schedule), scale_offsets(schedule)
+        if self.arch == "flexvar":
+            codes = torch.cat([preds[i] for i in range(n - 1)] + [gt[:, off[n - 1]:]], dim=1)
+            return self.tf(codes, schedule)
+        return torch.cat([self.one_transition(gt, preds[j], schedule, j) for j in range(n - 1)], dim=1)
+
+
+def _check_batch(model, labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
+    if labels.dim() != 1 or codes.dim() != 2 or codes.shape[0] != labels.shape[0]:
+        raise ValueError(f"need labels [B] and codes [B, L], got {tuple(labels.shape)} and {tuple(codes.shape)}")
+    if codes.shape[1] != scale_offsets(schedule)[-1]:
+        raise ValueError(f"codes has {codes.shape[1]} tokens but schedule {schedule} has {scale_offsets(schedule)[-1]}")
+    if len(schedule) < 2:
+        raise ValueError(f"SAR needs at least two scales, got schedule {schedule}")
+
+
+def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codebook: torch.Tensor,
+             config: SARConfig, step: int = 0, phi: Phi | None = None) -> StepOutput:
+    """Loss (and metrics) of one training step; the caller runs backward and the optimiser.
+
+    model: a ScaleAR (possibly FSDP-wrapped; `forward_student` and `generate` must then be
+    registered as FSDP forward methods). codes [B, L]: ground-truth codes of every scale
+    of `schedule`; codebook [V, Cv]: the embedding the inputs are built from (FlexVAR: the
+    L2-normalised VQ codebook; VAR: the raw one with `phi`, its shared convs).
+    """
+    schedule = validate_schedule(schedule)
+    _check_batch(model, labels, codes, schedule)
+    inputs = _Inputs(model.arch, codebook, phi)
+    obj = config.objective
+    if obj == "tf" or (obj == "sf_alternate" and step % 2 == 0):
+        return _teacher_forcing(model, labels, codes, schedule, inputs, config)
+    if obj == "official":
+        return _official(model, labels, codes, schedule, inputs, config, step)
+    if obj == "sar":
+        return _sar(model, labels, codes, schedule, inputs, config, step)
+    return _naive_student_forcing(model, labels, codes, schedule, inputs, config, step)
+
+
+# ------------------------------------------------------------------------------------------
+def _tf_head(codes: torch.Tensor, weights: torch.Tensor, config: SARConfig, logit_scales: list[int],
+             offsets: list[int]):
+    """head_fn for the TF pass: fused CE + stats, and detached logits of `logit_scales`."""
+    def head_fn(hidden: torch.Tensor, head) -> tuple:
+        B, L, C = hidden.shape
+        loss, stats = ops.fused_linear_cross_entropy(
+            hidden.reshape(B * L, C), head.weight, head.bias, codes.reshape(-1),
+            token_weight=weights.repeat(B), label_smoothing=config.label_smoothing,
+            reduction="mean", return_stats=True)
+        with torch.no_grad():
+            logits = {si: head(hidden[:, offsets[si]:offsets[si + 1]].detach()).float() for si in logit_scales}
+        return loss, stats, logits
+    return head_fn
+
+
+def _logits_head(logit_scales: list[int], offsets: list[int], first: int = 0):
+    def head_fn(hidden: torch.Tensor, head) -> dict[int, torch.Tensor]:
+        return {si: head(hidden[:, offsets[si] - first:offsets[si + 1] - first]).float() for si in logit_scales}
+    return head_fn
+
+
+def _scale_stats(stats, codes: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+    ce, amax, _ = stats
+    B = codes.shape[0]
+    ce, correct = ce.detach().float().view(B, -1), (amax.view(B, -1) == codes).float()
+    off = scale_offsets(schedule)
+    return torch.stack([torch.stack((ce[:, a:b].sum(), correct[:, a:b].sum(), ce.new_tensor(float(B * (b - a)))))
+                        for a, b in zip(off, off[1:])])
+
+
+def _metrics(**values: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in values.items()}
+
+
+def _teacher_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig) -> StepOutput:
+    off = scale_offsets(schedule)
+    w = token_weights(schedule, config.scale_weighting, codes.device)
+    loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
+                           head_fn=_tf_head(codes, w, config, [], off))
+    return StepOutput(loss, _metrics(loss=loss, tf_loss=loss), _scale_stats(stats, codes, schedule))
+
+
+def _needed_scales(config: SARConfig, n: int, step: int) -> tuple[list[int], list[int]]:
+    """(transitions j -> j+1 to run, scales whose TF predictions must be sampled)."""
+    if config.transitions == "last":
+        js = [n - 2]
+    elif config.transitions == "random":
+        js = [random.Random(config.seed * 7_919 + step).randrange(n - 1)]
+    else:
+        js = list(range(n - 1))
+    needed = sorted({j for j in js} | ({j + 1 for j in js} if config.csf_target == "sampled" else set()))
+    return js, needed
+
+
+def _sample(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, torch.Tensor] | None,
+            n: int, step: int, scales: list[int]) -> dict[int, torch.Tensor]:
+    preds = {}
+    for si in scales:
+        logits = cond[si]
+        if config.sampling == "argmax":
+            preds[si] = logits.argmax(-1)
+            continue
+        if uncond is not None:
+            t = guidance_weight("sar", config.cfg, si, n)
+            logits = (1 + t) * logits - t * uncond[si]
+        gen = _scale_generator(config.seed, step, si, logits.device)
+        preds[si] = sample_top_k_top_p(logits, config.top_k, config.top_p, gen)
+    return preds
+
+
+def _uses_guidance(config: SARConfig, official: bool) -> bool:
+    if config.sampling != "cfg":
+        return False
+    return config.cfg > 1.0 if official else config.cfg > 0.0  # the public code guides only above 1
+
+
+def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int) -> StepOutput:
+    n, off = len(schedule), scale_offsets(schedule)
+    B, device = labels.shape[0], codes.device
+    js, needed = _needed_scales(config, n, step)
+    logit_scales = sorted(set(needed) | ({j + 1 for j in js} if config.csf_target == "soft" else set()))
+    w = token_weights(schedule, config.scale_weighting, device)
+    x_tf = inputs.tf(codes, schedule)
+    tf_loss, stats, tf_logits = model(labels, x_tf, schedule, head_fn=_tf_head(codes, w, config, logit_scales, off))
+
+    uncond = None
+    if _uses_guidance(config, official=False) and needed:
+        last = max(needed) + 1  # the null-class pass only needs the prefix up to the last sampled scale
+        with torch.no_grad():
+            null = torch.full_like(labels, model.num_classes)
+            uncond = model(null, x_tf[:, :off[last] - 1], schedule[:last], head_fn=_logits_head(needed, off))
+    with torch.no_grad():
+        preds = _sample(config, tf_logits, uncond, n, step, needed)
+
+    csf_loss = _csf(model, labels, codes, schedule, inputs, config, js, preds, tf_logits)
+    loss = tf_loss + config.gamma * csf_loss
+    return StepOutput(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss),
+                      _scale_stats(stats, codes, schedule))
+
+
+def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
+                     config: SARConfig):
+    def head_fn(hidden: torch.Tensor, head) -> torch.Tensor:
+        B, L, C = hidden.shape
+        tw = None if weights is None else weights.repeat(B)
+        if teacher_logits is not None:  # KL(teacher || student), the soft CSF target
+            student = F.linear(hidden.reshape(B * L, C).float(), head.weight.float(),
+                               None if head.bias is None else head.bias.float()).log_softmax(-1)
+            teacher = teacher_logits.reshape(B * L, -1).log_softmax(-1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1)
+            return kl.mean() if tw is None else (kl * tw).sum() / tw.sum()
+        return ops.fused_linear_cross_entropy(hidden.reshape(B * L, C), head.weight, head.bias, target.reshape(-1),
+                                              token_weight=tw, label_smoothing=config.label_smoothing)
+    return head_fn
+
+
+def _csf(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, js: list[int],
+         preds: dict[int, torch.Tensor], tf_logits: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The student-forcing pass on self-generated inputs and its loss."""
+    n, off = len(schedule), scale_offsets(schedule)
+
+    def target_of(si: int):
+        if config.csf_target == "sampled":
+            return preds[si], None
+        if config.csf_target == "gt":
+            return codes[:, off[si]:off[si + 1]], None
+        return None, tf_logits[si]
+
+    if config.transitions != "all":
+        j = js[0]
+        x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+        target, teacher = target_of(j + 1)
+        return model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1,
+                                     head_fn=_csf_target_head(target, teacher, None, config))
+    x_sf = inputs.all_transitions(codes, preds, schedule)
+    parts = [target_of(si) for si in range(1, n)]
+    w = token_weights(schedule, config.scale_weighting, codes.device, first_scale=1)
+    if config.csf_target == "soft":
+        teacher = torch.cat([p[1] for p in parts], dim=1)
+
+        def head_fn(hidden, head):  # scale 0 sees only the class token: identical in TF and SF
+            return _csf_target_head(None, teacher, w, config)(hidden[:, 1:], head)
+    else:
+        target = torch.cat([p[0] for p in parts], dim=1)
+
+        def head_fn(hidden, head):
+            return _csf_target_head(target, None, w, config)(hidden[:, 1:], head)
+    return model(labels, x_sf, schedule, head_fn=head_fn)
+
+
+# ------------------------------------------------------------------------------------------
+def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int) -> StepOutput:
+    """The public SAR step as written: dense logits, 2B TF batch with autograd, all scales sampled."""
+    n, off = len(schedule), scale_offsets(schedule)
+    B, V = labels.shape[0], model.vocab_size
+    guided = _uses_guidance(config, official=True)
+    labels2 = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
+    x_tf = inputs.tf(codes, schedule)
+    logits_full = model(labels2, x_tf.repeat(2, 1, 1) if guided else x_tf, schedule)
+    logits_tf = logits_full[:B]
+    w = token_weights(schedule, config.scale_weighting, codes.device)
+    per_tok = F.cross_entropy(logits_tf.reshape(-1, V).float(), codes.reshape(-1),
+                              label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
+    tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
+    with torch.no_grad():
+        cond = {si: logits_tf[:, off[si]:off[si + 1]].float() for si in range(n)}
+        uncond = {si: logits_full[B:, off[si]:off[si + 1]].float() for si in range(n)} if guided else None
+        # mirror the public code: guidance only when cfg > 1, otherwise sample the conditional logits
+        cfg = config if guided or config.sampling != "cfg" else SARConfig(**{**config.to_dict(), "sampling": "sample"})
+        preds = _sample(cfg, cond, uncond, n, step, list(range(n)))
+    j = n - 2
+    x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+    logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
+    csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
+                               label_smoothing=config.label_smoothing)
+    loss = tf_loss + config.gamma * csf_loss
+    with torch.no_grad():
+        ce = per_tok.detach().reshape(-1)
+        stats = (ce, logits_tf.detach().argmax(-1).reshape(-1), None)
+    return StepOutput(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss),
+                      _scale_stats(stats, codes, schedule))
+
+
+# ------------------------------------------------------------------------------------------
+def _naive_student_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig,
+                           step: int) -> StepOutput:
+    """One pass on inputs from the model's own full rollout (all or some scales), GT targets."""
+    n, off = len(schedule), scale_offsets(schedule)
+    guided = _uses_guidance(config, official=False)
+    with torch.no_grad():
+        gen = _scale_generator(config.seed, step, n, codes.device)
+        rollout = model.generate(inputs.codebook, labels, schedule, cfg=config.cfg if guided else 0.0,
+                                 cfg_ramp="sar", top_k=1 if config.sampling == "argmax" else config.top_k,
+                                 top_p=config.top_p, generator=gen, phi=inputs.phi)
+    if config.objective == "sf_interleave":
+        use_rollout = [i % 2 == 1 for i in range(n)]
+    elif config.objective == "sf_hybrid":
+        use_rollout = [i >= config.hybrid_k for i in range(n)]
+    else:  # sf_full, and the odd steps of sf_alternate
+        use_rollout = [True] * n
+    mixed = torch.cat([rollout.codes[i] if use_rollout[i] else codes[:, off[i]:off[i + 1]] for i in range(n)], dim=1)
+    w = token_weights(schedule, config.scale_weighting, codes.device)
+    loss, stats, _ = model(labels, inputs.tf(mixed, schedule), schedule,
+                           head_fn=_tf_head(codes, w, config, [], off))
+    return StepOutput(loss, _metrics(loss=loss, sf_loss=loss), _scale_stats(stats, codes, schedule))

@@ -1,0 +1,110 @@
+"""The SAR objective: official == default (loss and gradients), every mode runs and trains."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sar_fast.models import build_model
+from sar_fast.sar import OFFICIAL, SARConfig, sar_step
+
+SCHED = (1, 2, 3, 5)
+
+
+def _setup(arch, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(f"{arch}-tiny", cond_drop_rate=0.0, schedule=SCHED)
+    for p in model.parameters():  # random weights so that every path matters
+        p.data.normal_(0, 0.1)
+    book = F.normalize(torch.randn(64, 8), dim=-1)
+    codes = torch.randint(0, 64, (3, 39))
+    labels = torch.tensor([1, 2, 3])
+    phi = (lambda h, i, n: 0.7 * h + 0.1 * i) if arch == "var" else None
+    return model, book, codes, labels, phi
+
+
+def _loss_and_grads(model, labels, codes, book, cfg, phi, step):
+    model.zero_grad()
+    out = sar_step(model, labels, codes, SCHED, book, cfg, step=step, phi=phi)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["flexvar", "var"])
+@pytest.mark.parametrize("sampling", ["cfg", "sample", "argmax"])
+def test_official_and_default_give_equal_loss_and_gradients(arch, sampling):
+    model, book, codes, labels, phi = _setup(arch)
+    official = SARConfig(**{**OFFICIAL, "sampling": sampling, "top_k": 20, "gamma": 0.5})
+    default = SARConfig(**{**OFFICIAL, "objective": "sar", "sampling": sampling, "top_k": 20, "gamma": 0.5})
+    for step in (0, 1, 7):
+        a, ga = _loss_and_grads(model, labels, codes, book, official, phi, step)
+        b, gb = _loss_and_grads(model, labels, codes, book, default, phi, step)
+        for key in ("loss", "tf_loss", "csf_loss"):
+            torch.testing.assert_close(a.metrics[key], b.metrics[key], atol=1e-6, rtol=1e-6)
+        for name in ga:
+            torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a.scale_stats, b.scale_stats, atol=1e-4, rtol=1e-5)
+
+
+def test_official_equality_is_not_vacuous():
+    """The CSF term must move the gradients, or the equality above would prove little."""
+    model, book, codes, labels, phi = _setup("flexvar")
+    a, ga = _loss_and_grads(model, labels, codes, book, SARConfig(**{**OFFICIAL, "gamma": 0.5}), phi, 0)
+    b, gb = _loss_and_grads(model, labels, codes, book, SARConfig(objective="tf"), phi, 0)
+    assert a.metrics["csf_loss"] > 0
+    assert max((ga[n] - gb[n]).abs().max() for n in ga) > 1e-3
+
+
+MODES = [dict(objective="tf")] + [
+    dict(objective="sar", transitions=t, csf_target=c, sampling=s)
+    for t in ("last", "random", "all") for c in ("sampled", "soft", "gt") for s in ("argmax", "cfg")
+] + [dict(objective=o) for o in ("official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")] + [
+    dict(objective="sar", transitions="all", scale_weighting="scale", label_smoothing=0.1)]
+
+
+@pytest.mark.parametrize("arch", ["flexvar", "var"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{v}" for v in m.values()))
+def test_every_mode_is_finite_and_trains(arch, mode):
+    model, book, codes, labels, phi = _setup(arch)
+    cfg = SARConfig(top_k=20, gamma=0.5, hybrid_k=2, **mode)
+    out, grads = _loss_and_grads(model, labels, codes, book, cfg, phi, step=3)
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+    assert out.scale_stats.shape == (len(SCHED), 3)
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+    if "csf_loss" in out.metrics:
+        assert out.metrics["csf_loss"] >= 0
+
+
+def test_transition_all_csf_depends_on_every_scale_prediction():
+    """With 'all', the SF pass sees self-generated inputs at every scale >= 1."""
+    model, book, codes, labels, phi = _setup("flexvar")
+    cfg = SARConfig(objective="sar", transitions="all", sampling="argmax", csf_target="gt")
+    out = sar_step(model, labels, codes, SCHED, book, cfg)
+    tf = sar_step(model, labels, codes, SCHED, book, SARConfig(objective="tf"))
+    assert not torch.allclose(out.metrics["csf_loss"], tf.metrics["tf_loss"])
+
+
+def test_random_transition_is_seeded_and_varies():
+    from sar_fast.sar import _needed_scales
+    cfg = SARConfig(transitions="random")
+    picks = [_needed_scales(cfg, 10, step)[0][0] for step in range(200)]
+    assert picks == [_needed_scales(cfg, 10, step)[0][0] for step in range(200)]
+    assert set(picks) == set(range(9))
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(objective="mle"), "objective"), (dict(transitions="first"), "transitions"),
+    (dict(sampling="greedy"), "sampling"), (dict(csf_target="teacher"), "csf_target"),
+    (dict(gamma=-1), "gamma"), (dict(top_p=2.0), "top_p"), (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(objective="official", transitions="all"), "official"),
+])
+def test_bad_config(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        SARConfig(**kwargs)
+
+
+def test_bad_batch():
+    model, book, codes, labels, phi = _setup("flexvar")
+    with pytest.raises(ValueError, match="codes has 30 tokens"):
+        sar_step(model, labels, codes[:, :30], SCHED, book, SARConfig())
+    with pytest.raises(ValueError, match="at least two scales"):
+        sar_step(model, labels, codes[:, :1], (1,), book, SARConfig())
