@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.transformer import ScaleAR
+from .models.transformer import KVCache, ScaleAR, apply_head
 from .schedules import scale_offsets
 
 CFG_RAMPS = ("linear", "flexvar", "sar", "constant")
@@ -115,7 +115,7 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
     pos = model.pos_embed(schedule)
     offsets = scale_offsets(schedule)
     tokens = [cond.unsqueeze(1) + model.pos_start + pos[:, :1]]  # embedded inputs per scale
-    caches = [dict() for _ in model.blocks]
+    caches = [KVCache() for _ in model.blocks]
     f_hat = torch.zeros(B, model.code_dim, last, last, device=device)  # VAR's running sum
     codes: list[torch.Tensor] = []
     was_training = model.training
@@ -127,7 +127,7 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
             else:
                 x = torch.cat(tokens, dim=1)
                 hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
-                logits = model.head(hidden[:, offsets[si]:])
+                logits = apply_head(model.head, hidden[:, offsets[si]:])
             k = top_k
             if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
                 k = 1  # FlexVAR samples greedily at sides it was not trained on
@@ -148,7 +148,7 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
                 up = F.interpolate(emb, size=(last, last), mode="bicubic")
                 f_hat = f_hat + (phi(up, si, n) if phi is not None else up)
                 inp = F.interpolate(f_hat, size=(nxt, nxt), mode="area")
-            x = model.word_embed(inp.flatten(2).transpose(1, 2)) + pos[:, offsets[si + 1]:offsets[si + 2]]
+            x = model.embed_inputs(inp.flatten(2).transpose(1, 2)) + pos[:, offsets[si + 1]:offsets[si + 2]]
             tokens.append(x.repeat(2, 1, 1) if guided else x)
     finally:
         model.train(was_training)

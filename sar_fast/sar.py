@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .sampler import generate, guidance_weight, sample_top_k_top_p
+from .models.transformer import apply_head
+from .sampler import guidance_weight, sample_top_k_top_p
 from .schedules import scale_offsets, validate_schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
@@ -186,14 +187,14 @@ def _tf_head(codes: torch.Tensor, weights: torch.Tensor, config: SARConfig, logi
             token_weight=weights.repeat(B), label_smoothing=config.label_smoothing,
             reduction="mean", return_stats=True)
         with torch.no_grad():
-            logits = {si: head(hidden[:, offsets[si]:offsets[si + 1]].detach()).float() for si in logit_scales}
+            logits = {si: apply_head(head, hidden[:, offsets[si]:offsets[si + 1]].detach()) for si in logit_scales}
         return loss, stats, logits
     return head_fn
 
 
 def _logits_head(logit_scales: list[int], offsets: list[int], first: int = 0):
     def head_fn(hidden: torch.Tensor, head) -> dict[int, torch.Tensor]:
-        return {si: head(hidden[:, offsets[si] - first:offsets[si + 1] - first]).float() for si in logit_scales}
+        return {si: apply_head(head, hidden[:, offsets[si] - first:offsets[si + 1] - first]) for si in logit_scales}
     return head_fn
 
 
@@ -283,7 +284,7 @@ def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor |
         tw = None if weights is None else weights.repeat(B)
         if teacher_logits is not None:  # KL(teacher || student), the soft CSF target
             student = F.linear(hidden.reshape(B * L, C).float(), head.weight.float(),
-                               None if head.bias is None else head.bias.float()).log_softmax(-1)
+                               None if head.bias is None else head.bias.float()).log_softmax(-1)  # fp32
             teacher = teacher_logits.reshape(B * L, -1).log_softmax(-1)
             kl = (teacher.exp() * (teacher - student)).sum(-1)
             return kl.mean() if tw is None else (kl * tw).sum() / tw.sum()

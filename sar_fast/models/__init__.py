@@ -1,5 +1,5 @@
 """Scale-wise AR transformers (FlexVAR, VAR), their checkpoints, and the tokenizers."""
-from .checkpoint import (CheckpointError, export_state_dict, extract_state_dict, infer_config,
+from .checkpoint import (CheckpointError, clean_key, export_from_state_dict, export_state_dict, extract_state_dict, infer_config,
                          load_checkpoint, read_checkpoint_file, save_export)
 from .transformer import ARCHS, ModelConfig, ScaleAR, preset_config
 
@@ -11,4 +11,4 @@ def build_model(preset: str = "flexvar-d16", **overrides) -> ScaleAR:
 
 __all__ = ["ARCHS", "ModelConfig", "ScaleAR", "preset_config", "build_model", "load_checkpoint",
            "export_state_dict", "save_export", "extract_state_dict", "infer_config",
-           "read_checkpoint_file", "CheckpointError"]
+           "read_checkpoint_file", "CheckpointError", "clean_key", "export_from_state_dict"]

@@ -87,13 +87,18 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        sd[k] = v
+        sd[clean_key(k)] = v
     if not sd:
         raise CheckpointError("no model state dict found: the checkpoint holds no tensors at the model level")
     return sd, dict(config) if config else None
+
+
+def clean_key(key: str) -> str:
+    """Drop wrapper names: DDP's 'module.', torch.compile's '_orig_mod.', activation
+    checkpointing's '_checkpoint_wrapped_module.'."""
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], arch: str | None = None) -> dict:
@@ -187,24 +192,37 @@ def export_state_dict(model: ScaleAR, patch_nums: tuple[int, ...] | None = None)
     """A flat fp32 state dict the original FlexVAR/VAR module loads with strict=True: ours
     plus the buffers the originals keep (the dense mask for `patch_nums` — the model's
     schedule by default —, VAR's lvl_1L, the zero k-bias of every block)."""
-    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-    schedule = tuple(patch_nums or model.config.schedule)
+    return export_from_state_dict(model.state_dict(), model.config, patch_nums)
+
+
+def export_from_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig,
+                           patch_nums: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """export_state_dict for a (gathered, possibly wrapper-named) state dict and its config."""
+    sd = {clean_key(k): v.detach().float().cpu().clone() for k, v in state.items()}
+    schedule = tuple(patch_nums or config.schedule)
     scale_id = torch.cat([torch.full((s * s,), i) for i, s in enumerate(schedule)])
     sd["attn_bias_for_masking"] = torch.where(scale_id[:, None] >= scale_id[None, :], 0.0, -torch.inf) \
         .reshape(1, 1, len(scale_id), len(scale_id))
-    if model.arch == "var":
+    if config.arch == "var":
         sd["lvl_1L"] = scale_id.view(1, -1)
-    for i in range(len(model.blocks)):
-        sd[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(model.config.embed_dim)
+    for i in range(config.depth):
+        sd[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim)
     return sd
 
 
-def save_export(model: ScaleAR, path: str | os.PathLike) -> None:
-    """Write export_state_dict(model) atomically (temp file + rename)."""
+def save_export(model_or_state: ScaleAR | Mapping[str, torch.Tensor], path: str | os.PathLike,
+                config: ModelConfig | None = None) -> None:
+    """Write the export (of a model, or of a gathered state dict + its config) atomically."""
     path = os.fspath(path)
+    if isinstance(model_or_state, ScaleAR):
+        exported = export_state_dict(model_or_state)
+    else:
+        if config is None:
+            raise ValueError("save_export of a state dict needs its ModelConfig")
+        exported = export_from_state_dict(model_or_state, config)
     tmp = f"{path}.tmp{os.getpid()}"
     buf = io.BytesIO()
-    torch.save(export_state_dict(model), buf)
+    torch.save(exported, buf)
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
         f.flush()

@@ -120,7 +120,7 @@ class SelfAttention(nn.Module):
         self._max_log_scale = math.log(100.0)
 
     def forward(self, x: torch.Tensor, scale_lens: Sequence[int] | None,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -129,10 +129,10 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self._max_log_scale).exp()
             k = F.normalize(k, dim=-1)
         if cache is not None:  # sampling: append this scale to the cache, attend to all of it
-            if "k" in cache:
-                k = torch.cat((cache["k"], k), dim=2)
-                v = torch.cat((cache["v"], v), dim=2)
-            cache["k"], cache["v"] = k, v
+            if cache.k is not None:
+                k = torch.cat((cache.k, k), dim=2)
+                v = torch.cat((cache.v, v), dim=2)
+            cache.k, cache.v = k, v
             out = ops.cached_attention(q, k, v, softmax_scale=self.softmax_scale)
         else:
             out = ops.scale_causal_attention(q, k, v, scale_lens, softmax_scale=self.softmax_scale)
@@ -159,7 +159,7 @@ class AdaLNSelfAttn(nn.Module):
         return branch * mask / keep
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, scale_lens: Sequence[int] | None,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = \
             self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
         h = F.layer_norm(x, (self.dim,), eps=self.norm_eps) * (scale1 + 1) + shift1
@@ -175,8 +175,10 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
-        return F.layer_norm(x, (self.dim,), eps=self.norm_eps) * (scale + 1) + shift
+        """In fp32 whatever the parameter dtype (VAR computes the head's input in float)."""
+        mod = self.ada_lin(cond.to(self.ada_lin[1].weight.dtype)).float()
+        scale, shift = mod.view(-1, 1, 2, self.dim).unbind(2)
+        return F.layer_norm(x.float(), (self.dim,), eps=self.norm_eps) * (scale + 1) + shift
 
 
 class ScaleAR(nn.Module):
@@ -205,7 +207,6 @@ class ScaleAR(nn.Module):
             for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
-        self._pos_cache: dict = {}
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -251,6 +252,10 @@ class ScaleAR(nn.Module):
         return schedule
 
     # ------------------------------------------------------------------ inputs
+    def embed_inputs(self, x_BLCv: torch.Tensor) -> torch.Tensor:
+        """word_embed in the parameter dtype (fp32, or bf16 under FSDP mixed precision)."""
+        return self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))
+
     def pos_embed(self, schedule: Sequence[int], scale_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Position (and, for VAR, level) embedding [1, sum(s^2), C] of the given scales.
 
@@ -299,12 +304,12 @@ class ScaleAR(nn.Module):
         (what the fused head+CE loss takes)."""
         for block in self.blocks:
             x_BLC = block(x_BLC, cond, scale_lens)
-        return self.head_nm(x_BLC.float(), cond.float())
+        return self.head_nm(x_BLC, cond)
 
     def _output(self, hidden: torch.Tensor, return_hidden: bool, head_fn: HeadFn | None):
         if head_fn is not None:
             return head_fn(hidden, self.head)
-        return hidden if return_hidden else self.head(hidden)
+        return hidden if return_hidden else apply_head(self.head, hidden)
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
                 schedule: Sequence[int] | None = None, return_hidden: bool = False,
@@ -318,7 +323,7 @@ class ScaleAR(nn.Module):
         with torch.autocast(device_type=label_B.device.type, enabled=False):
             cond = self.class_condition(label_B)
             sos = cond.unsqueeze(1) + self.pos_start
-            x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+            x = torch.cat((sos, self.embed_inputs(x_BLCv_wo_first_l)), dim=1)
             x = x + self.pos_embed(schedule)
         return self._output(self.trunk(x, cond, scale_lengths(schedule)), return_hidden, head_fn)
 
@@ -344,7 +349,7 @@ class ScaleAR(nn.Module):
             ids = None
         with torch.autocast(device_type=label_B.device.type, enabled=False):
             cond = self.class_condition(label_B)
-            x = torch.cat((cond.unsqueeze(1), self.word_embed(x_BlCv.float())), dim=1)
+            x = torch.cat((cond.unsqueeze(1), self.embed_inputs(x_BlCv)), dim=1)
             x = x + self.pos_embed((1, side), scale_ids=ids)
         return self._output(self.trunk(x, cond, (1, n))[:, 1:], return_hidden, head_fn)
 
@@ -356,12 +361,26 @@ class ScaleAR(nn.Module):
         return generate(self, codebook, labels, schedule, **kwargs)
 
     @torch.no_grad()
-    def step_with_cache(self, x_BlC: torch.Tensor, cond: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+    def step_with_cache(self, x_BlC: torch.Tensor, cond: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """Sampling: run one scale's tokens [B, l, C] (already embedded + positioned) against
         the per-block KV caches (updated in place); returns that scale's logits [B, l, V]."""
         for block, cache in zip(self.blocks, caches):
             x_BlC = block(x_BlC, cond, None, cache)
-        return self.head(self.head_nm(x_BlC.float(), cond.float()))
+        return apply_head(self.head, self.head_nm(x_BlC, cond))
+
+
+class KVCache:
+    """One block's keys and values of the scales generated so far. A plain object (not a
+    dict) on purpose: FSDP's input casting rebuilds containers, which would drop updates."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+
+def apply_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 from the (fp32) head input, in the head's parameter dtype."""
+    return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
 
 def sincos_table_2d(grid: int, dim: int) -> torch.Tensor:

@@ -205,3 +205,40 @@ def msq_decode(codes_BL: torch.Tensor, codebook: torch.Tensor, schedule: Sequenc
             h = F.interpolate(h, size=(last, last), mode="bicubic")
         f_hat = f_hat + (phi(h, i, n) if phi is not None else h)
     return f_hat
+
+
+# ----------------------------------------------------------------------------------------
+# head + KL divergence to a teacher distribution (the soft-target CSFL loss)
+# ----------------------------------------------------------------------------------------
+def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  target_logits: torch.Tensor | None = None, target_hidden: torch.Tensor | None = None,
+                  token_weight: torch.Tensor | None = None, reduction: str = "mean",
+                  temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student) per token, computed in fp32.
+
+    Student logits = (hidden @ weight.T + bias) / temperature; teacher logits =
+    target_logits / temperature, or (target_hidden @ weight.T + bias) / temperature through
+    the same head. The teacher side is detached. Teacher logits may hold -inf (a filtered
+    vocabulary): those entries contribute 0. Per token: loss_i = w_i * KL_i; 'none' -> [N];
+    'sum' -> sum_i loss_i; 'mean' -> sum_i loss_i / sum_i w_i. No temperature**2 factor.
+    """
+    b = None if bias is None else bias.float()
+    student = F.linear(hidden.float(), weight.float(), b) / temperature
+    with torch.no_grad():
+        if target_logits is not None:
+            teacher = target_logits.float() / temperature
+        else:
+            teacher = F.linear(target_hidden.float(), weight.float(), b) / temperature
+        logp_teacher = teacher.log_softmax(-1)
+        p_teacher = logp_teacher.exp()
+    terms = p_teacher * (logp_teacher - student.log_softmax(-1))
+    kl = torch.where(p_teacher > 0, terms, torch.zeros_like(terms)).sum(-1)
+    w = torch.ones_like(kl) if token_weight is None else token_weight.float()
+    per_token = kl * w
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        return per_token.sum() / w.sum()
+    raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")

@@ -1,0 +1,128 @@
+"""Sharded, atomic training checkpoints (torch.distributed.checkpoint) and flat exports.
+
+Layout under the run directory:
+    checkpoints/step_00001000/      model + optimiser shards (DCP), trainer.json, rng/rank*.pt,
+                                    and COMPLETE, written last
+    checkpoints/.tmp-step_00001000/ a save in progress (ignored; removed by the next save)
+Every rank writes into the temp folder; after a barrier, rank 0 writes COMPLETE and renames
+the folder into place, so a kill -9 mid-save leaves the previous checkpoint loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from . import parallel
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+COMPLETE = "COMPLETE"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first: [(step, path)]."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    out = []
+    for name in os.listdir(ckpt_root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(ckpt_root, name)
+        if m and os.path.isfile(os.path.join(path, COMPLETE)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def save_checkpoint(ckpt_root: str, step: int, model, optimizer, trainer_state: dict, info, keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    final = os.path.join(ckpt_root, f"step_{step:08d}")
+    tmp = os.path.join(ckpt_root, f".tmp-step_{step:08d}")
+    if info.is_main:
+        os.makedirs(ckpt_root, exist_ok=True)
+        for name in os.listdir(ckpt_root):  # leftovers of an interrupted save
+            if name.startswith(".tmp-step_"):
+                shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    parallel.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{info.rank}.pt"))
+    parallel.barrier()
+    if info.is_main:
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+        if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        for old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+    parallel.barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, model, optimizer, info) -> dict:
+    """Collective: restore model, optimiser and this rank's RNG; return the trainer state."""
+    if not os.path.isfile(os.path.join(path, COMPLETE)):
+        raise FileNotFoundError(f"{path} is not a complete sar_fast checkpoint (no {COMPLETE} marker)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def resolve_resume(resume: str, ckpt_root: str) -> str | None:
+    """'auto' -> the newest complete checkpoint (or None), 'none' -> None, else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_root)
+        return found[-1][1] if found else None
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    return resume
+
+
+def full_model_state(model) -> dict:
+    """Collective: the unsharded fp32 model state dict, on CPU, on rank 0 (empty elsewhere)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

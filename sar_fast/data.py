@@ -1,0 +1,368 @@
+"""Training data: an ImageNet-style image folder, a code cache, the embedded digits, and a
+resumable distributed sampler. No torchvision: images go through PIL and numpy.
+
+Augmentation is reproducible: the random crop/flip of sample i in epoch e is drawn from a
+generator seeded by (seed, e, i), so it does not depend on worker count or on where a run
+was resumed. Call `set_epoch` on the dataset (before the DataLoader's iterator is made) and
+on the sampler at the start of every epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .embedded import DIGITS_NUM_CLASSES, DIGITS_SCHEDULE, digits_to_images, load_digits_dataset
+from .schedules import scale_offsets, validate_schedule
+
+# the file types torchvision's ImageFolder accepts
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+AUGMENTATIONS = ("flexvar", "var")
+VAR_MID_RESO = 1.125          # VAR: resize the short side to 1.125 x resolution, then crop
+ADM_MIN_CROP_FRAC = 0.88      # FlexVAR/SAR (ADM's random_crop_arr): crop covers 88..100% of the short side
+CACHE_FORMAT = "sar_fast.code_cache.v1"
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ---------------------------------------------------------------------- image folder
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples [(path, label)], class names) of an ImageNet-style folder: one sub-folder
+    per class (sorted names -> labels 0..K-1), images found recursively in each, sorted;
+    files without an image extension and hidden entries are skipped. Classes without
+    images keep their label, so ids stay those of the full class list."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"image folder {root!r} is not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+    if not samples:
+        raise ValueError(f"image folder {root!r} has {len(classes)} class sub-folders but no images "
+                         f"(extensions {', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
+
+
+def _resize(img, size: tuple[int, int], resample):
+    return img if img.size == size else img.resize(size, resample=resample)
+
+
+def _halve_while_large(img, target_short: int):
+    """ADM's pre-shrink: BOX-halve while the short side is >= 2x the target (less aliasing)."""
+    from PIL import Image
+    while min(img.size) >= 2 * target_short:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return img
+
+
+def _resize_short_side_adm(img, short: int):
+    """FlexVAR/ADM: BOX halving, then bicubic so the short side is `short` (sides rounded)."""
+    from PIL import Image
+    img = _halve_while_large(img, short)
+    scale = short / min(img.size)
+    return _resize(img, tuple(round(x * scale) for x in img.size), Image.BICUBIC)
+
+
+def _resize_short_side_var(img, short: int):
+    """VAR (torchvision Resize(int), Lanczos): short side `short`, long side truncated."""
+    from PIL import Image
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    return _resize(img, size, Image.LANCZOS)
+
+
+def transform_image(img, resolution: int, train: bool, augment: str = "flexvar", hflip: bool = True,
+                    rng: np.random.Generator | None = None) -> torch.Tensor:
+    """PIL image -> float32 [3, resolution, resolution] in [-1, 1].
+
+    augment='flexvar' (FlexVAR and SAR training): train: flip with p=0.5, short side
+    resized to a random size in [resolution, ceil(resolution / 0.88)], random crop;
+    eval: short side resized to `resolution`, centre crop.
+    augment='var' (VAR): short side resized to round(1.125 * resolution) (Lanczos), random
+    crop (train) / centre crop (eval); flip with p=0.5 in train when `hflip`.
+    """
+    from PIL import Image
+    if train and rng is None:
+        raise ValueError("a training transform needs rng (a numpy Generator)")
+    img = img.convert("RGB")
+    if train and hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if augment == "flexvar":
+        short = int(rng.integers(resolution, math.ceil(resolution / ADM_MIN_CROP_FRAC) + 1)) if train else resolution
+        img = _resize_short_side_adm(img, short)
+    elif augment == "var":
+        img = _resize_short_side_var(img, round(VAR_MID_RESO * resolution))
+    else:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    arr = np.asarray(img)
+    h, w = arr.shape[:2]
+    if train:
+        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+    elif augment == "flexvar":  # ADM floors the offsets, torchvision's CenterCrop rounds them
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    else:
+        top, left = int(round((h - resolution) / 2)), int(round((w - resolution) / 2))
+    crop = np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])
+    return torch.from_numpy(crop).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-style folder -> (image float32 [3, R, R] in [-1, 1], label int64).
+
+    train=True: random crop + horizontal flip (see `transform_image`; `hflip` defaults to
+    True, as FlexVAR/SAR always flip; VAR's default is no flip). train=False: centre crop.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int = 256, train: bool = True,
+                 augment: str = "flexvar", hflip: bool = True, seed: int = 0):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        self.resolution = _check_int("resolution", resolution, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.root, self.train, self.augment, self.hflip = os.fspath(root), bool(train), augment, bool(hflip)
+        self.samples, self.classes = scan_image_folder(root)
+        self.num_classes = len(self.classes)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int, train: bool | None = None) -> torch.Tensor:
+        """The image of sample `index`, transformed (train=None: the dataset's mode)."""
+        from PIL import Image
+        path = self.samples[index][0]
+        train = self.train if train is None else train
+        rng = _sample_rng(self.seed, self.epoch, index) if train else None
+        try:
+            with Image.open(path) as img:
+                return transform_image(img, self.resolution, train, self.augment, self.hflip, rng)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"cannot read image {path!r}: {e}") from e
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(index), torch.tensor(self.samples[index][1], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------- embedded digits
+class EmbeddedDigitsDataset(Dataset):
+    """scikit-learn's digits: (image float32 [1, 8, 8] in [-1, 1], label int64), no
+    augmentation. Tokenise with sar_fast.embedded.GreyLevelTokenizer."""
+
+    schedule = DIGITS_SCHEDULE
+    num_classes = DIGITS_NUM_CLASSES
+
+    def __init__(self, split: str = "train", val_fraction: float = 0.1, seed: int = 0):
+        grey, self.labels = load_digits_dataset(split, val_fraction, seed)
+        self.images = digits_to_images(grey)
+        self.classes = [str(c) for c in range(DIGITS_NUM_CLASSES)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing is random per epoch; present so every dataset here takes the same calls."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+# ---------------------------------------------------------------------- code cache
+def read_cache_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest.json of a code cache written by `python -m sar_fast.cache`."""
+    path = os.path.join(os.fspath(cache_dir), "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(cache_dir)!r} is not a code cache (no manifest.json); "
+                                "build one with python -m sar_fast.cache")
+    with open(path) as f:
+        return json.load(f)
+
+
+def schedule_token_index(cache_schedule: Sequence[int], schedule: Sequence[int]) -> torch.Tensor:
+    """Positions [L] in a cached code row (of `cache_schedule`) of the tokens of `schedule`.
+
+    Only valid for FlexVAR-style codes, whose scales are quantised independently: a scale's
+    codes do not depend on which other scales are in the schedule (VAR's residual codes do).
+    """
+    cache_schedule, schedule = validate_schedule(cache_schedule), validate_schedule(schedule)
+    missing = sorted(set(schedule) - set(cache_schedule))
+    if missing:
+        raise ValueError(f"schedule {schedule} has sides {missing} that the cache "
+                         f"(schedule {cache_schedule}) does not hold")
+    off = scale_offsets(cache_schedule)
+    where = {s: i for i, s in enumerate(cache_schedule)}
+    return torch.cat([torch.arange(off[where[s]], off[where[s] + 1]) for s in schedule])
+
+
+class CodeDataset(Dataset):
+    """A code cache -> (codes int64 [L], label int64).
+
+    `schedule` (default: the cache's) may be any subset of the cached sides when the cache
+    holds FlexVAR-style codes (quant_mode 'flexvar'): cache all sides 1..16 once and train
+    on any schedule. Caches built with --flip hold two views (centre crop, its mirror);
+    `random_flip` then picks one per sample and epoch (p=0.5, seeded), else view 0.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, schedule: Sequence[int] | None = None,
+                 random_flip: bool = True, seed: int = 0):
+        self.cache_dir = os.fspath(cache_dir)
+        self.manifest = read_cache_manifest(cache_dir)
+        m = self.manifest
+        if m.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{self.cache_dir!r}: unknown cache format {m.get('format')!r} (expected {CACHE_FORMAT!r})")
+        if m["done"] < m["num_samples"]:
+            raise ValueError(f"code cache {self.cache_dir!r} is incomplete ({m['done']}/{m['num_samples']} "
+                             "images); re-run python -m sar_fast.cache with the same arguments to finish it")
+        self.cache_schedule = tuple(m["schedule"])
+        self.schedule = self.cache_schedule if schedule is None else validate_schedule(schedule)
+        if self.schedule != self.cache_schedule and m["quant_mode"] != "flexvar":
+            raise ValueError(f"schedule {self.schedule} differs from the cache's {self.cache_schedule}, and "
+                             f"{m['quant_mode']!r} codes are residual: they are only valid for the cached schedule")
+        self.token_index = (None if self.schedule == self.cache_schedule
+                            else schedule_token_index(self.cache_schedule, self.schedule).numpy())
+        self.classes: list[str] = list(m["classes"])
+        self.num_classes = len(self.classes)
+        self.num_views = int(m["views"])
+        self.random_flip, self.seed, self.epoch = bool(random_flip), _check_int("seed", seed, 0), 0
+        self._codes: np.ndarray | None = None
+        self._labels = np.load(os.path.join(self.cache_dir, "labels.npy"))
+        if len(self._labels) != m["num_samples"]:
+            raise ValueError(f"{self.cache_dir!r}: labels.npy has {len(self._labels)} rows, "
+                             f"manifest says {m['num_samples']}")
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The memory-mapped codes [N, views, L_cache], opened lazily in each worker."""
+        if self._codes is None:
+            self._codes = np.load(os.path.join(self.cache_dir, "codes.npy"), mmap_mode="r")
+        return self._codes
+
+    def __getstate__(self) -> dict[str, Any]:  # workers re-open the memmap instead of pickling it
+        state = dict(self.__dict__)
+        state["_codes"] = None
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view = 0
+        if self.random_flip and self.num_views > 1:
+            view = int(_sample_rng(self.seed, self.epoch, index).random() < 0.5)
+        row = self.codes[index, view]
+        if self.token_index is not None:
+            row = row[self.token_index]
+        return torch.from_numpy(row.astype(np.int64)), torch.tensor(int(self._labels[index]), dtype=torch.int64)
+
+
+
+# ---------------------------------------------------------------------- sampler
+class ResumableDistributedSampler(Sampler[int]):
+    """Per-epoch permutation (torch.Generator seeded with seed + epoch) split over ranks
+    as rank::world_size, resumable mid-epoch.
+
+    The position is what the trainer has consumed, not what was iterated (a DataLoader
+    prefetches ahead): call `advance(n)` after each batch of n samples; `state_dict()`
+    then holds (epoch, position), and after `load_state_dict` the next `__iter__` yields
+    exactly the rest of that epoch. `set_epoch(e)` with a new epoch restarts at position
+    0; with the current epoch (as a resumed loop does) it keeps the position.
+    drop_last=True drops the permutation's tail so every rank gets length // world_size;
+    False pads by repeating its head (as torch's DistributedSampler).
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        self.length = _check_int("length", length, 1)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        if self.drop_last and self.length < self.world_size:
+            raise ValueError(f"length {self.length} < world_size {self.world_size}: with drop_last "
+                             "some ranks would get no samples")
+        self.num_samples = (self.length // self.world_size if self.drop_last
+                            else math.ceil(self.length / self.world_size))
+        self.epoch, self.position = 0, 0
+
+    def epoch_indices(self, epoch: int | None = None) -> list[int]:
+        """This rank's whole index list for `epoch` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(self.length))
+        total = self.num_samples * self.world_size
+        if total > len(order):
+            order += (order * math.ceil(total / len(order)))[:total - len(order)]
+        return order[:total][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.position:])
+
+    def __len__(self) -> int:
+        """What the next `__iter__` yields: the rest of the current epoch."""
+        return self.num_samples - self.position
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch = _check_int("epoch", epoch, 0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def advance(self, num_samples: int) -> None:
+        """Record that `num_samples` more samples of this epoch were consumed."""
+        num_samples = _check_int("num_samples", num_samples, 0)
+        if self.position + num_samples > self.num_samples:
+            raise ValueError(f"advance({num_samples}) would pass the end of the epoch "
+                             f"(position {self.position} of {self.num_samples})")
+        self.position += num_samples
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return dict(epoch=self.epoch, position=self.position, seed=self.seed, length=self.length,
+                    world_size=self.world_size, shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "length", "world_size", "shuffle", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
+                                 f"{key}={getattr(self, key)!r}; the data order would not continue")
+        epoch, position = _check_int("epoch", state["epoch"], 0), _check_int("position", state["position"], 0)
+        if position > self.num_samples:
+            raise ValueError(f"sampler state position {position} > samples per epoch {self.num_samples}")
+        self.epoch, self.position = epoch, position
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(images [C, H, W] or codes [L], label)] -> (stacked [B, ...], labels int64 [B])."""
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    items, labels = zip(*batch)
+    return torch.stack(items), torch.as_tensor([int(y) for y in labels], dtype=torch.int64)

@@ -1,0 +1,202 @@
+"""The embedded default: a real dataset and a tokenizer that need no download.
+
+Data: scikit-learn's 8x8 handwritten digits (1797 images, grey levels 0..16, 10 classes),
+which ship inside the scikit-learn wheel. Tokenizer: `GreyLevelTokenizer`, whose latent is
+the grey image itself (code dim 1) and whose codebook is `levels` evenly spaced grey
+values, so the codes of every scale are the area-downsampled image rounded to the nearest
+grey level. It follows the interface of the real tokenizers (sar_fast.models.tokenizers):
+`encode(images in [-1, 1], schedule) -> list of [B, s*s]`, `decode(codes) -> [B, 3, H, W]
+in [0, 1]`, `codebook()`, `tf_inputs`, `Cvae`, `vocab_size`, `downsample`, `mode`.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import ops
+from .schedules import total_length, validate_schedule
+
+DIGITS_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+DIGITS_SIDE = 8
+DIGITS_NUM_CLASSES = 10
+DIGITS_MAX_GREY = 16  # the dataset's grey levels are the integers 0..16
+SPLITS = ("train", "val", "all")
+
+Codes = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def load_digits_dataset(split: str = "train", val_fraction: float = 0.1,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 1, 8, 8] with grey levels 0..16, labels int64 [N]).
+
+    The split is stratified and deterministic: within each class a permutation seeded by
+    `seed` puts round(val_fraction * class size) images in 'val', the rest in 'train';
+    'all' is the whole set in its original order. Samples keep the original order.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the embedded digits dataset needs scikit-learn "
+                          "(pip install scikit-learn, or pip install 'sar_fast[train]')") from e
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # [N, 1, 8, 8]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if split == "all":
+        return images, labels
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in range(DIGITS_NUM_CLASSES):
+        members = np.flatnonzero(bunch.target == c)
+        n_val = int(round(val_fraction * len(members)))
+        is_val[rng.permutation(members)[:n_val]] = True
+    keep = torch.from_numpy(is_val if split == "val" else ~is_val)
+    if not bool(keep.any()):
+        raise ValueError(f"split {split!r} is empty with val_fraction={val_fraction}")
+    return images[keep], labels[keep]
+
+
+def digits_to_images(grey: torch.Tensor) -> torch.Tensor:
+    """Digits grey levels 0..16 (any dtype) -> float32 images in [-1, 1], same shape."""
+    return grey.float().mul(2.0 / DIGITS_MAX_GREY).sub(1.0)
+
+
+class GreyLevelTokenizer(nn.Module):
+    """A weight-free multi-scale tokenizer: latent = grey image in [0, 1] ([B, 1, H, W]),
+    codebook = `levels` grey values linspace(0, 1, levels) ([levels, 1]), FlexVAR-style
+    independent scales (area-downsample, nearest grey level; no normalisation).
+
+    With the default 17 levels the digits' grey values 0..16 are represented exactly, so
+    decode(encode(x)) == x at the last scale.
+    """
+
+    mode = "flexvar"
+    normalize_codes = False
+    Cvae = 1
+    downsample = 1
+    phi = None  # no VAR-style shared convs
+
+    def __init__(self, levels: int = DIGITS_MAX_GREY + 1):
+        super().__init__()
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+        self.levels = levels
+        self.vocab_size = levels
+        self.register_buffer("grey_values", torch.linspace(0.0, 1.0, levels).unsqueeze(1), persistent=False)
+
+    # names some callers use for the two class attributes above
+    @property
+    def quant_mode(self) -> str:
+        return self.mode
+
+    @property
+    def normalize_codebook(self) -> bool:
+        return self.normalize_codes
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+    def codebook(self) -> torch.Tensor:
+        """[levels, 1]: what code k embeds to (the transformer's inputs are built from it)."""
+        return self.grey_values
+
+    def _phi(self) -> None:
+        return None
+
+    # ------------------------------------------------------------------ encode
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Grey latent [B, 1, H, W] in [0, 1] of images [B, 1 or 3, H, W] in [-1, 1]
+        (RGB is averaged to grey)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype} "
+                            "(digits grey levels: use sar_fast.embedded.digits_to_images)")
+        if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
+            raise ValueError(f"images must be [B, 1 or 3, H, W] with B >= 1, got shape {tuple(images.shape)}")
+        if images.device != self.grey_values.device:
+            raise ValueError(f"images are on {images.device} but the tokenizer is on {self.grey_values.device}")
+        grey = images.float().mean(dim=1, keepdim=True)
+        return grey.add(1.0).mul(0.5).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, schedule: Sequence[int]) -> list[torch.Tensor]:
+        """Codes per scale, [B, s*s] int64 each; `schedule` must end at the image side."""
+        latent = self.encode_latent(images)
+        h, w = latent.shape[-2:]
+        if h != w:
+            raise ValueError(f"multi-scale codes need square images, got {h}x{w}")
+        schedule = validate_schedule(schedule, latent_side=h)
+        flat = ops.msq_encode(latent, self.grey_values, schedule, mode="flexvar", normalize=False)
+        return list(flat.split([s * s for s in schedule], dim=1))
+
+    # ------------------------------------------------------------------ decode
+    def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L]."""
+        if isinstance(codes, torch.Tensor):
+            if codes.dim() != 2:
+                raise ValueError(f"codes must be [B, L] or a list of [B, s*s], got shape {tuple(codes.shape)}")
+            if schedule is None:  # one square scale on its own
+                side = round(codes.shape[1] ** 0.5)
+                if side * side != codes.shape[1]:
+                    raise ValueError(f"codes [B, L] need the schedule they were encoded with "
+                                     f"({codes.shape[1]} tokens is not one square scale)")
+                schedule = (side,)
+            schedule = validate_schedule(schedule)
+            if codes.shape[1] != total_length(schedule):
+                raise ValueError(f"codes have {codes.shape[1]} tokens per sample but schedule {schedule} "
+                                 f"has {total_length(schedule)}")
+            flat = codes
+        elif isinstance(codes, (list, tuple)) and codes:
+            sides = []
+            for i, c in enumerate(codes):
+                ok = isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == codes[0].shape[0]
+                side = round(c.shape[1] ** 0.5) if ok else 0
+                if not ok or side * side != c.shape[1]:
+                    raise ValueError(f"codes[{i}] must be a [B, s*s] tensor with the batch size of codes[0]")
+                sides.append(side)
+            inferred = validate_schedule(sides, name="schedule of the codes")
+            if schedule is not None and validate_schedule(schedule) != inferred:
+                raise ValueError(f"schedule {tuple(schedule)} does not match the codes' scales {inferred}")
+            schedule, flat = inferred, torch.cat(list(codes), dim=1)
+        else:
+            raise TypeError(f"codes must be a [B, L] tensor or a non-empty list of [B, s*s] tensors, "
+                            f"got {type(codes).__name__}")
+        if flat.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"codes must be int64 or int32, got {flat.dtype}")
+        if flat.device != self.grey_values.device:
+            raise ValueError(f"codes are on {flat.device} but the tokenizer is on {self.grey_values.device}")
+        return flat.long(), schedule
+
+    def codes_to_latent(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
+        """Grey latent [B, 1, s, s] of the last scale of `codes` (a per-scale list, [B, L]
+        with `schedule`, or the last scale alone [B, s*s])."""
+        flat, schedule = self._flat_codes(codes, schedule)
+        last = schedule[-1]
+        return ops.msq_decode(flat[:, -last * last:], self.grey_values, (last,), mode="flexvar", normalize=False)
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, h, w] in [0, 1] (grey replicated to RGB) from a latent [B, 1, h, w]."""
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 4 or latent.shape[1] != 1:
+            raise ValueError(f"latent must be a [B, 1, h, w] tensor, got "
+                             f"{tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__}")
+        return latent.float().clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+
+    @torch.no_grad()
+    def decode(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
+        """Images [B, 3, s, s] in [0, 1] from the last scale of `codes`."""
+        return self.decode_latent(self.codes_to_latent(codes, schedule))
+
+    def tf_inputs(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
+        """Teacher-forcing input [B, L - first_l, 1] the transformer takes after its class token."""
+        flat, schedule = self._flat_codes(codes, schedule)
+        return ops.scale_shift(flat, self.grey_values, schedule, mode="flexvar")

@@ -1,0 +1,48 @@
+"""The two multi-scale tokenizers: FlexVAR's VQ-16 (LlamaGen) and VAR's residual VQVAE.
+
+Both take images in [-1, 1], return per-scale codes ([B, s*s] int64 each, coarsest first),
+decode to images in [0, 1], and build the transformer's teacher-forcing input
+(`tf_inputs`). Quantisation runs through sar_fast.ops (msq_encode / msq_decode /
+scale_shift). Official checkpoints load key for key: `FlexVAE.pth`, `vae_ch160v4096z32.pth`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from ..checkpoint import CheckpointError
+from .base import MultiScaleTokenizer, read_state_dict
+from .flexvq import FlexVQ16
+from .varvq import VARVQVAE
+
+TOKENIZERS = {"flexvar": FlexVQ16, "var": VARVQVAE}
+
+
+def detect_tokenizer_kind(sd: Mapping[str, torch.Tensor]) -> str:
+    """'flexvar' (LlamaGen layout: encoder.conv_blocks.*) or 'var' (encoder.down.*)."""
+    flex = any(k.startswith("encoder.conv_blocks.") for k in sd)
+    var = any(k.startswith("encoder.down.") for k in sd)
+    if flex == var:
+        raise CheckpointError("cannot tell the tokenizer kind from the keys (expected encoder.conv_blocks.* "
+                              f"for FlexVAR's VQ-16 or encoder.down.* for VAR's VQVAE); found e.g. {sorted(sd)[:5]}")
+    return "flexvar" if flex else "var"
+
+
+def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None = None,
+                   **overrides: Any) -> MultiScaleTokenizer:
+    """Load FlexVAE.pth / vae_ch160v4096z32.pth (or a state dict); `kind` ('flexvar' or
+    'var') is inferred from the keys when None. Returns the tokenizer frozen, in eval mode."""
+    sd = read_state_dict(path)
+    detected = detect_tokenizer_kind(sd)
+    if kind is not None:
+        if kind not in TOKENIZERS:
+            raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
+        if kind != detected:
+            raise CheckpointError(f"kind={kind!r} was requested but the checkpoint is a {detected!r} tokenizer")
+    return TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+
+
+__all__ = ["FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
+           "load_tokenizer", "read_state_dict"]
