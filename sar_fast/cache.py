@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sar_fast.cache",
         description="Tokenise an ImageNet-style folder (class sub-folders) once into a memory-mapped code "
-                    "cache for `sar_fast.train --data CACHE`. Random crops cannot be cached: each image is "
+                    "cache for `sar_fast.train --cache CACHE`. Random crops cannot be cached: each image is "
                     "stored as its centre crop (the eval transform of --augment), and with --flip also as "
                     "that crop mirrored (training then picks one of the two per sample, as VAR-style caches "
                     "do). Re-running with the same arguments continues an interrupted cache.",

@@ -124,7 +124,7 @@ def transform_image(img, resolution: int, train: bool, augment: str = "flexvar",
         top, left = (h - resolution) // 2, (w - resolution) // 2
     else:
         top, left = int(round((h - resolution) / 2)), int(round((w - resolution) / 2))
-    crop = np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])
+    crop = np.array(arr[top:top + resolution, left:left + resolution])  # a writable copy
     return torch.from_numpy(crop).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 

@@ -2,7 +2,13 @@ import os
 import sys
 
 import pytest
+
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter; it must be chosen before the
+# first import of triton (kernel modules are imported lazily by sar_fast.ops).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a source checkout without installing

@@ -195,7 +195,7 @@ def msq_decode(codes_BL: torch.Tensor, codebook: torch.Tensor, schedule: Sequenc
     book = F.normalize(codebook.float(), dim=-1) if (normalize and mode == "flexvar") else codebook.float()
     maps = embed_scales(codes_BL, book, schedule)
     if mode == "flexvar":
-        return maps[-1]
+        return maps[-1].contiguous()  # a channels-last view would make the decoder's convs round differently
     if mode != "var":
         raise ValueError(f"mode must be 'flexvar' or 'var', got {mode!r}")
     n, last = len(schedule), schedule[-1]
