@@ -283,11 +283,8 @@ def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor |
         B, L, C = hidden.shape
         tw = None if weights is None else weights.repeat(B)
         if teacher_logits is not None:  # KL(teacher || student), the soft CSF target
-            student = F.linear(hidden.reshape(B * L, C).float(), head.weight.float(),
-                               None if head.bias is None else head.bias.float()).log_softmax(-1)  # fp32
-            teacher = teacher_logits.reshape(B * L, -1).log_softmax(-1)
-            kl = (teacher.exp() * (teacher - student)).sum(-1)
-            return kl.mean() if tw is None else (kl * tw).sum() / tw.sum()
+            return ops.fused_linear_kl_div(hidden.reshape(B * L, C), head.weight, head.bias,
+                                           target_logits=teacher_logits.reshape(B * L, -1), token_weight=tw)
         return ops.fused_linear_cross_entropy(hidden.reshape(B * L, C), head.weight, head.bias, target.reshape(-1),
                                               token_weight=tw, label_smoothing=config.label_smoothing)
     return head_fn

@@ -284,7 +284,10 @@ class DataSource:
             self.dataset.set_epoch(self.sampler.epoch)
         return iter(DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
                                num_workers=self.cfg.workers, collate_fn=self._collate,
-                               pin_memory=self.info.device.type == "cuda", persistent_workers=False))
+                               pin_memory=self.info.device.type == "cuda", persistent_workers=False,
+                               # its own generator: the loader must not draw from the global RNG
+                               # (label dropout's), or a resumed run would drift from a straight one
+                               generator=torch.Generator().manual_seed(self.cfg.seed + self.sampler.epoch)))
 
     def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         if self._iter is None:

@@ -95,6 +95,8 @@ def ssr_reference(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Se
     maps = reference.embed_scales(pred_codes.long(), codebook, schedule)
     if mode == "var":  # residual inputs depend on every earlier scale: build all, then pick
         full = reference.scale_shift(maps, schedule, "var", phi)
+        if len(chosen) == len(schedule) - 1:
+            return full
         offsets = scale_offsets(schedule[1:])
         blocks = [full[:, offsets[j]:offsets[j + 1]] for j in chosen]
     else:
@@ -218,14 +220,11 @@ def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int
 # ----------------------------------------------------------------------------------------
 # kernel tables (see sar_fast.kernels.scale_shift for the row layout), cached per schedule
 # ----------------------------------------------------------------------------------------
-def _candidates(n_in: int, n_out: int) -> int:
-    """Output pixels per dimension the backward visits for one source pixel: those whose
-    taps can reach it span 4 n_out / n_in, plus margin for the start's rounding."""
-    return -(-4 * n_out // n_in) + 4
+_META_WIDTH = 8  # columns per row: out_start, src_off, n_in, n_out, sb, sc, sy, sx
 
 
 def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 9)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _META_WIDTH)
     if device.type == "cuda":  # pinned + async: no stream sync, even on a new schedule
         return table.pin_memory().to(device, non_blocking=True)
     return table.to(device)
@@ -237,7 +236,7 @@ def _codes_meta(schedule: tuple[int, ...], chosen: tuple[int, ...], device: torc
     offsets, rows, out_start = scale_offsets(schedule), [], 0
     for j in chosen:
         n_in, n_out = schedule[j], schedule[j + 1]
-        rows.append([out_start, offsets[j], n_in, n_out, 0, 0, 0, 0, _candidates(n_in, n_out)])
+        rows.append([out_start, offsets[j], n_in, n_out, 0, 0, 0, 0])
         out_start += n_out * n_out
     return _to_device(rows, device)
 
@@ -256,7 +255,7 @@ def _adjoint_meta(schedule: tuple[int, ...], chosen: tuple[int, ...], batch: int
             place = [src_start * channels, total_src * channels, 1, n_in * channels, channels]
         else:
             place = [batch * channels * src_start, channels * n_in * n_in, n_in * n_in, n_in, 1]
-        rows.append([out_start, place[0], n_in, n_out, *place[1:], _candidates(n_in, n_out)])
+        rows.append([out_start, place[0], n_in, n_out, *place[1:]])
         out_start += n_out * n_out
         src_start += n_in * n_in
     return _to_device(rows, device)
@@ -270,9 +269,12 @@ def _dense_meta(maps: list[torch.Tensor], schedule: tuple[int, ...], chosen: tup
         n_in, n_out = schedule[j], schedule[j + 1]
         offset, rem = divmod(maps[j].data_ptr() - base, size)
         assert rem == 0, "tensors of one dtype are element-aligned"
-        rows.append([out_start, offset, n_in, n_out, *maps[j].stride(), _candidates(n_in, n_out)])
+        rows.append([out_start, offset, n_in, n_out, *maps[j].stride()])
         out_start += n_out * n_out
     return _to_device(rows, maps[0].device)
+
+
+_empty = torch.empty  # the ops' output allocator (tests swap in a NaN-filled one)
 
 
 def _out_rows(schedule: Sequence[int], chosen: Sequence[int]) -> int:
@@ -291,7 +293,7 @@ def _codes_op(codes: torch.Tensor, codebook: torch.Tensor, schedule: list[int], 
               out_dtype: torch.dtype) -> torch.Tensor:
     sched, chosen = tuple(schedule), tuple(transitions)
     C = codebook.shape[1]
-    out = torch.empty(codes.shape[0], _out_rows(sched, chosen), C, dtype=out_dtype, device=codes.device)
+    out = _empty(codes.shape[0], _out_rows(sched, chosen), C, dtype=out_dtype, device=codes.device)
     codes = codes if codes.stride(1) == 1 else codes.contiguous()
     book = codebook if codebook.stride(1) == 1 else codebook.contiguous()
     _kernels().launch_forward(out, book, codes, _codes_meta(sched, chosen, codes.device),
@@ -309,7 +311,7 @@ def _dense_op(scales: list[torch.Tensor], schedule: list[int], transitions: list
               out_dtype: torch.dtype) -> torch.Tensor:
     sched, chosen = tuple(schedule), tuple(transitions)
     B, C = scales[0].shape[:2]
-    out = torch.empty(B, _out_rows(sched, chosen), C, dtype=out_dtype, device=scales[0].device)
+    out = _empty(B, _out_rows(sched, chosen), C, dtype=out_dtype, device=scales[0].device)
     _kernels().launch_forward(out, scales[0], None, _dense_meta(scales, sched, chosen),
                               [sched[j + 1] for j in chosen], C)
     return out
@@ -331,7 +333,7 @@ def _adjoint_op(grad_out: torch.Tensor, schedule: list[int], transitions: list[i
     """Flat gradient of the chosen source scales (layout: see _adjoint_meta)."""
     sched, chosen = tuple(schedule), tuple(transitions)
     B, _, C = grad_out.shape
-    grad_src = torch.empty(_adjoint_numel(sched, chosen, B, C), dtype=out_dtype, device=grad_out.device)
+    grad_src = _empty(_adjoint_numel(sched, chosen, B, C), dtype=out_dtype, device=grad_out.device)
     meta = _adjoint_meta(sched, chosen, B, C, tokens, grad_out.device)
     _kernels().launch_backward(grad_src, grad_out.contiguous(), meta, [sched[j] for j in chosen], C)
     return grad_src

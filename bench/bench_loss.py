@@ -1,0 +1,261 @@
+"""Benchmark the fused head + cross-entropy against its peers, in one run.
+
+    python bench/bench_loss.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--repeats 10]
+    python bench/bench_loss.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
+
+Peers, on the SAR head loss (N = B x 680 tokens, per-token weights 1/L, label smoothing 0.1):
+- eager:   F.linear in the input dtype, F.cross_entropy on the fp32 logits (what autocast
+           training does), weighted mean;
+- compile: torch.compile of eager;
+- liger:   Liger-Kernel's LigerFusedLinearCrossEntropyLoss, if installed (no per-token
+           weights there: plain mean);
+- fused:   sar_fast.ops.fused_linear_cross_entropy (Triton).
+Each is timed forward (inputs requiring grad) and forward+backward with CUDA events
+(warm-up, median of repeats); peak memory is the most allocated above the inputs during
+one call. Writes DIR/bench_loss.json and, if matplotlib imports, DIR/bench_loss.png.
+Targets on H200 bf16: fused peak memory <= 25% of eager's, fused fwd+bwd >= 1.2x eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENS_PER_IMAGE = 680  # 1+4+9+16+25+36+64+100+169+256 at 256 px
+SMOOTHING = 0.1
+TARGET_MEM_RATIO, TARGET_SPEEDUP = 0.25, 1.2
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder for bench_loss.json / .png")
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--dims", type=int, nargs="+", default=[1024, 1536])
+    p.add_argument("--vocabs", type=int, nargs="+", default=[4096, 8912])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="two shapes only: (64, 1024, 4096), (256, 1536, 8912)")
+    p.add_argument("--peers", nargs="+", default=["eager", "compile", "liger", "fused"])
+    p.add_argument("--cpu-smoke", action="store_true", help="without CUDA: tiny shapes under TRITON_INTERPRET=1")
+    return p.parse_args()
+
+
+def shapes(args) -> list[tuple[int, int, int]]:
+    if args.cpu_smoke:
+        return [(1, 32, 96)]  # 64 tokens
+    if args.quick:
+        return [(64, 1024, 4096), (256, 1536, 8912)]
+    return [(b, c, v) for b in args.batches for c in args.dims for v in args.vocabs]
+
+
+def make_peers(names, torch, F, ops):
+    def eager(h, w, b, t, tw):
+        ce = F.cross_entropy(F.linear(h, w, b).float(), t, label_smoothing=SMOOTHING, reduction="none")
+        return (ce * tw).sum() / tw.sum()
+
+    def fused(h, w, b, t, tw):
+        with ops.use_backend("triton"):
+            return ops.fused_linear_cross_entropy(h, w, b, t, tw, label_smoothing=SMOOTHING)
+
+    peers = {}
+    for name in names:
+        if name == "eager":
+            peers[name] = eager
+        elif name == "compile":
+            peers[name] = torch.compile(eager)
+        elif name == "fused":
+            peers[name] = fused
+        elif name == "liger":
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            except ImportError:
+                print("liger-kernel is not installed: skipping that peer")
+                continue
+            liger_loss = LigerFusedLinearCrossEntropyLoss(label_smoothing=SMOOTHING)
+            peers[name] = lambda h, w, b, t, tw: liger_loss(w, h, t, b)
+        else:
+            raise SystemExit(f"unknown peer {name!r}")
+    return peers
+
+
+def measure_cuda(torch, fn, inputs, backward: bool, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median ms, peak MiB allocated above the inputs) of fn(*inputs) [+ backward]."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def once():
+        for x in leaves:
+            x.grad = None
+        loss = fn(*inputs)
+        if backward:
+            loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        once()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        for x in leaves:
+            x.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = fn(*inputs)
+        if backward:
+            loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        del loss
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = once()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del loss
+    for x in leaves:
+        x.grad = None
+    return statistics.median(times), peak
+
+
+def measure_cpu(fn, inputs, backward: bool, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = fn(*inputs)
+        if backward:
+            loss.backward()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), float("nan")
+
+
+def plot(results: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = sorted({r["shape"] for r in results}, key=lambda s: [int(x[1:]) for x in s.split()])
+    peers = sorted({r["peer"] for r in results}, key=lambda p: ["eager", "compile", "liger", "fused"].index(p)
+                   if p in ("eager", "compile", "liger", "fused") else 99)
+    panels = [("fwd", "time_ms", "forward time (ms)"), ("fwd+bwd", "time_ms", "forward+backward time (ms)"),
+              ("fwd", "peak_mib", "forward peak memory (MiB)"), ("fwd+bwd", "peak_mib", "fwd+bwd peak memory (MiB)")]
+    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.6 * len(labels)), 8))
+    width = 0.8 / max(1, len(peers))
+    for ax, (mode, key, title) in zip(axes.flat, panels):
+        for i, peer in enumerate(peers):
+            vals = []
+            for s in labels:
+                hit = [r[key] for r in results if r["shape"] == s and r["peer"] == peer and r["mode"] == mode]
+                vals.append(hit[0] if hit and hit[0] is not None else 0.0)
+            ax.bar([j + i * width for j in range(len(labels))], vals, width, label=peer)
+        ax.set_title(title)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> int:
+    args = parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
+    import torch
+    import torch.nn.functional as F
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("bench_loss: no CUDA device here; nothing measured (use --cpu-smoke for a tiny interpreter run)")
+        return 0
+    sys.path.insert(0, ROOT)
+    from sar_fast import ops
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if device == "cpu":
+        dtype = torch.float32  # the interpreter has no bf16
+    names = [p for p in args.peers if not (device == "cpu" and p in ("compile", "liger"))]
+    peers = make_peers(names, torch, F, ops)
+    results, checks = [], []
+    for B, C, V in shapes(args):
+        n = 64 if args.cpu_smoke else B * TOKENS_PER_IMAGE  # the interpreter is slow
+        gen = torch.Generator(device=device).manual_seed(0)
+        h = torch.randn(n, C, device=device, generator=gen).to(dtype).requires_grad_()
+        w = (0.02 * torch.randn(V, C, device=device, generator=gen)).to(dtype).requires_grad_()
+        b = torch.zeros(V, device=device).to(dtype).requires_grad_()
+        t = torch.randint(0, V, (n,), device=device, generator=gen)
+        tw = torch.full((n,), 1.0 / TOKENS_PER_IMAGE, device=device)
+        inputs = (h, w, b, t, tw)
+        shape = f"B{B} C{C} V{V}"
+        with torch.no_grad():
+            ref = peers["eager"](*inputs).item() if "eager" in peers else None
+            got = peers["fused"](*inputs).item() if "fused" in peers else None
+        if ref is not None and got is not None:
+            checks.append({"shape": shape, "eager_loss": ref, "fused_loss": got, "abs_diff": abs(ref - got)})
+        for peer, fn in peers.items():
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"shape": shape, "B": B, "N": n, "C": C, "V": V, "peer": peer, "mode": mode,
+                       "time_ms": None, "peak_mib": None}
+                try:
+                    if device == "cuda":
+                        row["time_ms"], row["peak_mib"] = measure_cuda(torch, fn, inputs, mode == "fwd+bwd",
+                                                                       args.warmup, args.repeats)
+                    else:
+                        row["time_ms"], row["peak_mib"] = measure_cpu(fn, inputs, mode == "fwd+bwd", 2)
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                results.append(row)
+                print(f"{shape:22s} {peer:8s} {mode:8s} time {row['time_ms'] or float('nan'):9.3f} ms  "
+                      f"peak {row['peak_mib'] if row['peak_mib'] is not None else float('nan'):10.1f} MiB", flush=True)
+        del h, w, b, t, tw, inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    summary = []
+    for row in results:
+        base = [r for r in results if r["shape"] == row["shape"] and r["mode"] == row["mode"] and r["peer"] == "eager"]
+        if base and base[0]["time_ms"] and row["time_ms"]:
+            row["speedup_vs_eager"] = base[0]["time_ms"] / row["time_ms"]
+        if base and base[0]["peak_mib"] and row["peak_mib"] is not None and device == "cuda":
+            row["mem_ratio_vs_eager"] = row["peak_mib"] / base[0]["peak_mib"]
+        if row["peer"] == "fused" and row["mode"] == "fwd+bwd" and "speedup_vs_eager" in row:
+            summary.append({"shape": row["shape"], "speedup_vs_eager": row["speedup_vs_eager"],
+                            "mem_ratio_vs_eager": row.get("mem_ratio_vs_eager"),
+                            "meets_speed_target": row["speedup_vs_eager"] >= TARGET_SPEEDUP,
+                            "meets_memory_target": (None if row.get("mem_ratio_vs_eager") is None
+                                                    else row["mem_ratio_vs_eager"] <= TARGET_MEM_RATIO)})
+    import triton
+    report = {
+        "op": "fused_linear_cross_entropy", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton.__version__,
+        "label_smoothing": SMOOTHING, "tokens_per_image": TOKENS_PER_IMAGE, "cpu_smoke": bool(args.cpu_smoke),
+        "targets": {"mem_ratio_vs_eager_max": TARGET_MEM_RATIO, "fwd_bwd_speedup_vs_eager_min": TARGET_SPEEDUP},
+        "notes": "peak_mib: most allocated above the inputs during one call; liger has no per-token weights "
+                 "(plain mean); times are medians of CUDA-event intervals",
+        "loss_checks": checks, "summary": summary, "results": results,
+    }
+    path = os.path.join(args.out, "bench_loss.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+    if plot(results, os.path.join(args.out, "bench_loss.png")):
+        print(f"wrote {os.path.join(args.out, 'bench_loss.png')}")
+    for s in summary:
+        print(f"{s['shape']:22s} fused fwd+bwd {s['speedup_vs_eager']:.2f}x eager, "
+              f"peak memory {s['mem_ratio_vs_eager'] if s['mem_ratio_vs_eager'] is not None else float('nan'):.2f}"
+              f" of eager")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

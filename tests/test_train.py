@@ -1,0 +1,174 @@
+"""The trainer end to end on the CPU: torchrun + gloo + FSDP2 (small models, few steps)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from sar_fast.checkpointing import list_checkpoints, load_checkpoint as load_train_checkpoint, resolve_resume
+from sar_fast.models import load_checkpoint
+from sar_fast.train import parse_config
+
+SMALL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--batch-size", "16", "--num-samples", "4",
+         "--log-every", "1", "--no-progress", "--workers", "0", "--top-k", "0"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _cmd(nproc, out, *flags):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+            "-m", "sar_fast.train", "--out", str(out), *SMALL, *flags]
+
+
+def _train(nproc, out, *flags, timeout=300):
+    res = subprocess.run(_cmd(nproc, out, *flags), env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(out):
+    return torch.load(os.path.join(out, "export.pth"), weights_only=True)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--init", "/nope.pth"], "--init /nope.pth: no such file"),
+    (["--data", "/nope"], "--data /nope: no such directory"),
+    (["--preset", "flexvar-d16"], "needs --vae"),
+    (["--preset", "flexvar-d16", "--cache", "."], "give --init"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--objective", "official", "--transitions", "all"], "official"),
+    (["--betas", "0.9,1.5"], "--betas"),
+    (["--resume", "/nope"], "--resume /nope"),
+])
+def test_bad_flags_fail_fast(flags, msg):
+    with pytest.raises(SystemExit, match=msg):
+        parse_config(flags)
+
+
+def test_unknown_flag_and_help():
+    res = subprocess.run([sys.executable, "-m", "sar_fast.train", "--lr", "abc"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "--lr" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "sar_fast.train", "--help"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "--transitions" in res.stdout and "--pretrain-steps" in res.stdout
+
+
+SAR_ARGMAX = ["--pretrain-steps", "2", "--max-steps", "2", "--objective", "sar", "--transitions", "all",
+              "--sampling", "argmax", "--gamma", "0.5", "--cond-drop", "0", "--ckpt-every", "2"]
+
+
+def test_one_rank_equals_two_ranks(tmp_path):
+    _train(1, tmp_path / "r1", *SAR_ARGMAX)
+    _train(2, tmp_path / "r2", *SAR_ARGMAX)
+    m1, m2 = _metrics(tmp_path / "r1"), _metrics(tmp_path / "r2")
+    assert [r["objective"] for r in m1] == ["tf", "tf", "sar", "sar"]
+    for a, b in zip(m1, m2):
+        for key in ("loss", "tf_loss", "csf_loss"):
+            if a[key] is not None:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    p1, p2 = _params(tmp_path / "r1"), _params(tmp_path / "r2")
+    assert max((p1[k] - p2[k]).abs().max().item() for k in p1) < 1e-5
+    # everything the run promises is on disk
+    run = tmp_path / "r2"
+    for name in ("loss.png", "samples.png", "config.json", "export.pth"):
+        assert (run / name).stat().st_size > 0, name
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]
+    model = load_checkpoint(run / "export.pth")  # the flat export loads as a model
+    assert model.config.depth == 1 and model.vocab_size == 17
+
+
+def test_resume_equals_straight_run(tmp_path):
+    common = ["--pretrain-steps", "2", "--objective", "sar", "--sampling", "cfg", "--cond-drop", "0.2",
+              "--ckpt-every", "2", "--keep-last", "5"]
+    _train(2, tmp_path / "straight", *common, "--max-steps", "2")
+    _train(2, tmp_path / "split", *common, "--max-steps", "0")  # stops after the TF phase (step 2)
+    _train(2, tmp_path / "split", *common, "--max-steps", "2")  # --resume auto continues to step 4
+    a, b = _params(tmp_path / "straight"), _params(tmp_path / "split")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [r["loss"] for r in _metrics(tmp_path / "straight")]
+    lb = [r["loss"] for r in _metrics(tmp_path / "split")]
+    assert la == lb
+
+
+def _wait_for(predicate, proc, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # plain python (a 1-rank group), so SIGKILL hits the process that is writing
+    cmd = [sys.executable, "-m", "sar_fast.train", "--out", str(out), *SMALL, "--pretrain-steps", "0",
+           "--max-steps", "200", "--objective", "tf", "--ckpt-every", "1", "--keep-last", "2", "--no-export",
+           "--num-samples", "0"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        ckpts = out / "checkpoints"
+        assert _wait_for(lambda: len(list_checkpoints(ckpts)) >= 2, proc, 240), "no checkpoints written"
+        # kill the whole group while a save is in flight (a temp folder exists), else at once
+        _wait_for(lambda: any(n.startswith(".tmp-") for n in os.listdir(ckpts)), proc, 20)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    path = resolve_resume("auto", str(ckpts))
+    assert path is not None
+    # the newest complete checkpoint loads, and training resumes from it
+    _train(1, out, "--pretrain-steps", "0", "--max-steps", str(int(path[-8:]) + 1), "--objective", "tf",
+           "--ckpt-every", "1000", "--no-export", "--num-samples", "0")
+    assert list_checkpoints(ckpts)[-1][0] == int(path[-8:]) + 1
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    # the trainer process itself gets the signal (as from a cluster scheduler); torchrun would
+    # forward it to its workers and then report the signal as its own exit status
+    cmd = [sys.executable, "-m", "sar_fast.train", "--out", str(out), *SMALL, "--pretrain-steps", "0",
+           "--max-steps", "100000", "--objective", "tf", "--ckpt-every", "100000", "--num-samples", "0",
+           "--no-export"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc, 240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "signal received" in err
+    steps = list_checkpoints(out / "checkpoints")
+    assert len(steps) == 1 and steps[0][0] >= 1
+
+
+def test_nonfinite_losses_abort_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run(_cmd(1, out, "--pretrain-steps", "0", "--max-steps", "50", "--objective", "tf",
+                              "--lr", "1e30", "--clip", "0", "--warmup-steps", "0", "--max-nonfinite", "3",
+                              "--num-samples", "0", "--no-export", "--ckpt-every", "1000"),
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "non-finite losses in a row" in res.stderr
+    rec = _metrics(out)[-1]
+    assert rec["nonfinite_total"] >= 3
+    assert list_checkpoints(out / "checkpoints"), "no checkpoint before the abort"
