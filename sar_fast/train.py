@@ -108,9 +108,9 @@ _SAR_OFFICIAL = {k: v for k, v in OFFICIAL.items() if k != "objective"}
 PRESETS: dict[str, dict] = {
     # The embedded default: digits + grey levels, a ~0.2M-parameter FlexVAR-style model.
     "tiny": dict(model="flexvar-tiny", depth=3, embed_dim=96, num_heads=4, vae=EMBEDDED, schedule=(1, 2, 3, 4, 6, 8),
-                 pretrain_steps=400, max_steps=200, batch_size=64, lr=1e-3, warmup_steps=20, clip=2.0,
+                 pretrain_steps=300, max_steps=150, batch_size=64, lr=1e-3, warmup_steps=20, clip=2.0,
                  objective="sar", transitions="all", sampling="cfg", gamma=0.1, cfg=1.2, top_k=0, top_p=0.96,
-                 ckpt_every=200, keep_last=2, log_every=10, num_samples=20, sample_cfg=1.5, workers=0, out="runs/tiny"),
+                 ckpt_every=150, keep_last=2, log_every=10, num_samples=20, sample_cfg=1.5, workers=0, out="runs/tiny"),
 }
 for _d in (16, 20, 24, 30):
     PRESETS[f"flexvar-d{_d}"] = dict(model=f"flexvar-d{_d}", random_schedules=True, batch_size=768, epochs=10,

@@ -88,3 +88,27 @@ def test_bad_sampler_input():
         generate(model, torch.randn(64, 8), torch.tensor([11]))
     with pytest.raises(ValueError, match="cfg_ramp"):
         generate(model, torch.randn(64, 8), torch.tensor([1]), cfg_ramp="x")
+
+
+def test_sample_cli_writes_png_and_npz(tmp_path):
+    import numpy as np
+
+    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models import save_export
+    from sar_fast.sample import main
+    tok = GreyLevelTokenizer()
+    model = build_model("flexvar-tiny", vocab_size=tok.vocab_size, code_dim=1, schedule=(1, 2, 4, 8))
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    save_export(model, tmp_path / "m.pth")
+    out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    main(["--ckpt", str(tmp_path / "m.pth"), "--vae", "embedded-digits", "--classes", "1,2,3", "--per-class", "2",
+          "--cfg", "1.5", "--schedule", "1,2,4,8", "--batch-size", "4", "--out", str(out), "--npz", str(npz),
+          "--device", "cpu"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8
+    with pytest.raises(SystemExit, match="--classes must lie"):
+        main(["--ckpt", str(tmp_path / "m.pth"), "--vae", "embedded-digits", "--classes", "10", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--ckpt", str(tmp_path / "nope.pth"), "--vae", "embedded-digits"])

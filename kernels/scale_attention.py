@@ -1,0 +1,435 @@
+"""Block-causal scale attention (FlashAttention-2 style) for scale-wise AR models.
+
+Tokens carry a scale id (non-decreasing along the sequence). Query i sees key j iff
+    k_sid[j] <= q_sid[i]  and  k_sid[j] >= q_sid[i] - window.
+The scale layout reaches the kernels as small int32 tensors, never as constexprs, so a new
+schedule (FlexVAR draws one per step) does not recompile anything:
+    q_sid [Lq], k_sid [Lk]   scale id per token;
+    q_off, k_off [S + 1]     q_off[s] = first query with scale id >= s (same for keys).
+Self-attention passes the same pair for queries and keys; the KV-cache path gives every
+query and key scale id 0, i.e. no mask.
+
+Each program looks up, from the scale ids of its tile's first and last token, the range
+of the other side it can see, and splits it into at most three runs of tiles: a masked
+run, a run that is fully visible (no mask evaluated, no bounds checks), and a masked run.
+Tiles outside the range are never visited. Nothing L x L is ever built.
+
+Softmax runs in base 2: scores are multiplied by softmax_scale * log2(e) and the saved
+log-sum-exp (fp32, [B*H, Lq]) is in the same units.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Test hook: allocate every output filled with NaN so that an element a kernel fails to
+# write shows up in the comparison.
+POISON_OUTPUTS = False
+
+
+def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _configs(choices, interpreted_choice):
+    """Autotune configs (BLOCK_M = query tile, BLOCK_N = key tile, warps, stages); one small
+    config under the interpreter so tiny test inputs still span many tiles."""
+    if INTERPRETED:
+        choices = [interpreted_choice]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in choices]
+
+
+# --------------------------------------------------------------------------------------
+# range arithmetic shared by all kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _tile_runs(SID, OTHER_OFF, first, last, num_scales, window, BLOCK: tl.constexpr,
+               QUERY_SIDE: tl.constexpr):
+    """For a tile whose tokens run from index `first` to `last` (inclusive), the three runs
+    [lo, full_lo), [full_lo, full_hi), [full_hi, hi) of tile starts (multiples of BLOCK) of
+    the other side: the outer two need the mask, the middle one does not.
+
+    QUERY_SIDE: the tile holds queries and the other side keys (forward, dQ); otherwise the
+    tile holds keys and the other side queries (dK/dV)."""
+    s_first = tl.load(SID + first)
+    s_last = tl.load(SID + last)
+    if QUERY_SIDE:  # keys of scales [s_first - w, s_last] touch the tile; [s_last - w, s_first] all of it
+        lo = tl.load(OTHER_OFF + tl.maximum(s_first - window, 0))
+        hi = tl.load(OTHER_OFF + s_last + 1)
+        vis_lo = tl.load(OTHER_OFF + tl.maximum(s_last - window, 0))
+        vis_hi = tl.load(OTHER_OFF + s_first + 1)
+    else:  # queries of scales [s_first, s_last + w] touch the tile; [s_last, s_first + w] all of it
+        lo = tl.load(OTHER_OFF + s_first)
+        hi = tl.load(OTHER_OFF + tl.minimum(s_last + window + 1, num_scales))
+        vis_lo = tl.load(OTHER_OFF + s_last)
+        vis_hi = tl.load(OTHER_OFF + tl.minimum(s_first + window + 1, num_scales))
+    lo = (lo // BLOCK) * BLOCK
+    full_lo = tl.cdiv(vis_lo, BLOCK) * BLOCK
+    full_hi = tl.maximum((vis_hi // BLOCK) * BLOCK, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(q_sid, k_sid, window):
+    """[M, N] mask from query scale ids [M] and key scale ids [N]."""
+    return (k_sid[None, :] <= q_sid[:, None]) & (k_sid[None, :] >= q_sid[:, None] - window)
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window, qk_scale,
+               start, stop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, stop, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        cols = n0 + offs_n
+        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            in_k = cols < Lk
+            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)
+            s = tl.where(_visible(q_sid, k_sid, window), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                H, Lq, Lk, num_scales, window, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    # Late query tiles see the most keys: launch them first for a better tail.
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = rows < Lq
+    q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    q_sid = tl.load(Q_SID + rows, mask=in_q, other=-1)  # padding rows see nothing
+
+    lo, full_lo, full_hi, hi = _tile_runs(Q_SID, K_OFF, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1,
+                                          num_scales, window, BLOCK_N, True)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk,
+                               window, qk_scale, full_lo, full_hi, BLOCK_N, HEAD_DIM, False,
+                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk,
+                               window, qk_scale, lo, full_lo, BLOCK_N, HEAD_DIM, True,
+                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk,
+                               window, qk_scale, full_hi, hi, BLOCK_N, HEAD_DIM, True,
+                               DOT_PRECISION)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows; they are not stored
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=in_q[:, None])
+    tl.store(LSE + bh * Lq + rows, m_i + tl.log2(l_i), mask=in_q)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): Hopper/Ampere-sized tiles; autotuned once per
+# head dim and dtype (not per L, so FlexVAR's varying lengths do not retune).
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3),
+                (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+# The KV-cache path has few queries per call (one scale): smaller query tiles.
+_CACHED_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                   (128, 64, 4, 3), (128, 64, 8, 3)]
+
+_fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS, (16, 16, 4, 1)), key=["HEAD_DIM"])(_fwd_kernel)
+_cached_tuned = triton.autotune(_configs(_CACHED_CONFIGS, (16, 16, 4, 1)), key=["HEAD_DIM"])(_fwd_kernel)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
+                      stride_dob, stride_doh, stride_dom, H, Lq,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[i] = sum_d O[i, d] * dO[i, d] (fp32)."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = rows < Lq
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0)
+    tl.store(DELTA + bh * Lq + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=in_q)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride_dom, Lq,
+                window, qk_scale, start, stop, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV [BLOCK_N, D] of one key tile over the query tiles [start, stop).
+    Works transposed (keys x queries) so every product lands in the key tile's layout."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, stop, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        rows = m0 + offs_m
+        q_ptrs = Q + rows[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            in_q = rows < Lq
+            q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
+            lse = tl.load(LSE + rows, mask=in_q, other=0.0)
+            delta = tl.load(DELTA + rows, mask=in_q, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [N, M]
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            q_sid = tl.load(Q_SID + rows, mask=in_q, other=-1)
+            vis_t = (k_sid[:, None] <= q_sid[None, :]) & (k_sid[:, None] >= q_sid[None, :] - window)
+            p_t = tl.where(vis_t, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                     H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N  # early key tiles are seen by the most queries
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh * Lq
+    DELTA += bh * Lq
+
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = cols < Lk
+    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=in_k[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=in_k[:, None], other=0.0)
+    k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)  # padding keys are seen by nobody
+
+    lo, full_lo, full_hi, hi = _tile_runs(K_SID, Q_OFF, n0, tl.minimum(n0 + BLOCK_N, Lk) - 1,
+                                          num_scales, window, BLOCK_M, False)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride_dom, Lq,
+                         window, qk_scale, full_lo, full_hi, BLOCK_M, HEAD_DIM, False, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride_dom, Lq,
+                         window, qk_scale, lo, full_lo, BLOCK_M, HEAD_DIM, True, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride_dom, Lq,
+                         window, qk_scale, full_hi, hi, BLOCK_M, HEAD_DIM, True, DOT_PRECISION)
+    dk *= softmax_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=in_k[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
+              qk_scale, start, stop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ [BLOCK_M, D] of one query tile over the key tiles [start, stop)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, stop, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        cols = n0 + offs_n
+        k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            in_k = cols < Lk
+            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)
+            p = tl.where(_visible(q_sid, k_sid, window), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = rows < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh * Lq + rows, mask=in_q, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + rows, mask=in_q, other=0.0)
+    q_sid = tl.load(Q_SID + rows, mask=in_q, other=-1)
+
+    lo, full_lo, full_hi, hi = _tile_runs(Q_SID, K_OFF, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1,
+                                          num_scales, window, BLOCK_N, True)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
+                   qk_scale, full_lo, full_hi, BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
+                   qk_scale, lo, full_lo, BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
+                   qk_scale, full_hi, hi, BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
+    dq *= softmax_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# dK/dV: wide key tiles, short query steps; dQ: the reverse (as in FlashAttention-2).
+_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+                 (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 4, 2)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+               (64, 32, 4, 3), (128, 64, 4, 2), (128, 32, 8, 4)]
+
+_dkdv_tuned = triton.autotune(_configs(_DKDV_CONFIGS, (16, 32, 4, 1)), key=["HEAD_DIM"])(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs(_DQ_CONFIGS, (32, 16, 4, 1)), key=["HEAD_DIM"])(_bwd_dq_kernel)
+_DELTA_BLOCK = 16 if INTERPRETED else 64
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+def scale_layout(scale_lens, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sid [L] int32, off [S + 1] int32) for tokens grouped into scales of `scale_lens`."""
+    lens = torch.tensor(scale_lens, dtype=torch.int32)
+    sid = torch.repeat_interleave(torch.arange(len(scale_lens), dtype=torch.int32), lens)
+    off = torch.zeros(len(scale_lens) + 1, dtype=torch.int32)
+    off[1:] = torch.cumsum(lens, 0)
+    return sid.to(device), off.to(device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 inputs
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _launch_args(blocks: tuple[int, int] | None) -> dict:
+    if blocks is None:
+        return {}
+    return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1}
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tensor,
+            k_sid: torch.Tensor, k_off: torch.Tensor, softmax_scale: float, window: int,
+            cached: bool = False, blocks: tuple[int, int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """O [B, H, Lq, D] (a view of [B, Lq, H, D] memory, so merging heads afterwards is free)
+    and the base-2 log-sum-exp [B, H, Lq] fp32. q, k, v: [B, H, L, D], last dim contiguous.
+    `blocks` = (BLOCK_M, BLOCK_N) skips autotuning (tests)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = _new((B, Lq, H, D), q).transpose(1, 2)
+    lse = _new((B, H, Lq), q, torch.float32)
+    num_scales = k_off.numel() - 1
+    if blocks is None:
+        kernel = _cached_tuned if cached else _fwd_tuned
+    else:
+        kernel = _fwd_kernel
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](q, k, v, out, lse, q_sid, k_sid, k_off, *_strides(q), *_strides(k), *_strides(v),
+                 *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E,
+                 HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
+    return out, lse
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor, lse: torch.Tensor, q_sid: torch.Tensor, k_sid: torch.Tensor,
+             q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float, window: int,
+             blocks: tuple[int, int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV (contiguous, dtype of q) from dO and the forward's O and log-sum-exp."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    num_scales = k_off.numel() - 1
+    delta = _new((B, H, Lq), q, torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, Lq, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK)
+    dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
+    common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
+    scales = (softmax_scale * LOG2E, softmax_scale)
+
+    kernel = _dkdv_tuned if blocks is None else _bwd_dkdv_kernel
+    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, dk, dv, lse, delta, q_sid, k_sid, q_off,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, Lq, Lk, num_scales, window, *scales, **common)
+    kernel = _dq_tuned if blocks is None else _bwd_dq_kernel
+    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, q_sid, k_sid, k_off,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, Lq, Lk, num_scales, window, *scales, **common)
+    return dq, dk, dv
