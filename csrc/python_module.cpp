@@ -1,0 +1,11 @@
+// Python module sar_fast._C. Importing it loads the library, which registers the
+// sar_fast::* operators with the dispatcher (call them as torch.ops.sar_fast.*).
+#include <torch/extension.h>
+
+#include "nearest_code.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sar_fast C++/CUDA operators; use them through torch.ops.sar_fast";
+  m.def("cuda_compiled", &sar_fast::cuda_compiled,
+        "True when the CUDA kernels were compiled into this build");
+}
