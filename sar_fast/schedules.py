@@ -71,7 +71,8 @@ def random_flexvar_schedule(rng: random.Random, last: int = 16, max_len: int = 6
     11..15 + [16], then with probability 10/5/2/1% one to four middle scales dropped, then
     scales dropped from the three before the last until the total length fits in `max_len`.
     FlexVAR may drop the final scale too; we never do, so every schedule ends at the latent
-    side and supervises the full-resolution map. For other `last`, the ranges scale with it.
+    side and supervises the full-resolution map. For other `last`, the ranges and the
+    number of sides drawn from each scale with it.
     """
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random (seeded), got {type(rng).__name__}")
@@ -85,7 +86,11 @@ def random_flexvar_schedule(rng: random.Random, last: int = 16, max_len: int = 6
     if last == 16 and rng.random() < 0.05:
         sched = list(STANDARD_SCHEDULE)
     else:
-        middle = rng.sample(lo_range, min(5, len(lo_range))) + rng.sample(hi_range, min(2, len(hi_range)))
+        if last == 16:
+            k_lo, k_hi = 5, 2
+        else:  # the same fractions of each range as FlexVAR's 5 of 8 and 2 of 5
+            k_lo, k_hi = max(1, round(len(lo_range) * 5 / 8)), max(1, round(len(hi_range) * 2 / 5))
+        middle = rng.sample(lo_range, k_lo) + rng.sample(hi_range, k_hi)
         sched = [1, 2] + sorted(middle) + [last]
     u = rng.random()
     for threshold in (0.9, 0.95, 0.98, 0.99):

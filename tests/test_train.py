@@ -172,3 +172,42 @@ def test_nonfinite_losses_abort_with_a_checkpoint(tmp_path):
     rec = _metrics(out)[-1]
     assert rec["nonfinite_total"] >= 3
     assert list_checkpoints(out / "checkpoints"), "no checkpoint before the abort"
+
+
+def test_code_cache_with_random_schedules_and_init(tmp_path):
+    """--cache (every side 1..8 cached) serves FlexVAR's random schedules; --init starts from
+    an earlier run's export."""
+    from sar_fast.cache import main as cache_main
+    cache = tmp_path / "cache"
+    assert cache_main(["--data", "embedded-digits", "--vae", "embedded-digits", "--out", str(cache),
+                       "--no-progress", "--num-workers", "0"]) == 0
+    _train(1, tmp_path / "first", "--cache", str(cache), "--random-schedules", "--pretrain-steps", "1",
+           "--max-steps", "2", "--objective", "sar", "--ckpt-every", "100")
+    recs = _metrics(tmp_path / "first")
+    assert len({tuple(r["schedule"]) for r in recs}) > 1 and all(r["schedule"][-1] == 8 for r in recs)
+    _train(1, tmp_path / "second", "--init", str(tmp_path / "first" / "export.pth"), "--cache", str(cache),
+           "--pretrain-steps", "0", "--max-steps", "1", "--objective", "tf", "--ckpt-every", "100")
+    assert _metrics(tmp_path / "second")[0]["loss"] < _metrics(tmp_path / "first")[0]["loss"] + 1.0
+
+
+def test_image_folder_with_a_real_tokenizer(tmp_path):
+    """--data (class folders of images) tokenised on the fly by a FlexVQ16 checkpoint, and
+    activation checkpointing."""
+    import numpy as np
+    from PIL import Image
+
+    from sar_fast.models.tokenizers import FlexVQ16
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            img = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    tok = FlexVQ16(vocab_size=64, Cvae=4, z_channels=32, ch=32, ch_mult=(1, 1), num_res_blocks=1)
+    torch.save({"model": tok.state_dict()}, tmp_path / "tok.pth")
+    _train(2, tmp_path / "run", "--data", str(tmp_path / "data"), "--vae", str(tmp_path / "tok.pth"),
+           "--resolution", "8", "--schedule", "1,2,4", "--pretrain-steps", "1", "--max-steps", "1",
+           "--objective", "sar", "--activation-checkpointing", "--ckpt-every", "100")
+    recs = _metrics(tmp_path / "run")
+    assert [r["objective"] for r in recs] == ["tf", "sar"] and all(r["schedule"] == [1, 2, 4] for r in recs)
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 0
