@@ -29,6 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _plot import bar_panels  # noqa: E402
+
 HEAD_DIM = 64
 TARGET_VS_FLEX, TARGET_VS_SDPA = 1.3, 2.0
 SDPA_BACKENDS = ("auto", "efficient", "cudnn", "flash", "math")
@@ -188,33 +191,12 @@ def measure_cpu(torch, fn, inputs, grad_out, mode: str, repeats: int) -> tuple[f
 
 
 def plot(results: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     shapes = list(dict.fromkeys(r["case"] for r in results))
     peers = list(dict.fromkeys(r["peer"] for r in results))
     panels = [("fwd+bwd", "time_ms", "forward+backward time (ms)"), ("fwd+bwd", "tflops", "forward+backward TFLOP/s"),
               ("fwd", "tflops", "forward TFLOP/s"), ("bwd", "tflops", "backward TFLOP/s"),
               ("fwd+bwd", "peak_mib", "fwd+bwd peak memory (MiB)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(16, 1.4 * len(shapes) * len(panels)), 4.5))
-    width = 0.8 / max(1, len(peers))
-    for ax, (mode, key, title) in zip(axes, panels):
-        for i, peer in enumerate(peers):
-            vals = []
-            for s in shapes:
-                hit = [r.get(key) for r in results if r["case"] == s and r["peer"] == peer and r["mode"] == mode]
-                vals.append(hit[0] if hit and hit[0] is not None else 0.0)
-            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=peer)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-        ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+    return bar_panels(path, results, "case", shapes, peers, panels)
 
 
 def main() -> int:

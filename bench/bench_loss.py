@@ -25,6 +25,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _plot import bar_panels  # noqa: E402
+
 TOKENS_PER_IMAGE = 680  # 1+4+9+16+25+36+64+100+169+256 at 256 px
 SMOOTHING = 0.1
 TARGET_MEM_RATIO, TARGET_SPEEDUP = 0.25, 1.2
@@ -137,33 +140,12 @@ def measure_cpu(fn, inputs, backward: bool, repeats: int) -> tuple[float, float]
 
 
 def plot(results: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     labels = sorted({r["shape"] for r in results}, key=lambda s: [int(x[1:]) for x in s.split()])
     peers = sorted({r["peer"] for r in results}, key=lambda p: ["eager", "compile", "liger", "fused"].index(p)
                    if p in ("eager", "compile", "liger", "fused") else 99)
     panels = [("fwd", "time_ms", "forward time (ms)"), ("fwd+bwd", "time_ms", "forward+backward time (ms)"),
               ("fwd", "peak_mib", "forward peak memory (MiB)"), ("fwd+bwd", "peak_mib", "fwd+bwd peak memory (MiB)")]
-    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.6 * len(labels)), 8))
-    width = 0.8 / max(1, len(peers))
-    for ax, (mode, key, title) in zip(axes.flat, panels):
-        for i, peer in enumerate(peers):
-            vals = []
-            for s in labels:
-                hit = [r[key] for r in results if r["shape"] == s and r["peer"] == peer and r["mode"] == mode]
-                vals.append(hit[0] if hit and hit[0] is not None else 0.0)
-            ax.bar([j + i * width for j in range(len(labels))], vals, width, label=peer)
-        ax.set_title(title)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    axes.flat[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+    return bar_panels(path, results, "shape", labels, peers, panels, grid=(2, 2))
 
 
 def main() -> int:

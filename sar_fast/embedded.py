@@ -10,14 +10,15 @@ in [0, 1]`, `codebook()`, `tf_inputs`, `Cvae`, `vocab_size`, `downsample`, `mode
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import ops
-from .schedules import total_length, validate_schedule
+from .models.tokenizers.base import Codes, flatten_codes
+from .schedules import validate_schedule
 
 DIGITS_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 DIGITS_SIDE = 8
@@ -25,7 +26,6 @@ DIGITS_NUM_CLASSES = 10
 DIGITS_MAX_GREY = 16  # the dataset's grey levels are the integers 0..16
 SPLITS = ("train", "val", "all")
 
-Codes = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def load_digits_dataset(split: str = "train", val_fraction: float = 0.1,
@@ -141,41 +141,9 @@ class GreyLevelTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ decode
     def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L]."""
-        if isinstance(codes, torch.Tensor):
-            if codes.dim() != 2:
-                raise ValueError(f"codes must be [B, L] or a list of [B, s*s], got shape {tuple(codes.shape)}")
-            if schedule is None:  # one square scale on its own
-                side = round(codes.shape[1] ** 0.5)
-                if side * side != codes.shape[1]:
-                    raise ValueError(f"codes [B, L] need the schedule they were encoded with "
-                                     f"({codes.shape[1]} tokens is not one square scale)")
-                schedule = (side,)
-            schedule = validate_schedule(schedule)
-            if codes.shape[1] != total_length(schedule):
-                raise ValueError(f"codes have {codes.shape[1]} tokens per sample but schedule {schedule} "
-                                 f"has {total_length(schedule)}")
-            flat = codes
-        elif isinstance(codes, (list, tuple)) and codes:
-            sides = []
-            for i, c in enumerate(codes):
-                ok = isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == codes[0].shape[0]
-                side = round(c.shape[1] ** 0.5) if ok else 0
-                if not ok or side * side != c.shape[1]:
-                    raise ValueError(f"codes[{i}] must be a [B, s*s] tensor with the batch size of codes[0]")
-                sides.append(side)
-            inferred = validate_schedule(sides, name="schedule of the codes")
-            if schedule is not None and validate_schedule(schedule) != inferred:
-                raise ValueError(f"schedule {tuple(schedule)} does not match the codes' scales {inferred}")
-            schedule, flat = inferred, torch.cat(list(codes), dim=1)
-        else:
-            raise TypeError(f"codes must be a [B, L] tensor or a non-empty list of [B, s*s] tensors, "
-                            f"got {type(codes).__name__}")
-        if flat.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"codes must be int64 or int32, got {flat.dtype}")
-        if flat.device != self.grey_values.device:
-            raise ValueError(f"codes are on {flat.device} but the tokenizer is on {self.grey_values.device}")
-        return flat.long(), schedule
+        """(codes [B, L] int64, schedule) from a per-scale list, a concatenated [B, L] with its
+        schedule, or one square scale [B, s*s] on its own."""
+        return flatten_codes(codes, schedule, self.grey_values.device, self.vocab_size, allow_single_scale=True)
 
     def codes_to_latent(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
         """Grey latent [B, 1, s, s] of the last scale of `codes` (a per-scale list, [B, L]

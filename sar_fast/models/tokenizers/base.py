@@ -37,6 +37,56 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
     return sd
 
 
+def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.device, vocab_size: int,
+                  allow_single_scale: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L] (which
+    needs its schedule, unless `allow_single_scale` and it is one square scale), checked:
+    shapes, integer dtype, device, 0 <= code < vocab_size."""
+    if isinstance(codes, torch.Tensor):
+        if codes.dim() != 2:
+            raise ValueError(f"codes must be [B, L] or a list of [B, s*s], got shape {tuple(codes.shape)}")
+        if schedule is None:
+            side = round(codes.shape[1] ** 0.5)
+            if not allow_single_scale or side * side != codes.shape[1]:
+                raise ValueError("concatenated codes [B, L] need the schedule they were encoded with")
+            schedule = (side,)
+        schedule = validate_schedule(schedule)
+        if codes.shape[1] != total_length(schedule):
+            raise ValueError(f"codes have {codes.shape[1]} tokens per sample but schedule {schedule} "
+                             f"has {total_length(schedule)}")
+        flat = codes
+    elif isinstance(codes, (list, tuple)) and codes:
+        sides = []
+        for i, c in enumerate(codes):
+            if not isinstance(c, torch.Tensor) or c.dim() != 2:
+                raise ValueError(f"codes[{i}] must be a [B, s*s] tensor, got "
+                                 f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+            side = round(c.shape[1] ** 0.5)
+            if side * side != c.shape[1] or c.shape[0] != codes[0].shape[0]:
+                raise ValueError(f"codes[{i}] must be [B, s*s] with B={codes[0].shape[0]}, "
+                                 f"got shape {tuple(c.shape)}")
+            sides.append(side)
+        inferred = validate_schedule(sides, name="schedule of the codes")
+        if schedule is not None and validate_schedule(schedule) != inferred:
+            raise ValueError(f"schedule {tuple(schedule)} does not match the codes' scales {inferred}")
+        schedule = inferred
+        flat = torch.cat(list(codes), dim=1)
+    else:
+        raise TypeError(f"codes must be a [B, L] tensor or a non-empty list of [B, s*s] tensors, "
+                        f"got {type(codes).__name__}")
+    if flat.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"codes must be int64 or int32, got {flat.dtype}")
+    if flat.shape[0] < 1:
+        raise ValueError("codes must hold at least one sample")
+    if flat.device != device:
+        raise ValueError(f"codes are on {flat.device} but the tokenizer is on {device}")
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"codes must lie in [0, {vocab_size}) (the vocabulary), got values in [{lo}, {hi}]")
+    return flat.long(), schedule
+
+
 def _short(items: list[str], n: int = 10) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
@@ -96,47 +146,7 @@ class MultiScaleTokenizer(nn.Module):
 
     def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L]."""
-        if isinstance(codes, torch.Tensor):
-            if codes.dim() != 2:
-                raise ValueError(f"codes must be [B, L] or a list of [B, s*s], got shape {tuple(codes.shape)}")
-            if schedule is None:
-                raise ValueError("concatenated codes [B, L] need the schedule they were encoded with")
-            schedule = validate_schedule(schedule)
-            if codes.shape[1] != total_length(schedule):
-                raise ValueError(f"codes have {codes.shape[1]} tokens per sample but schedule {schedule} "
-                                 f"has {total_length(schedule)}")
-            flat = codes
-        elif isinstance(codes, (list, tuple)) and codes:
-            sides = []
-            for i, c in enumerate(codes):
-                if not isinstance(c, torch.Tensor) or c.dim() != 2:
-                    raise ValueError(f"codes[{i}] must be a [B, s*s] tensor, got "
-                                     f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
-                side = round(c.shape[1] ** 0.5)
-                if side * side != c.shape[1] or c.shape[0] != codes[0].shape[0]:
-                    raise ValueError(f"codes[{i}] must be [B, s*s] with B={codes[0].shape[0]}, "
-                                     f"got shape {tuple(c.shape)}")
-                sides.append(side)
-            inferred = validate_schedule(sides, name="schedule of the codes")
-            if schedule is not None and validate_schedule(schedule) != inferred:
-                raise ValueError(f"schedule {tuple(schedule)} does not match the codes' scales {inferred}")
-            schedule = inferred
-            flat = torch.cat(list(codes), dim=1)
-        else:
-            raise TypeError(f"codes must be a [B, L] tensor or a non-empty list of [B, s*s] tensors, "
-                            f"got {type(codes).__name__}")
-        if flat.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"codes must be int64 or int32, got {flat.dtype}")
-        if flat.shape[0] < 1:
-            raise ValueError("codes must hold at least one sample")
-        if flat.device != self._param.device:
-            raise ValueError(f"codes are on {flat.device} but the tokenizer is on {self._param.device}")
-        if flat.numel():
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"codes must lie in [0, {self.vocab_size}) (the vocabulary), "
-                                 f"got values in [{lo}, {hi}]")
-        return flat.long(), schedule
+        return flatten_codes(codes, schedule, self._param.device, self.vocab_size)
 
     # ------------------------------------------------------------------ encode
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
