@@ -168,20 +168,27 @@ def load_model_state(model: ScaleAR, sd: Mapping[str, torch.Tensor], strict: boo
     """Copy weights in, ignoring the originals' derived buffers; clear errors on mismatch."""
     own = model.state_dict()
     clean = {k: v for k, v in sd.items() if k not in _DERIVED and not _DERIVED_BLOCK.match(k)}
-    missing = sorted(set(own) - set(clean))
-    unexpected = sorted(set(clean) - set(own))
-    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in clean.items() if k in own and v.shape != own[k].shape]
-    if shape_errors or (strict and (missing or unexpected)):
+    check_state_fits(own, clean, "the model", strict=strict)
+    model.load_state_dict({k: v for k, v in clean.items() if k in own}, strict=False)
+
+
+def check_state_fits(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str,
+                     strict: bool = True, resizable: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError listing every missing, unexpected and mis-shaped key (missing and
+    unexpected only when strict); keys in `resizable` may change shape."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mis_shaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in sd.items() if k in own and v.shape != own[k].shape and k not in resizable]
+    if mis_shaped or (strict and (missing or unexpected)):
         lines = []
         if missing:
             lines.append(f"missing keys ({len(missing)}): {_short(missing)}")
         if unexpected:
             lines.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if shape_errors:
-            lines.append(f"shape mismatches ({len(shape_errors)}): {_short(shape_errors)}")
-        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
-    model.load_state_dict({k: v for k, v in clean.items() if k in own}, strict=False)
+        if mis_shaped:
+            lines.append(f"shape mismatches ({len(mis_shaped)}): {_short(mis_shaped)}")
+        raise CheckpointError(f"checkpoint does not fit {what}:\n  " + "\n  ".join(lines))
 
 
 def _short(items: list[str], n: int = 12) -> str:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ... import ops
 from ...schedules import total_length, validate_schedule
-from ..checkpoint import CheckpointError, extract_state_dict, read_checkpoint_file
+from ..checkpoint import CheckpointError, check_state_fits, extract_state_dict, read_checkpoint_file
 
 # per-scale codes: a list of [B, s*s] tensors, or all scales concatenated [B, L]
 Codes = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -85,10 +85,6 @@ def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.de
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"codes must lie in [0, {vocab_size}) (the vocabulary), got values in [{lo}, {hi}]")
     return flat.long(), schedule
-
-
-def _short(items: list[str], n: int = 10) -> str:
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
 class MultiScaleTokenizer(nn.Module):
@@ -206,21 +202,7 @@ class MultiScaleTokenizer(nn.Module):
     def load_strict(self, sd: Mapping[str, torch.Tensor]) -> None:
         """load_state_dict(strict=True), raising CheckpointError that lists every missing,
         unexpected and mis-shaped key instead of PyTorch's first failure."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        mis_shaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                      for k, v in sd.items()
-                      if k in own and v.shape != own[k].shape and k not in self._resizable_keys]
-        if missing or unexpected or mis_shaped:
-            lines = []
-            if missing:
-                lines.append(f"missing keys ({len(missing)}): {_short(missing)}")
-            if unexpected:
-                lines.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-            if mis_shaped:
-                lines.append(f"shape mismatches ({len(mis_shaped)}): {_short(mis_shaped)}")
-            raise CheckpointError(f"checkpoint does not fit {type(self).__name__}:\n  " + "\n  ".join(lines))
+        check_state_fits(self.state_dict(), sd, type(self).__name__, resizable=self._resizable_keys)
         self.load_state_dict(sd, strict=True)
 
 
