@@ -147,3 +147,17 @@ def test_msq_roundtrip_and_decode_errors():
         ops.msq_decode(codes[:, :29], book, (1, 2, 5))
     with pytest.raises(ValueError, match="codes must lie"):
         ops.msq_decode(codes + 9, book, (1, 2, 5))
+
+
+def test_device_mismatch_is_named():
+    """Tensors on different devices fail early, naming the argument (meta stands in for a GPU)."""
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="k is on meta"):
+        ops.scale_causal_attention(q, q.to("meta"), q, (1, 4))
+    with pytest.raises(ValueError, match="codebook is on meta"):
+        ops.msq_encode(torch.randn(1, 4, 5, 5), torch.randn(9, 4, device="meta"), (1, 5))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        ops.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4, device="meta"), None,
+                                       torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="codebook is on meta"):
+        ops.scale_shift(torch.zeros(1, 5, dtype=torch.long), torch.randn(9, 4, device="meta"), (1, 2))
