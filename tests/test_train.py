@@ -211,3 +211,14 @@ def test_image_folder_with_a_real_tokenizer(tmp_path):
     recs = _metrics(tmp_path / "run")
     assert [r["objective"] for r in recs] == ["tf", "sar"] and all(r["schedule"] == [1, 2, 4] for r in recs)
     assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    flags = ["--pretrain-steps", "0", "--max-steps", "2", "--objective", "tf", "--cond-drop", "0",
+             "--ckpt-every", "100", "--num-samples", "0"]
+    _train(2, tmp_path / "one", *flags)
+    _train(2, tmp_path / "accum", *flags, "--grad-accum", "2")
+    a, b = _params(tmp_path / "one"), _params(tmp_path / "accum")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    la, lb = _metrics(tmp_path / "one"), _metrics(tmp_path / "accum")
+    assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb))
