@@ -74,6 +74,7 @@ class TrainConfig:
     batch_size: int = 768                # global, per optimiser step
     grad_accum: int = 1
     lr: float = 1e-4
+    pretrain_lr: float | None = None     # lr of the --pretrain-steps phase (default: --lr)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
@@ -108,7 +109,8 @@ _SAR_OFFICIAL = {k: v for k, v in OFFICIAL.items() if k != "objective"}
 PRESETS: dict[str, dict] = {
     # The embedded default: digits + grey levels, a ~0.2M-parameter FlexVAR-style model.
     "tiny": dict(model="flexvar-tiny", depth=3, embed_dim=96, num_heads=4, vae=EMBEDDED, schedule=(1, 2, 3, 4, 6, 8),
-                 pretrain_steps=300, max_steps=150, batch_size=64, lr=1e-3, warmup_steps=20, clip=2.0,
+                 pretrain_steps=300, max_steps=150, batch_size=64, pretrain_lr=1e-3, lr=3e-4, warmup_steps=20,
+                 clip=2.0,
                  objective="sar", transitions="all", sampling="cfg", gamma=0.1, cfg=1.2, top_k=0, top_p=0.96,
                  ckpt_every=150, keep_last=2, log_every=10, num_samples=20, sample_cfg=1.5, workers=0, out="runs/tiny"),
 }
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="global batch per optimiser step (split over ranks and --grad-accum)")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=float, help="learning rate of the objective's steps (constant after warm-up)")
+    g.add_argument("--pretrain-lr", type=float, help="learning rate of the --pretrain-steps phase (default: --lr)")
     g.add_argument("--weight-decay", type=float, help="AdamW decay on weight matrices only")
     g.add_argument("--betas", type=lambda s: tuple(float(x) for x in s.split(",")), help="AdamW betas, e.g. 0.9,0.95")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up, then constant")
@@ -232,7 +235,7 @@ def validate(cfg: TrainConfig, preset: str) -> None:
     for name in ("batch_size", "grad_accum", "ckpt_every", "log_every", "max_nonfinite", "keep_last"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "clip", "weight_decay"):
+    for name in ("lr", "clip", "weight_decay") + (("pretrain_lr",) if cfg.pretrain_lr is not None else ()):
         if getattr(cfg, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0")
     if cfg.max_steps is None and cfg.epochs is None:
@@ -431,9 +434,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
     def lr_at(self, step: int) -> float:
+        pretraining = step < self.cfg.pretrain_steps and self.cfg.pretrain_lr is not None
+        lr = self.cfg.pretrain_lr if pretraining else self.cfg.lr
         if self.cfg.warmup_steps > 0 and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+            return lr * (step + 1) / self.cfg.warmup_steps
+        return lr
 
     def objective_at(self, step: int) -> SARConfig:
         return self.cfg.objective_config("tf" if step < self.cfg.pretrain_steps else None)
