@@ -92,7 +92,9 @@ build_cuda = want_cuda and cuda_home is not None and torch.version.cuda is not N
 
 cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
-cxx_flags = ["-O3"]
+# -ffp-contract=off: the quantisation kernels reproduce PyTorch's rounding operation by
+# operation (csrc/msq_common.h); the compiler must not fuse a multiply and an add on its own.
+cxx_flags = ["-O3", "-ffp-contract=off"]
 link_flags: list[str] = []
 if sys.platform.startswith("linux"):
     # at::parallel_for only runs in parallel when the caller is compiled with OpenMP; the

@@ -6,8 +6,10 @@ import happens on first use so that the rest of sar_fast works without a compile
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
+from typing import Iterator, Sequence
 
 import torch
 
@@ -62,6 +64,30 @@ def _register_fake_kernels() -> None:
         _check_nearest_code_inputs(x, codebook)
         return x.new_empty((x.shape[0],), dtype=torch.int64)
 
+    @torch.library.register_fake("sar_fast::msq_encode_flexvar")
+    def _msq_encode_flexvar_fake(latent: torch.Tensor, codebook: torch.Tensor,
+                                 schedule: list[int], normalize: bool) -> torch.Tensor:
+        return latent.new_empty((latent.shape[0], sum(s * s for s in schedule)), dtype=torch.int64)
+
+    @torch.library.register_fake("sar_fast::msq_var_step")
+    def _msq_var_step_fake(rest: torch.Tensor, f_hat: torch.Tensor | None, codebook: torch.Tensor,
+                           side: int, normalize: bool, upsample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        B, C, H, W = rest.shape
+        codes = rest.new_empty((B, side * side), dtype=torch.int64)
+        if f_hat is not None:
+            return codes, rest.new_empty((0,))
+        # the layout msq_var_step gives h: that of codebook[codes] viewed as [B, C, side, side]
+        h = rest.new_empty((B, side * side, C)).transpose(1, 2).reshape(B, C, side, side)
+        if upsample:
+            h = rest.new_empty((B, C, H, W)).contiguous(memory_format=_memory_format_of(h))
+        return codes, h
+
+
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """ATen's suggest_memory_format (what the C++ op uses to lay out h)."""
+    from torch._prims_common import suggest_memory_format
+    return suggest_memory_format(t)
+
 
 def _check_nearest_code_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
     for name, value in (("x", x), ("codebook", codebook)):
@@ -107,3 +133,59 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             "rebuild with a CUDA toolkit present (and SAR_FAST_NO_CUDA unset): " + BUILD_HINT
         )
     return torch.ops.sar_fast.nearest_code(x, codebook)
+
+
+def _extension_for(op: str, device: torch.device) -> ModuleType:
+    module = load_extension()
+    if device.type == "cuda" and not module.cuda_compiled():
+        raise RuntimeError(
+            f"{op}: the tensors are on CUDA but sar_fast._C was built without CUDA kernels; "
+            "rebuild with a CUDA toolkit present (and SAR_FAST_NO_CUDA unset): " + BUILD_HINT
+        )
+    return module
+
+
+def msq_encode_flexvar(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],
+                       normalize: bool) -> torch.Tensor:
+    """FlexVAR codes [B, L] (int64) of every scale of `schedule` in one call of the extension.
+
+    latent [B, C, H, W] and codebook [V, C] (float32/float16/bfloat16, one device); each side
+    in [1, min(H, W)]. Same codes as sar_fast.ops.reference.msq_encode(mode='flexvar').
+    The C++ side validates and raises ValueError/TypeError on bad input.
+    """
+    _extension_for("msq_encode_flexvar", latent.device)
+    return torch.ops.sar_fast.msq_encode_flexvar(latent, codebook, [int(s) for s in schedule], bool(normalize))
+
+
+def msq_var_step(rest: torch.Tensor, f_hat: torch.Tensor | None, codebook: torch.Tensor, side: int,
+                 normalize: bool, upsample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale of VAR's residual quantiser (pool rest, nearest code, embed, bicubic upsample).
+
+    rest [B, C, H, W] float32. With f_hat: f_hat += h and rest -= h in place, h comes back
+    empty; without: h [B, C, H, W] (or [B, C, side, side] when not upsampling) is returned.
+    Returns (codes [B, side * side] int64, h).
+    """
+    _extension_for("msq_var_step", rest.device)
+    return torch.ops.sar_fast.msq_var_step(rest, f_hat, codebook, int(side), bool(normalize), bool(upsample))
+
+
+def cpu_isas() -> list[str]:
+    """Instruction-set variants of the CPU quantisation kernels this CPU supports, best first."""
+    return list(load_extension().cpu_isas())
+
+
+def cpu_isa() -> str:
+    """The CPU kernel variant in use (all variants give identical results)."""
+    return str(load_extension().cpu_isa())
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run the CPU quantisation kernels with another supported variant (tests, benchmarks)."""
+    module = load_extension()
+    previous = module.cpu_isa()
+    module.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        module.set_cpu_isa(previous)

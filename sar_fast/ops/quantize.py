@@ -1,17 +1,31 @@
 """Multi-scale quantisation: latent [B, C, H, W] -> codes per scale, concatenated [B, L].
 
-The C++/CUDA extension (csrc/, issue #4) will take over here; until then every backend
-runs the reference. Ties break to the lowest index on every backend.
+Which implementation runs `msq_encode` (backend from sar_fast.ops.backend):
+- 'auto': the C++/CUDA extension sar_fast._C (csrc/msq*.cpp, msq_cuda.cu) when it is
+  built (and, for CUDA tensors, built with its CUDA kernels), else the reference;
+- 'triton': the extension, and an error if it cannot run (never a silent fallback; the op
+  has no Triton kernel, the extension is its fast path);
+- 'reference': sar_fast.ops.reference.msq_encode.
+flexvar runs all scales in one extension call; var runs one extension call per scale
+(pool + nearest code + embed + bicubic upsample, and the f_hat / residual update when
+there is no `phi`), with the Phi convolutions in PyTorch between the calls.
+The extension gives the reference's codes and f_hat bit for bit on CPU (x86-64, PyTorch's
+AVX2/AVX-512 kernels); on CUDA the codes can differ only where two codes' fp32 scores tie
+to within rounding. Ties break to the lowest index on every backend.
+`msq_decode` (an embedding gather and bicubic resizes) always runs the reference.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from .. import _C_loader
 from ..schedules import total_length, validate_schedule
 from . import reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
+from .backend import BackendError, get_backend
 from .reference import Phi
 
 _MODES = ("flexvar", "var")
@@ -25,6 +39,21 @@ def _check_common(codebook: torch.Tensor, mode: str, device: torch.device) -> No
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
 
 
+def use_extension(latent: torch.Tensor) -> bool:
+    """True when msq_encode on `latent` runs the C++/CUDA extension under the current backend."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    usable = _C_loader.has_extension() and (not latent.is_cuda or _C_loader.cuda_compiled())
+    if backend == "auto" or usable:
+        return usable
+    if not _C_loader.has_extension():
+        raise BackendError("msq_encode: backend 'triton' asks for the fast path, but the C++/CUDA "
+                           "extension sar_fast._C is not built; " + _C_loader.BUILD_HINT)
+    raise BackendError("msq_encode: backend 'triton' asks for the fast path, but sar_fast._C was "
+                       "built without CUDA kernels; " + _C_loader.BUILD_HINT)
+
+
 def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],
                mode: str = "flexvar", normalize: bool = True, phi: Phi | None = None,
                return_quantized: bool = False):
@@ -33,6 +62,8 @@ def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[
     latent [B, C, H, W] float, H == W == schedule[-1]; codebook [V, C]. mode='flexvar':
     independent area-downsampled scales (FlexVAR); mode='var': VAR's residual quantisation
     with `phi(h, scale_index, num_scales)` applied to each upsampled embedding.
+    return_quantized: also the list of per-scale maps (flexvar: [B, C, s, s] code vectors;
+    var: f_hat after each scale).
     """
     check_tensor("latent", latent, ndim=4, dtypes=FLOAT_DTYPES)
     _check_common(codebook, mode, latent.device)
@@ -47,12 +78,50 @@ def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[
     if phi is not None and not callable(phi):
         raise TypeError(f"phi must be callable (h, scale_index, num_scales) -> h, got {type(phi).__name__}")
     with torch.no_grad():
-        return reference.msq_encode(latent, codebook, schedule, mode, normalize, phi, return_quantized)
+        if not use_extension(latent):
+            return reference.msq_encode(latent, codebook, schedule, mode, normalize, phi, return_quantized)
+        if mode == "flexvar":
+            return _flexvar_encode(latent, codebook, schedule, normalize, return_quantized)
+        return _var_encode(latent, codebook, schedule, normalize, phi, return_quantized)
+
+
+def _flexvar_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
+                    normalize: bool, return_quantized: bool):
+    codes = _C_loader.msq_encode_flexvar(latent, codebook, schedule, normalize)
+    if not return_quantized:
+        return codes
+    B, C = latent.shape[:2]
+    book = F.normalize(codebook.float(), dim=-1) if normalize else codebook.float()
+    per_scale = codes.split([s * s for s in schedule], dim=1)
+    return codes, [book[idx].transpose(1, 2).reshape(B, C, s, s) for idx, s in zip(per_scale, schedule)]
+
+
+def _var_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
+                normalize: bool, phi: Phi | None, return_quantized: bool):
+    z = latent.float()
+    rest, f_hat = z.clone(), torch.zeros_like(z)
+    n = len(schedule)
+    codes, quantized = [], []
+    for i, side in enumerate(schedule):
+        upsample = i != n - 1  # the last scale is already at full resolution
+        if phi is None:  # the kernel adds h to f_hat and subtracts it from rest in place
+            idx, _ = _C_loader.msq_var_step(rest, f_hat, codebook, side, normalize, upsample)
+        else:
+            idx, h = _C_loader.msq_var_step(rest, None, codebook, side, normalize, upsample)
+            h = phi(h, i, n)
+            f_hat = f_hat + h  # out of place, as the reference: keeps its memory formats
+            rest = rest - h
+        codes.append(idx)
+        if return_quantized:
+            quantized.append(f_hat.clone())
+    out = torch.cat(codes, dim=1)
+    return (out, quantized) if return_quantized else out
 
 
 def msq_decode(codes: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],
                mode: str = "flexvar", normalize: bool = True, phi: Phi | None = None) -> torch.Tensor:
-    """The latent [B, C, s, s] to decode from codes [B, L] (var: f_hat; flexvar: last scale)."""
+    """The latent [B, C, s, s] to decode from codes [B, L] (var: f_hat; flexvar: last scale).
+    Always the reference (a gather and bicubic resizes; nothing to fuse worth the code)."""
     check_tensor("codes", codes, ndim=2, dtypes=INDEX_DTYPES)
     _check_common(codebook, mode, codes.device)
     schedule = validate_schedule(schedule)
