@@ -16,7 +16,8 @@ from sar_fast.ops import BackendError, reference
 from sar_fast.ops import quantize
 
 if not _C_loader.has_extension():
-    pytest.skip("sar_fast._C is not built (pip install --no-build-isolation -e .)", allow_module_level=True)
+    pytest.fail("sar_fast._C is not built: pip install --no-build-isolation -e . "
+                "(or python setup.py build_ext --inplace)", pytrace=False)  # never a silent skip
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and _C_loader.cuda_compiled()),

@@ -9,6 +9,7 @@ row-major within a scale, coarsest scale first.
 """
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -87,7 +88,7 @@ def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.de
     return flat.long(), schedule
 
 
-class MultiScaleTokenizer(nn.Module):
+class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
     """Base class; subclasses build encoder, decoder, quant_conv, post_quant_conv, quantize
     (with an `embedding`) and set vocab_size, Cvae, downsample."""
 
@@ -99,15 +100,17 @@ class MultiScaleTokenizer(nn.Module):
     _resizable_keys: tuple[str, ...] = ()  # buffers whose checkpoint shape may differ
 
     # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
     def codebook(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The [V, Cvae] embedding the transformer's inputs are built from."""
 
     def _phi(self) -> Callable[[torch.Tensor, int, int], torch.Tensor] | None:
         return None
 
     @classmethod
+    @abc.abstractmethod
     def infer_config(cls, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Constructor arguments read off a state dict."""
 
     # ------------------------------------------------------------------ checks
     @property
@@ -181,8 +184,9 @@ class MultiScaleTokenizer(nn.Module):
         flat, schedule = self._flat_codes(codes, schedule)
         return self._scale_shift(flat, schedule)
 
+    @abc.abstractmethod
     def _scale_shift(self, flat: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
+        """Teacher-forcing inputs from concatenated codes (flexvar or var semantics)."""
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
