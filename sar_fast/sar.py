@@ -146,6 +146,8 @@ class _Inputs:
 
 
 def _check_batch(model, labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
+    """Shapes only: value ranges are the data pipeline's job (checked once per batch on the
+    host in the trainer), so the step itself never waits on the device."""
     if labels.dim() != 1 or codes.dim() != 2 or codes.shape[0] != labels.shape[0]:
         raise ValueError(f"need labels [B] and codes [B, L], got {tuple(labels.shape)} and {tuple(codes.shape)}")
     if codes.shape[1] != scale_offsets(schedule)[-1]:
@@ -185,7 +187,7 @@ def _tf_head(codes: torch.Tensor, weights: torch.Tensor, config: SARConfig, logi
         loss, stats = ops.fused_linear_cross_entropy(
             hidden.reshape(B * L, C), head.weight, head.bias, codes.reshape(-1),
             token_weight=weights.repeat(B), label_smoothing=config.label_smoothing,
-            reduction="mean", return_stats=True)
+            reduction="mean", return_stats=True, check_range=False)
         with torch.no_grad():
             logits = {si: apply_head(head, hidden[:, offsets[si]:offsets[si + 1]].detach()) for si in logit_scales}
         return loss, stats, logits
@@ -286,7 +288,8 @@ def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor |
             return ops.fused_linear_kl_div(hidden.reshape(B * L, C), head.weight, head.bias,
                                            target_logits=teacher_logits.reshape(B * L, -1), token_weight=tw)
         return ops.fused_linear_cross_entropy(hidden.reshape(B * L, C), head.weight, head.bias, target.reshape(-1),
-                                              token_weight=tw, label_smoothing=config.label_smoothing)
+                                              token_weight=tw, label_smoothing=config.label_smoothing,
+                                              check_range=False)
     return head_fn
 
 

@@ -258,9 +258,10 @@ def validate(cfg: TrainConfig, preset: str) -> None:
 class DataSource:
     """Batches of (labels, codes [B, L], schedule) for the local rank, resumable."""
 
-    def __init__(self, cfg: TrainConfig, info: parallel.DistInfo, tokenizer, local_batch: int):
+    def __init__(self, cfg: TrainConfig, info: parallel.DistInfo, tokenizer, local_batch: int, num_classes: int):
         from .data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, ResumableDistributedSampler, collate
         self.cfg, self.info, self.tok, self.local_batch = cfg, info, tokenizer, local_batch
+        self.num_classes = num_classes
         if cfg.cache:
             self.dataset = CodeDataset(cfg.cache, seed=cfg.seed)
             self.cache_schedule = tuple(self.dataset.cache_schedule)
@@ -300,6 +301,8 @@ class DataSource:
             self._iter = self._loader()
         x, labels = next(self._iter)
         self.sampler.advance(self.local_batch)
+        check_batch_ranges(labels, x if self.cache_schedule is not None else None, self.num_classes,
+                           self.tok.vocab_size)
         schedule = self.schedule_for(step)
         x, labels = x.to(self.info.device, non_blocking=True), labels.to(self.info.device, non_blocking=True)
         if self.cache_schedule is not None:
@@ -321,6 +324,17 @@ class DataSource:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
         self._iter = None
+
+
+def check_batch_ranges(labels: torch.Tensor, codes: torch.Tensor | None, num_classes: int, vocab: int) -> None:
+    """On the host, before the batch moves to the device: labels in [0, num_classes) and
+    cached codes in [0, vocab) (codes the tokenizer makes on the fly are valid by construction)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"a batch holds labels in [{int(labels.min())}, {int(labels.max())}] but the model "
+                         f"has {num_classes} classes")
+    if codes is not None and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab):
+        raise ValueError(f"a batch holds codes in [{int(codes.min())}, {int(codes.max())}] but the tokenizer "
+                         f"has {vocab} codes (a cache from another tokenizer?)")
 
 
 def select_scales(codes: torch.Tensor, cache_schedule: tuple[int, ...], schedule: tuple[int, ...],
@@ -415,8 +429,9 @@ class Trainer:
                              f"{cfg.grad_accum} micro-batches over {info.world_size} ranks")
         self.local_batch = micro // info.world_size
         self.tok = build_tokenizer(cfg, info.device)
-        self.data = DataSource(cfg, info, self.tok, self.local_batch)
         model = build_model(cfg, self.tok)
+        model.check_label_range = False  # DataSource checks every batch on the host instead
+        self.data = DataSource(cfg, info, self.tok, self.local_batch, model.num_classes)
         self.model_config: ModelConfig = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
         model.to(info.device)

@@ -222,3 +222,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     la, lb = _metrics(tmp_path / "one"), _metrics(tmp_path / "accum")
     assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb))
+
+
+def test_batches_are_range_checked_on_the_host():
+    from sar_fast.train import check_batch_ranges
+    check_batch_ranges(torch.tensor([0, 9]), torch.tensor([[0, 16]]), 10, 17)
+    with pytest.raises(ValueError, match="labels in \\[0, 10\\] but the model has 10 classes"):
+        check_batch_ranges(torch.tensor([0, 10]), None, 10, 17)
+    with pytest.raises(ValueError, match="codes in \\[0, 17\\] but the tokenizer has 17 codes"):
+        check_batch_ranges(torch.tensor([0]), torch.tensor([[0, 17]]), 10, 17)
