@@ -257,7 +257,7 @@ def _uses_guidance(config: SARConfig, official: bool) -> bool:
 
 def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int) -> StepOutput:
     n, off = len(schedule), scale_offsets(schedule)
-    B, device = labels.shape[0], codes.device
+    device = codes.device
     js, needed = _needed_scales(config, n, step)
     logit_scales = sorted(set(needed) | ({j + 1 for j in js} if config.csf_target == "soft" else set()))
     w = token_weights(schedule, config.scale_weighting, device)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from sar_fast.checkpointing import list_checkpoints, load_checkpoint as load_train_checkpoint, resolve_resume
+from sar_fast.checkpointing import list_checkpoints, resolve_resume
 from sar_fast.models import load_checkpoint
 from sar_fast.train import parse_config
 

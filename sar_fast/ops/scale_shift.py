@@ -358,7 +358,7 @@ def _codes_backward(ctx, grad_out):
         return None, None, None, None, None
     (codes,) = ctx.saved_tensors
     sched, chosen = ctx.schedule, ctx.transitions
-    B, C = codes.shape[0], ctx.book_shape[1]
+    C = ctx.book_shape[1]
     grad_tokens = _adjoint_op(grad_out, sched, chosen, True, torch.float32).view(-1, C)
     offsets = scale_offsets(sched)
     source_codes = torch.cat([codes[:, offsets[j]:offsets[j + 1]] for j in chosen], dim=1)
