@@ -51,9 +51,15 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a normal run every rank first meets at a barrier:
+    a rank that tears gloo down while another still finishes its last writes can abort
+    the other ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

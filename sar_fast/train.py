@@ -615,8 +615,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(cfg)
     try:
         trainer.run()
-    finally:
-        parallel.shutdown()
+    except BaseException:
+        parallel.shutdown(clean=False)
+        raise
+    parallel.shutdown(clean=True)
 
 
 if __name__ == "__main__":
