@@ -15,6 +15,9 @@ if ROOT not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, ROOT)
 
 DATA = os.path.join(ROOT, "tests", "data")
+# where tests that force backend 'triton' put their tensors: the GPU when there is one,
+# else the CPU (kernels under the interpreter)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

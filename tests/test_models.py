@@ -188,12 +188,14 @@ def test_gradients_reach_every_parameter():
 def test_golden_parity_through_the_triton_kernels():
     """The model's attention and the SAR losses' kernels, run under the interpreter on CPU,
     reproduce the original code's logits too (one small case per kind)."""
+    from conftest import KERNEL_DEVICE
     from sar_fast import ops
     g = _golden("flexvar")
-    model = load_checkpoint(g["state_dict"], cond_drop_rate=0.0).eval()
+    model = load_checkpoint(g["state_dict"], cond_drop_rate=0.0).eval().to(KERNEL_DEVICE)
     cases = [c for c in g["cases"] if c["schedule"] in ([1, 3, 5], [1, 6])]
     assert len(cases) == 2
     with ops.use_backend("triton"), torch.no_grad():
         for case in cases:
+            case = {k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
             err = (_run_case(model, case) - case["logits"]).abs().max().item()
             assert err <= 1e-5, (case["kind"], err)

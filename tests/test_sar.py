@@ -114,8 +114,10 @@ def test_bad_batch():
 def test_sar_step_through_triton_kernels_matches_reference(transitions, csf_target):
     """scale_shift, attention and the fused losses under the interpreter give the reference's
     loss and gradients for a whole SAR step."""
+    from conftest import KERNEL_DEVICE
     from sar_fast import ops
     model, book, codes, labels, phi = _setup("flexvar")
+    model, book, codes, labels = (t.to(KERNEL_DEVICE) for t in (model, book, codes, labels))
     cfg = SARConfig(transitions=transitions, csf_target=csf_target, sampling="argmax", gamma=0.5)
     with ops.use_backend("reference"):
         a, ga = _loss_and_grads(model, labels, codes, book, cfg, phi, 0)

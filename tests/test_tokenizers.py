@@ -77,11 +77,14 @@ def test_golden_parity_with_the_original_code(name):
 def test_golden_tf_inputs_on_every_backend(name, backend):
     # FlexVAR's codes path runs the Triton scale-shift kernel (interpreter on CPU)
     from sar_fast import ops
+    from conftest import KERNEL_DEVICE
     g = _golden(name)
-    model = KINDS[name].from_checkpoint(g["state_dict"], norm_groups=4)
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    model = KINDS[name].from_checkpoint(g["state_dict"], norm_groups=4).to(device)
     with ops.use_backend(backend):
         for codes_key, tf_key in (("codes", "tf_inputs"), ("codes_alt", "tf_inputs_alt")):
-            assert _max_err(model.tf_inputs(g[codes_key]), g[tf_key]) <= TOL
+            codes = [c.to(device) for c in g[codes_key]]
+            assert _max_err(model.tf_inputs(codes).cpu(), g[tf_key]) <= TOL
 
 
 @pytest.mark.parametrize("name", ["flexvq", "varvq"])
