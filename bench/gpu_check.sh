@@ -17,6 +17,7 @@
 # GPU_CHECK_BUILD_TIMEOUT / GPU_CHECK_PYTEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (seconds,
 # defaults 300 / 300 / 120), GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k cuda"),
 # GPU_CHECK_BENCHES (space-separated bench scripts; default bench/bench_*.py),
+# GPU_CHECK_QUICK (default 1: --quick for the benches that have it; 0 for the full grids),
 # PYTHON (default python).
 set -u
 
@@ -98,7 +99,13 @@ benches="${GPU_CHECK_BENCHES:-$(ls bench/bench_*.py 2>/dev/null)}"
 for bench in $benches; do
   name="$(basename "$bench" .py)"
   mkdir -p "$BENCH_SCRATCH/$name"
-  run_step "$name" "$BENCH_TIMEOUT" "$PYTHON" "$bench" --out "$BENCH_SCRATCH/$name"
+  extra=()
+  # GPU_CHECK_QUICK=1 (default) passes --quick to the benches that offer it, so the whole
+  # check (build + GPU tests + every bench) fits one 10-minute device call
+  if [[ "${GPU_CHECK_QUICK:-1}" == "1" ]] && grep -q -- '"--quick"' "$bench"; then
+    extra+=(--quick)
+  fi
+  run_step "$name" "$BENCH_TIMEOUT" "$PYTHON" "$bench" --out "$BENCH_SCRATCH/$name" "${extra[@]}"
   if [[ $LAST_CODE -ne 0 ]]; then
     failed_benches+=("$name")
   fi
