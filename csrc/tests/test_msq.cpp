@@ -9,6 +9,8 @@
 // Exits non-zero on any failure; prints the seed.
 #include "msq.h"
 
+#include "check.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -23,14 +25,9 @@
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::cerr << "FAIL: " << what << "\n";
-  }
-}
+using sar_fast_test::expect;
+using sar_fast_test::expect_throws;
+using sar_fast_test::failures;
 
 bool bit_equal(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes()) {
@@ -216,19 +213,6 @@ void test_var_op() {
     rest_ref = rest_ref - hs;
   }
   expect(bit_equal(f_hat, f_hat_ref) && bit_equal(rest, rest_ref), "var f_hat and residual");
-}
-
-template <typename Error>
-void expect_throws(const std::string& what, const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error&) {
-    return;
-  } catch (const std::exception& e) {
-    expect(false, what + ": wrong exception type: " + e.what());
-    return;
-  }
-  expect(false, what + ": no exception");
 }
 
 void test_bad_inputs() {

@@ -3,6 +3,8 @@
 // that bad input throws the documented error types. Exits non-zero on any failure.
 #include "nearest_code.h"
 
+#include "check.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -19,14 +21,9 @@
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::cerr << "FAIL: " << what << "\n";
-  }
-}
+using sar_fast_test::expect;
+using sar_fast_test::expect_throws;
+using sar_fast_test::failures;
 
 // Squared distances in double from the inputs as stored (after rounding to their dtype).
 std::vector<double> brute_force_distances(const at::Tensor& x, const at::Tensor& codebook) {
@@ -113,19 +110,6 @@ void test_exact_ties(int64_t n, int64_t v, int64_t c, at::ScalarType dtype) {
   expect(mismatches == 0, "ties n=" + std::to_string(n) + " v=" + std::to_string(v) + " c=" +
                               std::to_string(c) + " " + c10::toString(dtype) + ": " +
                               std::to_string(mismatches) + " rows differ from first argmin");
-}
-
-template <typename Error>
-void expect_throws(const std::string& what, const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error&) {
-    return;
-  } catch (const std::exception& e) {
-    expect(false, what + ": wrong exception type: " + e.what());
-    return;
-  }
-  expect(false, what + ": no exception");
 }
 
 void test_bad_inputs() {
