@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _plot import bar_panels  # noqa: E402
+from _common import bar_panels, start  # noqa: E402
 
 HEAD_DIM = 64
 TARGET_VS_FLEX, TARGET_VS_SDPA = 1.3, 2.0
@@ -201,22 +201,15 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    if args.cpu_smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
-    import torch
-    import torch.nn.functional as F
-    if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("bench_attention: no CUDA device here; nothing measured (use --cpu-smoke for a tiny interpreter run)")
+    started = start("bench_attention", args.out, args.cpu_smoke, args.dtype)
+    if started is None:
         return 0
-    sys.path.insert(0, ROOT)
-    from sar_fast import ops
+    torch, device, dtype = started
+    import torch.nn.functional as F
 
-    device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from sar_fast import ops
     peer_names = args.peers
     if device == "cpu":
-        dtype = torch.float32  # the interpreter has no bf16
         peer_names = [p for p in peer_names if p in ("sar_fast", "sdpa-auto", "sdpa-math", "flex")]
     results, checks, skipped_all = [], [], {}
     for case in cases(args):

@@ -1,6 +1,31 @@
-"""Grouped bar charts shared by the op benchmarks: one panel per (mode, metric), one bar
-group per case, one bar per peer."""
+"""What the op benchmarks share: choosing the device and dtype (GPU, or a tiny CPU smoke run
+under Triton's interpreter) and grouped bar charts."""
 from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(name: str, out: str, cpu_smoke: bool, dtype_name: str):
+    """(torch, device, dtype) for a bench run, or None when there is nothing to measure here.
+
+    --cpu-smoke runs on the CPU under Triton's interpreter (set before triton is imported),
+    in fp32 since the interpreter has no bf16.
+    """
+    os.makedirs(out, exist_ok=True)
+    if cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    if not torch.cuda.is_available() and not cpu_smoke:
+        print(f"{name}: no CUDA device here; nothing measured (use --cpu-smoke for a tiny interpreter run)")
+        return None
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    device = "cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    return torch, device, (torch.float32 if device == "cpu" else dtype)
 
 
 def bar_panels(path: str, results: list[dict], case_key: str, cases: list[str], peers: list[str],
