@@ -95,7 +95,22 @@ OFFICIAL = dict(objective="official", transitions="last", sampling="cfg", csf_ta
 class StepOutput:
     loss: torch.Tensor                  # what backward runs on
     metrics: dict[str, torch.Tensor]    # detached 0-d tensors (no host sync until logged)
-    scale_stats: torch.Tensor           # [n, 3]: per scale, TF pass: CE sum, correct argmax, tokens
+    tf_ce: torch.Tensor                 # [B*L] per-token CE of the pass on ground-truth targets
+    tf_argmax: torch.Tensor             # [B*L] its argmax
+    codes: torch.Tensor                 # [B, L] ground truth
+    schedule: tuple[int, ...]
+
+    @property
+    def scale_stats(self) -> torch.Tensor:
+        """[n, 3]: per scale, CE sum, correct-argmax count, tokens (computed when asked for,
+        so steps that are not logged pay nothing)."""
+        B, n = self.codes.shape[0], len(self.schedule)
+        ce = self.tf_ce.detach().float().view(B, -1).sum(0)
+        correct = (self.tf_argmax.view(B, -1) == self.codes).float().sum(0)
+        scale_id = torch.repeat_interleave(torch.arange(n, device=ce.device),
+                                           torch.tensor([s * s for s in self.schedule], device=ce.device))
+        per_token = torch.stack((ce, correct, torch.full_like(ce, float(B))), dim=1)
+        return per_token.new_zeros(n, 3).index_add_(0, scale_id, per_token)
 
 
 def _scale_generator(seed: int, step: int, si: int, device: torch.device) -> torch.Generator:
@@ -145,7 +160,7 @@ class _Inputs:
         return torch.cat([self.one_transition(gt, preds[j], schedule, j) for j in range(n - 1)], dim=1)
 
 
-def _check_batch(model, labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
+def _check_batch(labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
     """Shapes only: value ranges are the data pipeline's job (checked once per batch on the
     host in the trainer), so the step itself never waits on the device."""
     if labels.dim() != 1 or codes.dim() != 2 or codes.shape[0] != labels.shape[0]:
@@ -166,7 +181,7 @@ def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codeboo
     L2-normalised VQ codebook; VAR: the raw one with `phi`, its shared convs).
     """
     schedule = validate_schedule(schedule)
-    _check_batch(model, labels, codes, schedule)
+    _check_batch(labels, codes, schedule)
     inputs = _Inputs(model.arch, codebook, phi)
     obj = config.objective
     if obj == "tf" or (obj == "sf_alternate" and step % 2 == 0):
@@ -200,13 +215,9 @@ def _logits_head(logit_scales: list[int], offsets: list[int], first: int = 0):
     return head_fn
 
 
-def _scale_stats(stats, codes: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+def _step_output(loss, metrics: dict, stats, codes: torch.Tensor, schedule: tuple[int, ...]) -> StepOutput:
     ce, amax, _ = stats
-    B = codes.shape[0]
-    ce, correct = ce.detach().float().view(B, -1), (amax.view(B, -1) == codes).float()
-    off = scale_offsets(schedule)
-    return torch.stack([torch.stack((ce[:, a:b].sum(), correct[:, a:b].sum(), ce.new_tensor(float(B * (b - a)))))
-                        for a, b in zip(off, off[1:])])
+    return StepOutput(loss, metrics, ce, amax, codes, schedule)
 
 
 def _metrics(**values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -218,7 +229,7 @@ def _teacher_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SA
     w = token_weights(schedule, config.scale_weighting, codes.device)
     loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
                            head_fn=_tf_head(codes, w, config, [], off))
-    return StepOutput(loss, _metrics(loss=loss, tf_loss=loss), _scale_stats(stats, codes, schedule))
+    return _step_output(loss, _metrics(loss=loss, tf_loss=loss), stats, codes, schedule)
 
 
 def _needed_scales(config: SARConfig, n: int, step: int) -> tuple[list[int], list[int]]:
@@ -275,8 +286,7 @@ def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, ste
 
     csf_loss = _csf(model, labels, codes, schedule, inputs, config, js, preds, tf_logits)
     loss = tf_loss + config.gamma * csf_loss
-    return StepOutput(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss),
-                      _scale_stats(stats, codes, schedule))
+    return _step_output(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss), stats, codes, schedule)
 
 
 def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor | None, weights: torch.Tensor | None,
@@ -356,8 +366,7 @@ def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig
     with torch.no_grad():
         ce = per_tok.detach().reshape(-1)
         stats = (ce, logits_tf.detach().argmax(-1).reshape(-1), None)
-    return StepOutput(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss),
-                      _scale_stats(stats, codes, schedule))
+    return _step_output(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss), stats, codes, schedule)
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,4 +390,4 @@ def _naive_student_forcing(model, labels, codes, schedule, inputs: _Inputs, conf
     w = token_weights(schedule, config.scale_weighting, codes.device)
     loss, stats, _ = model(labels, inputs.tf(mixed, schedule), schedule,
                            head_fn=_tf_head(codes, w, config, [], off))
-    return StepOutput(loss, _metrics(loss=loss, sf_loss=loss), _scale_stats(stats, codes, schedule))
+    return _step_output(loss, _metrics(loss=loss, sf_loss=loss), stats, codes, schedule)

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -410,7 +410,6 @@ class LoopState:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
-    data: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -533,6 +532,7 @@ class Trainer:
                 objective = self.objective_at(step)
                 sums = torch.zeros(4, device=info.device)  # loss, tf, csf, nonfinite
                 scale_stats = None
+                logging = (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
                 for micro in range(cfg.grad_accum):
                     labels, codes, schedule = self.data.next(step)
                     last = micro == cfg.grad_accum - 1
@@ -545,8 +545,10 @@ class Trainer:
                     sums += torch.stack([m["loss"], m.get("tf_loss", m.get("sf_loss", m["loss"])),
                                          m.get("csf_loss", torch.zeros_like(m["loss"])), (~finite).float()]) \
                         .nan_to_num(0.0, 0.0, 0.0) / cfg.grad_accum
-                    scale_stats = out.scale_stats if scale_stats is None or scale_stats.shape != out.scale_stats.shape \
-                        else scale_stats + out.scale_stats
+                    if logging:  # per-scale statistics only for the steps that are logged
+                        stats = out.scale_stats
+                        scale_stats = stats if scale_stats is None or scale_stats.shape != stats.shape \
+                            else scale_stats + stats
                     L = total_length(schedule)
                     passes = 3.0 + (3.0 if objective.objective != "tf" else 0.0)  # rough: TF fwd+bwd (+ SF)
                     flops_since += passes * logs.flops_per_token(mc.depth, mc.embed_dim, mc.vocab_size, mc.mlp_ratio,
@@ -569,7 +571,7 @@ class Trainer:
                 self.state.step += 1
                 avg = reduced[:3] / info.world_size
 
-                if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+                if logging:
                     dt = max(time.time() - t_last, 1e-9)
                     world_imgs = imgs_since * info.world_size
                     record = {"step": self.state.step, "objective": objective.objective,
