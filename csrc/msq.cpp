@@ -216,9 +216,17 @@ std::tuple<at::Tensor, at::Tensor> msq_var_step(const at::Tensor& rest,
   return {codes.view({batch, cells}), h};
 }
 
+bool cuda_compiled() {
+#ifdef SAR_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace sar_fast
 
-TORCH_LIBRARY_FRAGMENT(sar_fast, m) {
+TORCH_LIBRARY(sar_fast, m) {
   m.def("msq_encode_flexvar(Tensor latent, Tensor codebook, int[] schedule, bool normalize) -> Tensor");
   m.def(
       "msq_var_step(Tensor(a!) rest, Tensor(b!)? f_hat, Tensor codebook, int side, "

@@ -28,6 +28,9 @@ namespace sar_fast {
 // Longest schedule the ops accept (the CUDA pooling kernel takes the scales by value).
 constexpr int64_t kMaxScales = 64;
 
+// True when the CUDA kernels were compiled into this build.
+bool cuda_compiled();
+
 // All scales of `schedule` in one call. latent [B, C, H, W] and codebook [V, C] in
 // float32/float16/bfloat16 on one device; every side in [1, min(H, W)]. Returns the codes
 // [B, L] (int64, L = sum of side^2), scale after scale, row-major within a scale.

@@ -3,7 +3,6 @@
 #include <torch/extension.h>
 
 #include "msq.h"
-#include "nearest_code.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sar_fast C++/CUDA operators; use them through torch.ops.sar_fast";

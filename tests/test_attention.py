@@ -10,7 +10,7 @@ from sar_fast import ops
 from sar_fast.ops import reference
 from sar_fast.ops.backend import load_kernels
 
-kernels = load_kernels("scale_attention")
+kernels = load_kernels("attention")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 

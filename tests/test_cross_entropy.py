@@ -1,4 +1,4 @@
-"""Fused head + CE / KL (kernels/ce_csfl.py) against float64 PyTorch and the references.
+"""Fused head + CE / KL (kernels/cross_entropy.py) against float64 PyTorch and the references.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16 x 32 x 16 tiles,
 so N = 37, V = 75, C = 40 leave partial tiles along every axis. Every kernel output is
@@ -23,7 +23,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.fixture(autouse=True)
 def kern(monkeypatch):
-    k = backend.load_kernels("ce_csfl")
+    k = backend.load_kernels("cross_entropy")
     monkeypatch.setattr(k, "POISON_OUTPUTS", True)
     with ops.use_backend("triton"):
         yield k

@@ -425,3 +425,24 @@ def test_cuda_rejects_mixed_devices():
                                         torch.randn(9, 4, device="cuda"), 2, False, True)
     with pytest.raises(ValueError, match="codebook is on"):
         ops.msq_encode(torch.randn(2, 4, 5, 5, device="cuda"), torch.randn(9, 4), (1, 5))
+
+
+def test_missing_extension_error_names_the_build_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sar_fast._C_loader as loader
+
+    def fail_import(name: str):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(loader, "_extension", None)
+    monkeypatch.setattr(loader, "_import_error", None)
+    monkeypatch.setattr(loader.importlib, "import_module", fail_import)
+    assert not loader.has_extension() and not loader.cuda_compiled()
+    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \.") as info:
+        loader.load_extension()
+    assert "python setup.py build_ext --inplace" in str(info.value)
+    with pytest.raises(ImportError, match="sar_fast._C"):
+        loader.msq_encode_flexvar(torch.randn(1, 2, 4, 4), torch.randn(4, 2), [1, 2], True)
+
+
+def test_cuda_compiled_flag_is_bool() -> None:
+    assert isinstance(_C_loader.load_extension().cuda_compiled(), bool)

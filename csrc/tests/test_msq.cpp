@@ -258,6 +258,7 @@ int main() {
     std::cout << " " << isa;
   }
   std::cout << "\n";
+  expect(sar_fast::cuda_compiled() == SAR_FAST_EXPECT_CUDA, "cuda_compiled() flag");
 
   for (const bool channels_last : {false, true}) {
     test_area_pool(16, 16, 13, channels_last);  // non-integer ratio

@@ -1,7 +1,7 @@
 """Block-causal scale attention: a token of scale s attends to every token of scales <= s
 (or, with a window w, of scales s-w..s).
 
-Triton path (kernels/scale_attention.py): FlashAttention-2 style forward and backward that
+Triton path (kernels/attention.py): FlashAttention-2 style forward and backward that
 visit only the tiles the mask leaves visible and evaluate the mask only on tiles straddling
 a scale boundary; the schedule reaches the kernels as a small int32 tensor, so FlexVAR's
 random schedules never recompile them. Both entry points are `torch.library` custom ops
@@ -20,7 +20,7 @@ from . import backend, reference
 from ._checks import check_tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KERNEL = "scale_attention"
+_KERNEL = "attention"
 HEAD_DIMS = (16, 32, 64, 128)  # head dims the Triton kernels take (the reference takes any)
 
 

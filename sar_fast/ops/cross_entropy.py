@@ -1,7 +1,7 @@
 """Head + loss without the [N, V] logits: cross-entropy (hard targets, per-token weights,
 label smoothing, ignore_index) and KL to a teacher distribution (CSFL as KL).
 
-The Triton path (kernels/ce_csfl.py) runs as two torch.library custom ops per loss, a
+The Triton path (kernels/cross_entropy.py) runs as two torch.library custom ops per loss, a
 forward returning per-token values and a backward recomputing the logit tiles, so the
 loss works under torch.compile and autograd does gradient work only for the inputs that
 need it. Weighting and reduction are ordinary autograd on [N] tensors around the op.
@@ -15,7 +15,7 @@ import torch
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
 
-_KERNEL = "ce_csfl"
+_KERNEL = "cross_entropy"
 _REDUCTIONS = ("none", "sum", "mean")
 
 

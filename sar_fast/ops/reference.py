@@ -7,13 +7,16 @@ sar_fast.ops validate). Semantics follow FlexVAR/VAR exactly: bicubic is PyTorch
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..schedules import scale_offsets, validate_schedule
+
 # phi(h_BChw, scale_index, num_scales) -> h_BChw: VAR's shared 3x3 convs for one scale.
 Phi = Callable[[torch.Tensor, int, int], torch.Tensor]
+Transitions = Union[str, int, Sequence[int]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,3 +245,45 @@ def linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if reduction == "mean":
         return per_token.sum() / w.sum()
     raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+
+
+def parse_transitions(transitions: Transitions, n: int) -> tuple[int, ...]:
+    """Transition indices j (scale j -> j+1), increasing, each in [0, n-2]."""
+    if isinstance(transitions, str):
+        if transitions == "all":
+            return tuple(range(n - 1))
+        if transitions == "last":
+            if n < 2:
+                raise ValueError("transitions='last' needs a schedule of at least 2 scales")
+            return (n - 2,)
+        raise ValueError(f"transitions must be 'all', 'last', an int or a list of ints, got {transitions!r}")
+    chosen = [transitions] if not isinstance(transitions, Sequence) else list(transitions)
+    for j in chosen:
+        if isinstance(j, bool) or not isinstance(j, int):
+            raise TypeError(f"transitions must hold ints, got {j!r} ({type(j).__name__})")
+        if not 0 <= j <= n - 2:
+            raise ValueError(f"transition {j} (scale {j} -> {j + 1}) is outside [0, {n - 2}] "
+                             f"for a schedule of {n} scales")
+    if any(b <= a for a, b in zip(chosen, chosen[1:])):
+        raise ValueError(f"transitions must be distinct and increasing, got {tuple(chosen)}")
+    return tuple(chosen)
+
+
+def ssr_inputs(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],
+                  transitions: Transitions = "all", mode: str = "flexvar",
+                  phi: Phi | None = None) -> torch.Tensor:
+    """Pure-PyTorch ops.ssr_inputs (fp32): the oracle and the CPU path."""
+    schedule = validate_schedule(schedule)
+    chosen = parse_transitions(transitions, len(schedule))
+    maps = embed_scales(pred_codes.long(), codebook, schedule)
+    if mode == "var":  # residual inputs depend on every earlier scale: build all, then pick
+        full = scale_shift(maps, schedule, "var", phi)
+        if len(chosen) == len(schedule) - 1:
+            return full
+        offsets = scale_offsets(schedule[1:])
+        blocks = [full[:, offsets[j]:offsets[j + 1]] for j in chosen]
+    else:
+        blocks = [scale_shift([maps[j], maps[j + 1]], schedule[j:j + 2]) for j in chosen]
+    if not blocks:
+        return maps[0].new_zeros(maps[0].shape[0], 0, codebook.shape[1], dtype=torch.float32)
+    return torch.cat(blocks, dim=1)

@@ -10,16 +10,15 @@ the ops are registered with torch.library so torch.compile treats them as opaque
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
 from ..schedules import scale_offsets, total_length, validate_schedule
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
-from .reference import Phi
+from .reference import Phi, Transitions, parse_transitions
 
-Transitions = Union[str, int, Sequence[int]]
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def ssr_inputs(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Seque
     """
     schedule = validate_schedule(schedule)
     _check_mode(mode)
-    chosen = _parse_transitions(transitions, len(schedule))
+    chosen = parse_transitions(transitions, len(schedule))
     dtype = _check_codes("pred_codes", pred_codes, codebook, schedule, check_range, out_dtype)
     return _from_codes(pred_codes, codebook, schedule, chosen, mode, phi, dtype)
 
@@ -80,30 +79,10 @@ def transition_rows(schedule: Sequence[int], transitions: Transitions = "all") -
     """(start, end) token rows of each chosen transition's block in ssr_inputs' output."""
     schedule = validate_schedule(schedule)
     rows, start = [], 0
-    for j in _parse_transitions(transitions, len(schedule)):
+    for j in parse_transitions(transitions, len(schedule)):
         rows.append((start, start + schedule[j + 1] ** 2))
         start = rows[-1][1]
     return rows
-
-
-def ssr_reference(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],
-                  transitions: Transitions = "all", mode: str = "flexvar",
-                  phi: Phi | None = None) -> torch.Tensor:
-    """Pure-PyTorch ssr_inputs (fp32, no validation): the oracle and the CPU path."""
-    schedule = validate_schedule(schedule)
-    chosen = _parse_transitions(transitions, len(schedule))
-    maps = reference.embed_scales(pred_codes.long(), codebook, schedule)
-    if mode == "var":  # residual inputs depend on every earlier scale: build all, then pick
-        full = reference.scale_shift(maps, schedule, "var", phi)
-        if len(chosen) == len(schedule) - 1:
-            return full
-        offsets = scale_offsets(schedule[1:])
-        blocks = [full[:, offsets[j]:offsets[j + 1]] for j in chosen]
-    else:
-        blocks = [reference.scale_shift([maps[j], maps[j + 1]], schedule[j:j + 2]) for j in chosen]
-    if not blocks:
-        return maps[0].new_zeros(maps[0].shape[0], 0, codebook.shape[1], dtype=torch.float32)
-    return torch.cat(blocks, dim=1)
 
 
 @lru_cache(maxsize=256)
@@ -188,33 +167,11 @@ def _check_scales(scales: Sequence[torch.Tensor], schedule: tuple[int, ...],
     return list(scales), _check_out_dtype(out_dtype, first.dtype)
 
 
-def _parse_transitions(transitions: Transitions, n: int) -> tuple[int, ...]:
-    """Transition indices j (scale j -> j+1), increasing, each in [0, n-2]."""
-    if isinstance(transitions, str):
-        if transitions == "all":
-            return tuple(range(n - 1))
-        if transitions == "last":
-            if n < 2:
-                raise ValueError("transitions='last' needs a schedule of at least 2 scales")
-            return (n - 2,)
-        raise ValueError(f"transitions must be 'all', 'last', an int or a list of ints, got {transitions!r}")
-    chosen = [transitions] if not isinstance(transitions, Sequence) else list(transitions)
-    for j in chosen:
-        if isinstance(j, bool) or not isinstance(j, int):
-            raise TypeError(f"transitions must hold ints, got {j!r} ({type(j).__name__})")
-        if not 0 <= j <= n - 2:
-            raise ValueError(f"transition {j} (scale {j} -> {j + 1}) is outside [0, {n - 2}] "
-                             f"for a schedule of {n} scales")
-    if any(b <= a for a, b in zip(chosen, chosen[1:])):
-        raise ValueError(f"transitions must be distinct and increasing, got {tuple(chosen)}")
-    return tuple(chosen)
-
-
 def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
                 chosen: tuple[int, ...], mode: str, phi: Phi | None, dtype: torch.dtype) -> torch.Tensor:
     if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel="scale_shift") == "triton":
         return torch.ops.sar_fast.scale_shift_codes(codes, codebook, list(schedule), list(chosen), dtype)
-    return ssr_reference(codes, codebook, schedule, chosen, mode, phi).to(dtype)
+    return reference.ssr_inputs(codes, codebook, schedule, chosen, mode, phi).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,4 +347,4 @@ torch.library.register_autograd("sar_fast::scale_shift_codes", _codes_backward, 
 torch.library.register_autograd("sar_fast::scale_shift_dense", _dense_backward, setup_context=_dense_setup)
 
 
-__all__ = ["scale_shift", "ssr_inputs", "ssr_reference", "transition_rows", "resize_pos_table"]
+__all__ = ["scale_shift", "ssr_inputs", "transition_rows", "resize_pos_table"]

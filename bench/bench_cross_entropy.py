@@ -1,7 +1,7 @@
 """Benchmark the fused head + cross-entropy against its peers, in one run.
 
-    python bench/bench_loss.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--repeats 10]
-    python bench/bench_loss.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
+    python bench/bench_cross_entropy.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--repeats 10]
+    python bench/bench_cross_entropy.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
 
 Peers, on the SAR head loss (N = B x 680 tokens, per-token weights 1/L, label smoothing 0.1):
 - eager:   F.linear in the input dtype, F.cross_entropy on the fp32 logits (what autocast
@@ -12,7 +12,7 @@ Peers, on the SAR head loss (N = B x 680 tokens, per-token weights 1/L, label sm
 - fused:   sar_fast.ops.fused_linear_cross_entropy (Triton).
 Each is timed forward (inputs requiring grad) and forward+backward with CUDA events
 (warm-up, median of repeats); peak memory is the most allocated above the inputs during
-one call. Writes DIR/bench_loss.json and, if matplotlib imports, DIR/bench_loss.png.
+one call. Writes DIR/bench_cross_entropy.json and, if matplotlib imports, DIR/bench_cross_entropy.png.
 Targets on H200 bf16: fused peak memory <= 25% of eager's, fused fwd+bwd >= 1.2x eager.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ TARGET_MEM_RATIO, TARGET_SPEEDUP = 0.25, 1.2
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder for bench_loss.json / .png")
+    p.add_argument("--out", required=True, help="output folder for bench_cross_entropy.json / .png")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--dims", type=int, nargs="+", default=[1024, 1536])
     p.add_argument("--vocabs", type=int, nargs="+", default=[4096, 8912])
@@ -150,7 +150,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
-    started = start("bench_loss", args.out, args.cpu_smoke, args.dtype)
+    started = start("bench_cross_entropy", args.out, args.cpu_smoke, args.dtype)
     if started is None:
         return 0
     torch, device, dtype = started
@@ -218,12 +218,12 @@ def main() -> int:
                  "(plain mean); times are medians of CUDA-event intervals",
         "loss_checks": checks, "summary": summary, "results": results,
     }
-    path = os.path.join(args.out, "bench_loss.json")
+    path = os.path.join(args.out, "bench_cross_entropy.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
-    if plot(results, os.path.join(args.out, "bench_loss.png")):
-        print(f"wrote {os.path.join(args.out, 'bench_loss.png')}")
+    if plot(results, os.path.join(args.out, "bench_cross_entropy.png")):
+        print(f"wrote {os.path.join(args.out, 'bench_cross_entropy.png')}")
     for s in summary:
         print(f"{s['shape']:22s} fused fwd+bwd {s['speedup_vs_eager']:.2f}x eager, "
               f"peak memory {s['mem_ratio_vs_eager'] if s['mem_ratio_vs_eager'] is not None else float('nan'):.2f}"
