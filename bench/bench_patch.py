@@ -1,0 +1,151 @@
+"""Benchmark sar_fast.patch: an original-class model (the test stand-ins of VAR's VAR and
+FlexVAR's FlexVAR, which reproduce the originals' dense-mask attention), unpatched vs patched.
+
+    python bench/bench_patch.py --out DIR [--batch 16] [--family var flexvar]
+    python bench/bench_patch.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
+    python bench/bench_patch.py --out DIR --smoke         # the same (alias)
+
+Shapes (GPU): d16 (depth 16, width 1024, 16 heads of 64, MLP 4x), scales 1..16 (L = 680),
+vocab 4096 (VAR) / 8912 (FlexVAR), code dim 32, bf16 autocast, fp32 master weights.
+Peers, one training step each (teacher-forcing input given, forward + loss + backward):
+- unpatched: the model as its project ships it: SDPA with the dense L x L float mask,
+  head(x) then CrossEntropyLoss(label_smoothing=0.1, reduction='none') on fp32 logits;
+- patched:   patch_model(model): attention through sar_fast's block-causal kernel;
+- patched+loss: also hidden_states(model) + sar_fast.nn.FusedLinearCrossEntropy (no logits).
+Reported: median step ms, ratio vs unpatched, peak memory allocated above the model and
+inputs during the step, and the max abs logit difference patched vs unpatched.
+Writes DIR/bench_patch.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from _common import start  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder for bench_patch.json")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--family", nargs="+", default=["var", "flexvar"], choices=["var", "flexvar"])
+    p.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--cpu-smoke", "--smoke", dest="cpu_smoke", action="store_true",
+                   help="without CUDA: tiny shapes, Triton kernels under TRITON_INTERPRET=1")
+    return p.parse_args()
+
+
+def build(torch, family: str, smoke: bool, device: str):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from standins.flexvar_like import FlexVAR, VQModel
+    from standins.var_like import VAR, VQVAE
+    if smoke:
+        dims = dict(depth=2, embed_dim=64, num_heads=2)
+        sides, vocab = (1, 2, 3), 64
+    else:
+        dims = dict(depth=16, embed_dim=1024, num_heads=16)
+        sides, vocab = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (4096 if family == "var" else 8912)
+    if family == "var":
+        vae = VQVAE(vocab_size=vocab, z_channels=32, v_patch_nums=sides)
+        model = VAR(vae, num_classes=1000, patch_nums=sides, **dims)
+    else:
+        vae = VQModel(codebook_size=vocab, codebook_embed_dim=32)
+        model = FlexVAR(vae, num_classes=1000, patch_nums=sides, pos_grid=max(sides), **dims)
+    return model.to(device), sides, vocab
+
+
+def main() -> None:
+    args = parse_args()
+    got = start("bench_patch", args.out, args.cpu_smoke, args.dtype)
+    if got is None:
+        return
+    torch, device, dtype = got
+    import torch.nn.functional as F
+    from sar_fast import ops
+    from sar_fast.nn import FusedLinearCrossEntropy
+    from sar_fast.patch import hidden_states, patch_model, unpatch
+    cuda = device == "cuda"
+    if not cuda:
+        ops.set_backend("triton")  # the kernels under the interpreter, not the reference
+    B = 2 if args.cpu_smoke else args.batch
+    repeats, warmup = (1, 1) if args.cpu_smoke else (args.repeats, args.warmup)
+    autocast = torch.autocast(device, dtype=dtype, enabled=cuda and dtype != torch.float32)
+    results = []
+    for family in args.family:
+        torch.manual_seed(0)
+        model, sides, V = build(torch, family, args.cpu_smoke, device)
+        model.cond_drop_rate = 0.0
+        L = sum(s * s for s in sides)
+        labels = torch.randint(0, 1000, (B,), device=device)
+        x = torch.randn(B, L - 1, 32, device=device)
+        gt = torch.randint(0, V, (B, L), device=device)
+        fused_ce = FusedLinearCrossEntropy(model.head, label_smoothing=0.1)
+
+        def forward(fused_loss: bool):
+            extra = () if family == "var" else (list(sides),)
+            with autocast:
+                if fused_loss:
+                    with hidden_states(model):
+                        h = model(labels, x, *extra)
+                    return fused_ce(h, gt).mean(), None
+                logits = model(labels, x, *extra)
+                ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1, reduction="none")
+                return ce.mean(), logits.detach()
+
+        def step(fused_loss: bool):
+            model.zero_grad(set_to_none=True)
+            loss, logits = forward(fused_loss)
+            loss.backward()
+            return logits
+
+        def measure(peer: str, fused_loss: bool):
+            for _ in range(warmup):
+                step(fused_loss)
+            times = []
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step(fused_loss)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+            return {"family": family, "peer": peer, "ms": statistics.median(times), "peak_mib": peak}
+
+        ref_logits = step(False)
+        rows = [measure("unpatched", False)]
+        patch_model(model)
+        diff = (step(False).float() - ref_logits.float()).abs().max().item()
+        rows.append(measure("patched", False))
+        rows.append(measure("patched+loss", True))
+        unpatch(model)
+        for r in rows:
+            r["vs_unpatched"] = rows[0]["ms"] / r["ms"]
+            r["max_abs_logit_diff"] = diff
+            mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
+            print(f"{family:8s} {r['peer']:13s} {r['ms']:9.2f} ms  x{r['vs_unpatched']:.2f}  peak {mem}  "
+                  f"|patched - unpatched logits| <= {diff:.3g}", flush=True)
+        results += rows
+        del model
+    report = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter smoke)",
+              "batch": B, "dtype": str(dtype), "results": results}
+    path = os.path.join(args.out, "bench_patch.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
