@@ -28,6 +28,7 @@ from .build import build_tokenizer
 from .data import CACHE_FORMAT, AUGMENTATIONS, EmbeddedDigitsDataset, ImageFolderDataset, collate, file_sha256
 from .embedded import DIGITS_SIDE, EMBEDDED
 from .logs import Progress
+from .parallel import resolve_device
 from .schedules import STANDARD_SCHEDULE, parse_schedule, total_length, validate_schedule
 # manifest entries that must agree for an existing cache to be continued
 _IDENTITY_KEYS = ("format", "schedule", "quant_mode", "tokenizer_sha256", "tokenizer_class", "vocab_size",
@@ -147,9 +148,10 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
             raise CacheError(f"{name} must be an int >= {low}, got {value!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise CacheError(f"--out {out!r} exists and is not a directory")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CacheError("--device cuda was requested but CUDA is not available")
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as e:  # also a name torch does not know
+        raise CacheError(str(e)) from None
 
     try:
         dataset, data_ident = _build_dataset(data, resolution, augment, split)

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .embedded import EMBEDDED
+from .embedded import DIGITS_SCHEDULE, EMBEDDED
 from .sar import OFFICIAL, SARConfig
 from .schedules import STANDARD_SCHEDULE, parse_schedule
 
@@ -139,7 +139,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "run": dict(out="runs/tiny"),
         "model": dict(name="flexvar-tiny", depth=3, embed_dim=96, num_heads=4),
-        "data": dict(vae=EMBEDDED, schedule=(1, 2, 3, 4, 6, 8), workers=0),
+        "data": dict(vae=EMBEDDED, schedule=DIGITS_SCHEDULE, workers=0),
         "objective": dict(objective="sar", transitions="all", sampling="cfg", gamma=0.1, cfg=1.2, top_k=0, top_p=0.96),
         "optim": dict(pretrain_steps=300, max_steps=150, batch_size=64, pretrain_lr=1e-3, lr=3e-4, warmup_steps=20,
                       clip=2.0),

@@ -17,6 +17,7 @@ from .build import build_tokenizer, check_model_fits_tokenizer
 from .embedded import EMBEDDED
 from .models import load_checkpoint
 from .models.generate import generate
+from .parallel import resolve_device
 from .sampling import CFG_RAMPS
 from .schedules import parse_schedule
 
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --classes must be comma-separated ints, got {args.classes!r}") from None
     if not classes or args.per_class < 1 or args.batch_size < 1:
         raise SystemExit("error: need at least one class, --per-class >= 1 and --batch-size >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.vae != EMBEDDED and not os.path.isfile(args.vae):
         raise SystemExit(f"error: --vae {args.vae}: no such file")
     model = load_checkpoint(args.ckpt).to(device).eval()

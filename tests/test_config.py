@@ -100,3 +100,17 @@ def test_to_dict_is_json_ready_and_nested():
     d = parse_config([]).to_dict()
     assert d["data"]["schedule"] == [1, 2, 3, 4, 6, 8] and d["objective"]["objective"] == "sar"
     assert json.loads(json.dumps(d)) == d
+
+
+def test_device_flags_mean_the_same_everywhere():
+    """--device of train, sample and cache all go through parallel.resolve_device."""
+    import torch
+
+    from sar_fast.parallel import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RuntimeError, match="--device 'bogus'"):
+        resolve_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="--device cuda was requested but no CUDA device"):
+            resolve_device("cuda")

@@ -34,6 +34,9 @@ def _mid(c: int, groups: int) -> nn.Module:
     return mid
 
 
+# Encoder and decoder repeat flexvq.py's in shape, and each forward mirrors the other's stage
+# loop, on purpose: the attribute names are the checkpoint keys (VAR's here, LlamaGen's there),
+# and a literal layout per format keeps key-for-key loading checkable by reading.
 class _Encoder(nn.Module):
     """VAR layout: down[level].block / .attn / .downsample, mid.block_1 / attn_1 / block_2."""
 
