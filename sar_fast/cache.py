@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import CACHE_FORMAT, AUGMENTATIONS, EmbeddedDigitsDataset, ImageFolderDataset, collate
-from .embedded import DIGITS_SIDE, GreyLevelTokenizer
+from .build import build_tokenizer
+from .data import CACHE_FORMAT, AUGMENTATIONS, EmbeddedDigitsDataset, ImageFolderDataset, collate, file_sha256
+from .embedded import DIGITS_SIDE, EMBEDDED
+from .logs import Progress
+from .parallel import resolve_device
 from .schedules import STANDARD_SCHEDULE, parse_schedule, total_length, validate_schedule
-
-EMBEDDED = "embedded-digits"
 # manifest entries that must agree for an existing cache to be continued
 _IDENTITY_KEYS = ("format", "schedule", "quant_mode", "tokenizer_sha256", "tokenizer_class", "vocab_size",
                   "data_sha256", "split", "resolution", "augment", "views", "num_samples", "classes", "dtype")
@@ -36,14 +37,6 @@ _IDENTITY_KEYS = ("format", "schedule", "quant_mode", "tokenizer_sha256", "token
 
 class CacheError(ValueError):
     """A bad argument or an existing cache that does not fit them."""
-
-
-def file_sha256(path: str, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
@@ -59,16 +52,14 @@ def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
 def _load_tokenizer(vae: str, device: torch.device):
     """(tokenizer on `device`, its identity) for a checkpoint path or 'embedded-digits'."""
     if vae == EMBEDDED:
-        tok = GreyLevelTokenizer()
+        tok = build_tokenizer(EMBEDDED, device)
         ident = dict(tokenizer_path=EMBEDDED, tokenizer_class=type(tok).__name__,
                      tokenizer_sha256=hashlib.sha256(f"GreyLevelTokenizer(levels={tok.levels})".encode()).hexdigest())
     else:
-        from .models.tokenizers import load_tokenizer
         path = os.path.abspath(vae)
         sha = file_sha256(path)
-        tok = load_tokenizer(path)
+        tok = build_tokenizer(path, device)
         ident = dict(tokenizer_path=path, tokenizer_class=type(tok).__name__, tokenizer_sha256=sha)
-    tok = tok.to(device).eval()
     ident.update(quant_mode=tok.mode, vocab_size=int(tok.vocab_size))
     return tok, ident
 
@@ -99,40 +90,6 @@ def default_schedule(latent_side: int, quant_mode: str) -> tuple[int, ...]:
         return STANDARD_SCHEDULE
     raise CacheError(f"no default schedule for a {latent_side}x{latent_side} latent ({quant_mode} codes); "
                      "pass --schedule")
-
-
-class _Progress:
-    """tqdm when installed, else a rate/ETA line on stderr every few seconds."""
-
-    def __init__(self, total: int, initial: int, disable: bool):
-        self.total, self.count, self.disable = total, initial, disable
-        self.start_count, self.start, self.last_print = initial, time.monotonic(), 0.0
-        self.bar = None
-        if not disable:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="img", desc="tokenising", file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.count += n
-        if self.disable:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last_print >= 5.0 or self.count == self.total:
-            rate = (self.count - self.start_count) / max(now - self.start, 1e-9)
-            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            print(f"tokenising: {self.count}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f}s",
-                  file=sys.stderr, flush=True)
-            self.last_print = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _open_or_create(out: str, manifest: dict[str, Any], labels: np.ndarray, overwrite: bool):
@@ -191,9 +148,10 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
             raise CacheError(f"{name} must be an int >= {low}, got {value!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise CacheError(f"--out {out!r} exists and is not a directory")
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CacheError("--device cuda was requested but CUDA is not available")
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as e:  # also a name torch does not know
+        raise CacheError(str(e)) from None
 
     try:
         dataset, data_ident = _build_dataset(data, resolution, augment, split)
@@ -227,7 +185,7 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
 
     loader = DataLoader(Subset(dataset, range(done, total)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda")
-    bar = _Progress(total, done, disable=not progress)
+    bar = Progress(total, done, enabled=progress, desc="tokenising", unit="img")
     try:
         for batch_index, (images, _) in enumerate(loader):
             if max_batches is not None and batch_index >= max_batches:

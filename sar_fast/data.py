@@ -1,5 +1,6 @@
-"""Training data: an ImageNet-style image folder, a code cache, the embedded digits, and a
-resumable distributed sampler. No torchvision: images go through PIL and numpy.
+"""Training data: an ImageNet-style image folder, a code cache, the embedded digits, a
+resumable distributed sampler, and the trainer's DataSource that turns them into batches
+of (labels, codes, schedule). No torchvision: images go through PIL and numpy.
 
 Augmentation is reproducible: the random crop/flip of sample i in epoch e is drawn from a
 generator seeded by (seed, e, i), so it does not depend on worker count or on where a run
@@ -8,17 +9,21 @@ on the sampler at the start of every epoch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .embedded import DIGITS_NUM_CLASSES, DIGITS_SCHEDULE, digits_to_images, load_digits_dataset
-from .schedules import scale_offsets, validate_schedule
+from .embedded import DIGITS_NUM_CLASSES, DIGITS_SCHEDULE, EMBEDDED, digits_to_images, load_digits_dataset
+from .config import DataConfig
+from .parallel import DistInfo
+from .schedules import random_flexvar_schedule, scale_offsets, validate_schedule
 
 # the file types torchvision's ImageFolder accepts
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -192,6 +197,14 @@ class EmbeddedDigitsDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- code cache
+def file_sha256(path: str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_cache_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest.json of a code cache written by `python -m sar_fast.cache`."""
     path = os.path.join(os.fspath(cache_dir), "manifest.json")
@@ -366,3 +379,111 @@ def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
         raise ValueError("collate got an empty batch")
     items, labels = zip(*batch)
     return torch.stack(items), torch.as_tensor([int(y) for y in labels], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------- the trainer's batches
+class DataSource:
+    """Batches of (labels, codes [B, L], schedule) for the local rank, resumable."""
+
+    def __init__(self, cfg: DataConfig, seed: int, info: DistInfo, tokenizer, local_batch: int, num_classes: int):
+        self.cfg, self.seed, self.info, self.tok, self.local_batch = cfg, seed, info, tokenizer, local_batch
+        self.num_classes = num_classes
+        if cfg.cache:
+            self.dataset = CodeDataset(cfg.cache, seed=seed)
+            self.cache_schedule = tuple(self.dataset.cache_schedule)
+            check_cache_matches(self.dataset.manifest, cfg, tokenizer)
+        elif cfg.folder:
+            self.dataset = ImageFolderDataset(cfg.folder, resolution=cfg.resolution, train=True, seed=seed)
+            self.cache_schedule = None
+        else:
+            self.dataset = EmbeddedDigitsDataset("train", seed=0)
+            self.cache_schedule = None
+        self.sampler = ResumableDistributedSampler(len(self.dataset), info.rank, info.world_size, seed=seed)
+        if self.sampler.num_samples < local_batch:
+            raise SystemExit(f"error: {len(self.dataset)} samples cannot fill a per-rank batch of {local_batch}")
+        self._iter = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.num_samples // self.local_batch
+
+    def _loader(self):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.sampler.epoch)
+        return iter(DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
+                               num_workers=self.cfg.workers, collate_fn=collate,
+                               pin_memory=self.info.device.type == "cuda", persistent_workers=False,
+                               # its own generator: the loader must not draw from the global RNG
+                               # (label dropout's), or a resumed run would drift from a straight one
+                               generator=torch.Generator().manual_seed(self.seed + self.sampler.epoch)))
+
+    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        if self._iter is None:
+            self._iter = self._loader()
+        if self.sampler.num_samples - self.sampler.position < self.local_batch:  # epoch done
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._iter = self._loader()
+        x, labels = next(self._iter)
+        self.sampler.advance(self.local_batch)
+        check_batch_ranges(labels, x if self.cache_schedule is not None else None, self.num_classes,
+                           self.tok.vocab_size)
+        schedule = self.schedule_for(step)
+        x, labels = x.to(self.info.device, non_blocking=True), labels.to(self.info.device, non_blocking=True)
+        if self.cache_schedule is not None:
+            codes = select_scales(x.long(), self.cache_schedule, schedule, self.dataset.manifest["quant_mode"])
+        else:
+            with torch.no_grad():
+                codes = torch.cat(self.tok.encode(x.float(), schedule), dim=1)
+        return labels, codes, schedule
+
+    def schedule_for(self, step: int) -> tuple[int, ...]:
+        """The same on every rank: derived from (seed, step) only."""
+        if not self.cfg.random_schedules:
+            return self.cfg.schedule
+        return random_flexvar_schedule(random.Random(self.seed * 1_000_003 + step), last=self.cfg.schedule[-1])
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict, saved_world_size: int | None) -> None:
+        """Continue where `state` stopped. Saved by another number of ranks, the shards
+        differ and cannot be continued: the next epoch's order starts instead."""
+        if saved_world_size != self.info.world_size:
+            self.sampler.set_epoch(state["epoch"] + 1)
+        else:
+            self.sampler.load_state_dict(state)
+        self._iter = None
+
+
+def check_batch_ranges(labels: torch.Tensor, codes: torch.Tensor | None, num_classes: int, vocab: int) -> None:
+    """On the host, before the batch moves to the device: labels in [0, num_classes) and
+    cached codes in [0, vocab) (codes the tokenizer makes on the fly are valid by construction)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"a batch holds labels in [{int(labels.min())}, {int(labels.max())}] but the model "
+                         f"has {num_classes} classes")
+    if codes is not None and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab):
+        raise ValueError(f"a batch holds codes in [{int(codes.min())}, {int(codes.max())}] but the tokenizer "
+                         f"has {vocab} codes (a cache from another tokenizer?)")
+
+
+def select_scales(codes: torch.Tensor, cache_schedule: tuple[int, ...], schedule: tuple[int, ...],
+                  quant_mode: str) -> torch.Tensor:
+    """Pick the scales of `schedule` out of codes cached for `cache_schedule`. Only FlexVAR's
+    scales are independent (a cache holding every side serves any schedule); VAR's residual
+    codes are valid for the cached schedule alone."""
+    if schedule == cache_schedule:
+        return codes
+    if quant_mode != "flexvar":
+        raise ValueError(f"this cache holds VAR residual codes for {cache_schedule}; they cannot serve schedule "
+                         f"{schedule} (train with --schedule matching the cache, without --random-schedules)")
+    return codes.index_select(1, schedule_token_index(cache_schedule, schedule).to(codes.device))
+
+
+def check_cache_matches(manifest: dict, cfg: DataConfig, tokenizer) -> None:
+    """Refuse codes made by another tokenizer than --vae (they would train silently wrong)."""
+    if cfg.vae != EMBEDDED and manifest.get("tokenizer_sha256") != file_sha256(cfg.vae):
+        raise SystemExit(f"error: --cache {cfg.cache} was built with tokenizer {manifest.get('tokenizer_path')} "
+                         f"but --vae {cfg.vae} is a different file (sha256 differs)")
+    if int(manifest.get("vocab_size", -1)) != tokenizer.vocab_size or manifest.get("quant_mode") != tokenizer.mode:
+        raise SystemExit(f"error: --cache {cfg.cache} holds {manifest.get('quant_mode')} codes of vocabulary "
+                         f"{manifest.get('vocab_size')}, the tokenizer is {tokenizer.mode} with {tokenizer.vocab_size}")

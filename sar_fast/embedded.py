@@ -20,12 +20,12 @@ from . import ops
 from .models.tokenizers.base import Codes, flatten_codes
 from .schedules import validate_schedule
 
+EMBEDDED = "embedded-digits"  # what --data / --vae take to mean this dataset / tokenizer
 DIGITS_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 DIGITS_SIDE = 8
 DIGITS_NUM_CLASSES = 10
 DIGITS_MAX_GREY = 16  # the dataset's grey levels are the integers 0..16
 SPLITS = ("train", "val", "all")
-
 
 
 def load_digits_dataset(split: str = "train", val_fraction: float = 0.1,
@@ -108,9 +108,6 @@ class GreyLevelTokenizer(nn.Module):
     def codebook(self) -> torch.Tensor:
         """[levels, 1]: what code k embeds to (the transformer's inputs are built from it)."""
         return self.grey_values
-
-    def _phi(self) -> None:
-        return None
 
     # ------------------------------------------------------------------ encode
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:

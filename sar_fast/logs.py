@@ -99,15 +99,17 @@ class JsonlLogger:
 
 
 class Progress:
-    """Rank-0 progress bar: tqdm when installed, else a plain line every few seconds."""
+    """A progress bar on stderr (the trainer's steps, the cache's images): tqdm when
+    installed, else a line with count, rate and ETA every few seconds and at the end."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        self.enabled, self.total, self.n = enabled, total, initial
-        self._bar, self._last, self._t0 = None, 0.0, time.time()
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "it"):
+        self.enabled, self.total, self.n, self.desc, self.unit = enabled, total, initial, desc, unit
+        self._bar, self._last, self._n0, self._t0 = None, 0.0, initial, time.monotonic()
         if enabled:
             try:
                 from tqdm import tqdm
-                self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
+                self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                                 file=sys.stderr)
             except ImportError:
                 pass
 
@@ -116,12 +118,16 @@ class Progress:
         if not self.enabled:
             return
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+        now = time.monotonic()
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(n)
-        elif time.time() - self._last > 5 or self.n >= self.total:
-            self._last = time.time()
-            print(f"[{self.n}/{self.total}] {text}", file=sys.stderr, flush=True)
+        elif now - self._last >= 5.0 or self.n >= self.total:
+            self._last = now
+            rate = (self.n - self._n0) / max(now - self._t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s {text}"
+                  .rstrip(), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -145,6 +151,49 @@ def mean_visible_keys(schedule) -> float:
     return acc / total
 
 
+def step_record(step: int, objective: str, losses: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                rates: dict, nonfinite_total: int, schedule, scale_totals: torch.Tensor | None) -> dict:
+    """One line of metrics.jsonl. losses [3]: total, TF (or SF), CSF; scale_totals [n, 3]:
+    per scale the CE sum, correct argmaxes and tokens over all ranks."""
+    record = {"step": step, "objective": objective, "loss": float(losses[0]), "tf_loss": float(losses[1]),
+              "csf_loss": float(losses[2]) if objective in ("sar", "official") else None,
+              "grad_norm": float(grad_norm), "lr": lr, **rates, "nonfinite_total": nonfinite_total,
+              "schedule": list(schedule)}
+    if scale_totals is not None:
+        for s, (ce, correct, count) in zip(schedule, scale_totals.tolist()):
+            record[f"loss_s{s}"] = ce / max(count, 1)
+            record[f"acc_s{s}"] = correct / max(count, 1)
+    return record
+
+
+class Throughput:
+    """Images, tokens and model FLOPs trained since the last read, as rates over all ranks,
+    and the MFU they make (None where the GPU's peak is unknown)."""
+
+    def __init__(self, model_config, device: torch.device, world_size: int):
+        self.config, self.peak, self.world_size = model_config, peak_flops(device), world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.tokens, self.flops = time.time(), 0, 0, 0.0
+
+    def add(self, schedule, images: int, passes: float) -> None:
+        """`images` of this rank trained on `schedule`; `passes`: forward-equivalents per token
+        (3 for forward + backward)."""
+        c, length = self.config, sum(s * s for s in schedule)
+        self.flops += passes * flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio,
+                                               mean_visible_keys(schedule)) * length * images
+        self.tokens += length * images
+        self.images += images
+
+    def read(self) -> dict:
+        dt = max(time.time() - self.start, 1e-9)
+        rates = {"img_per_s": self.images * self.world_size / dt, "tokens_per_s": self.tokens * self.world_size / dt,
+                 "mfu": (self.flops / dt / self.peak) if self.peak else None}
+        self.reset()
+        return rates
+
+
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
@@ -160,10 +209,11 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class GpuMonitor:
-    """GPU memory and utilisation through NVML (nvidia-ml-py), when present."""
+    """Peak memory on a CUDA device; utilisation and memory in use through NVML
+    (nvidia-ml-py), when present. Nothing on a CPU."""
 
     def __init__(self, device: torch.device):
-        self.handle = None
+        self.device, self.handle = device, None
         if device.type != "cuda":
             return
         try:
@@ -175,11 +225,15 @@ class GpuMonitor:
             self.handle = None
 
     def read(self) -> dict:
-        if self.handle is None:
+        if self.device.type != "cuda":
             return {}
+        record = {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
+        if self.handle is None:
+            return record
         try:
             util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
             mem = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
-            return {"gpu_util": float(util.gpu), "gpu_mem_used_gb": mem.used / 2**30}
+            record.update(gpu_util=float(util.gpu), gpu_mem_used_gb=mem.used / 2**30)
         except Exception:
-            return {}
+            pass
+        return record

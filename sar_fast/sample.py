@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from . import logs
+from .build import build_tokenizer, check_model_fits_tokenizer
+from .embedded import EMBEDDED
 from .models import load_checkpoint
-from .sampler import CFG_RAMPS, generate
+from .models.generate import generate
+from .parallel import resolve_device
+from .sampling import CFG_RAMPS
 from .schedules import parse_schedule
-
-EMBEDDED = "embedded-digits"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_tokenizer_arg(spec: str, device: torch.device):
-    if spec == EMBEDDED:
-        from .embedded import GreyLevelTokenizer
-        return GreyLevelTokenizer().to(device)
-    if not os.path.isfile(spec):
-        raise SystemExit(f"error: --vae {spec}: no such file")
-    from .models.tokenizers import load_tokenizer
-    return load_tokenizer(spec).to(device)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(args.ckpt):
@@ -64,13 +56,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --classes must be comma-separated ints, got {args.classes!r}") from None
     if not classes or args.per_class < 1 or args.batch_size < 1:
         raise SystemExit("error: need at least one class, --per-class >= 1 and --batch-size >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.vae != EMBEDDED and not os.path.isfile(args.vae):
+        raise SystemExit(f"error: --vae {args.vae}: no such file")
     model = load_checkpoint(args.ckpt).to(device).eval()
-    tok = load_tokenizer_arg(args.vae, device).eval()
-    if (model.vocab_size, model.code_dim) != (tok.vocab_size, tok.Cvae) or tok.mode != model.arch:
-        raise SystemExit(f"error: the {model.arch} model ({model.vocab_size} codes of dim {model.code_dim}) does not "
-                         f"match the {tok.mode} tokenizer ({tok.vocab_size} codes of dim {tok.Cvae})")
+    tok = build_tokenizer(args.vae, device)
+    check_model_fits_tokenizer(model, tok, "--ckpt")
     if max(classes) >= model.num_classes or min(classes) < 0:
         raise SystemExit(f"error: --classes must lie in [0, {model.num_classes - 1}], got {classes}")
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
@@ -80,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     for start in range(0, len(labels), args.batch_size):
         out = generate(model, tok.codebook().to(device), labels[start:start + args.batch_size], args.schedule,
                        cfg=args.cfg, cfg_ramp=ramp, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                       phi=tok._phi(), decode=tok.decode)
+                       phi=tok.phi, decode=tok.decode)
         images.append(out.images.float().cpu())
         print(f"[sample] {min(start + args.batch_size, len(labels))}/{len(labels)}", file=sys.stderr, flush=True)
     images = torch.cat(images)

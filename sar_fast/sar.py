@@ -29,15 +29,15 @@ No distributed code here: the trainer wraps the model (FSDP2) and calls `sar_ste
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
-from .models.transformer import apply_head
-from .sampler import guidance_weight, sample_top_k_top_p
+from .models.blocks import apply_head
+from .ops.reference import Phi
+from .sampling import guidance_weight, sample_top_k_top_p
 from .schedules import scale_offsets, validate_schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
@@ -46,23 +46,28 @@ SAMPLINGS = ("argmax", "sample", "cfg")
 CSF_TARGETS = ("sampled", "soft", "gt")
 SCALE_WEIGHTINGS = ("token", "scale")
 
-Phi = Callable[[torch.Tensor, int, int], torch.Tensor]
-
 
 @dataclass
 class SARConfig:
-    objective: str = "sar"
-    transitions: str = "last"
-    sampling: str = "cfg"
-    csf_target: str = "sampled"
-    gamma: float = 0.01
-    cfg: float = 1.2
-    top_k: int = 900
-    top_p: float = 0.96
-    scale_weighting: str = "token"   # token: 1/L per token (VAR/FlexVAR); scale: each scale 1/n
-    label_smoothing: float = 0.0
-    hybrid_k: int = 4
-    seed: int = 0
+    """One step's objective. The metadata is the trainer's command line (sar_fast.config
+    makes a flag of every field but `seed`, which comes from the run's --seed)."""
+    objective: str = field(default="sar", metadata={"choices": OBJECTIVES, "help": (
+        "tf: teacher forcing; sar: TF + SSR + CSFL; official: the public SAR step as written (slower, same "
+        "result); sf_*: naive student-forcing ablations")})
+    transitions: str = field(default="last", metadata={"choices": TRANSITIONS, "help": (
+        "SSR transitions: last (public code), random, all (Eq. 6)")})
+    sampling: str = field(default="cfg", metadata={"choices": SAMPLINGS, "help": "how SSR samples the TF predictions"})
+    csf_target: str = field(default="sampled", metadata={"choices": CSF_TARGETS, "help": (
+        "CSF target: TF-sampled codes, TF distribution (KL), GT")})
+    gamma: float = field(default=0.01, metadata={"help": "weight of the CSF loss"})
+    cfg: float = field(default=1.2, metadata={"help": "guidance for SSR sampling (ramp cfg*(1+si/(n-1))/2)"})
+    top_k: int = field(default=900, metadata={"help": "SSR top-k (0 = off)"})
+    top_p: float = field(default=0.96, metadata={"help": "SSR top-p (0 = off)"})
+    scale_weighting: str = field(default="token", metadata={"choices": SCALE_WEIGHTINGS, "help": (
+        "token: 1/L per token; scale: 1/n per scale")})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of every cross-entropy term"})
+    hybrid_k: int = field(default=4, metadata={"help": "sf_hybrid: teacher-forced scales before the rollout"})
+    seed: int = field(default=0, metadata={"cli": False, "help": "seed of SSR's draws (the run's --seed)"})
 
     def __post_init__(self) -> None:
         for name, allowed in (("objective", OBJECTIVES), ("transitions", TRANSITIONS),

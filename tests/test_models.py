@@ -199,3 +199,18 @@ def test_golden_parity_through_the_triton_kernels():
             case = {k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
             err = (_run_case(model, case) - case["logits"]).abs().max().item()
             assert err <= 1e-5, (case["kind"], err)
+
+
+def test_label_range_check_can_be_turned_off():
+    """On (the default) a label past the null class fails by name; a trainer that checks its
+    batches on the host turns the per-forward check (a host sync) off."""
+    model = build_model("flexvar-tiny")
+    bad = torch.tensor([0, model.num_classes + 1])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model.class_condition(bad)
+    assert model.set_label_range_check(False) is model
+    with pytest.raises(IndexError):  # only the embedding's own bounds check is left
+        model.class_condition(bad)
+    model.set_label_range_check(True)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model.class_condition(bad)

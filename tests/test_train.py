@@ -225,7 +225,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_batches_are_range_checked_on_the_host():
-    from sar_fast.train import check_batch_ranges
+    from sar_fast.data import check_batch_ranges
     check_batch_ranges(torch.tensor([0, 9]), torch.tensor([[0, 16]]), 10, 17)
     with pytest.raises(ValueError, match="labels in \\[0, 10\\] but the model has 10 classes"):
         check_batch_ranges(torch.tensor([0, 10]), None, 10, 17)

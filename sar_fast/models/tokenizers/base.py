@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from ... import ops
+from ...ops.reference import Phi
 from ...schedules import total_length, validate_schedule
 from ..checkpoint import CheckpointError, check_state_fits, extract_state_dict, read_checkpoint_file
 
@@ -104,7 +105,10 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
     def codebook(self) -> torch.Tensor:
         """The [V, Cvae] embedding the transformer's inputs are built from."""
 
-    def _phi(self) -> Callable[[torch.Tensor, int, int], torch.Tensor] | None:
+    @property
+    def phi(self) -> Phi | None:
+        """VAR's shared convolutions between the scales (None for FlexVAR's independent
+        scales): what `phi` of the ops, `sar_step` and `generate` takes."""
         return None
 
     @classmethod
@@ -165,7 +169,7 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
                              f"from {tuple(images.shape[-2:])} images")
         schedule = validate_schedule(schedule, latent_side=h)
         flat = ops.msq_encode(latent, self.quantize.embedding.weight, schedule, mode=self.mode,
-                              normalize=self.normalize_codes, phi=self._phi())
+                              normalize=self.normalize_codes, phi=self.phi)
         return list(flat.split([s * s for s in schedule], dim=1))
 
     # ------------------------------------------------------------------ decode

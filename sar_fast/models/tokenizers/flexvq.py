@@ -23,6 +23,9 @@ from .layers import Downsample2x, ResBlock, SelfAttention2d, Upsample2x, conv3x3
 _USAGE_BUFFER_LEN = 65536
 
 
+# Encoder and decoder repeat varvq.py's in shape, and each forward mirrors the other's stage
+# loop, on purpose: the attribute names are the checkpoint keys (LlamaGen's here, VAR's there),
+# and a literal layout per format keeps key-for-key loading checkable by reading.
 class _Encoder(nn.Module):
     """LlamaGen layout: conv_blocks[level].res / .attn / .downsample, mid = [res, attn, res]."""
 

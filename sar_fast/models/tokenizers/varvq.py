@@ -34,6 +34,9 @@ def _mid(c: int, groups: int) -> nn.Module:
     return mid
 
 
+# Encoder and decoder repeat flexvq.py's in shape, and each forward mirrors the other's stage
+# loop, on purpose: the attribute names are the checkpoint keys (VAR's here, LlamaGen's there),
+# and a literal layout per format keeps key-for-key loading checkable by reading.
 class _Encoder(nn.Module):
     """VAR layout: down[level].block / .attn / .downsample, mid.block_1 / attn_1 / block_2."""
 
@@ -110,7 +113,7 @@ class _Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Phi(nn.Conv2d):
+class PhiConv(nn.Conv2d):
     """(1 - r) h + r conv3x3(h): VAR's quant_resi refinement of an upsampled embedding."""
 
     def __init__(self, channels: int, ratio: float):
@@ -127,7 +130,7 @@ class _PhiSet(nn.Module):
 
     def __init__(self, channels: int, ratio: float, count: int):
         super().__init__()
-        make = (lambda: Phi(channels, ratio)) if abs(ratio) > 1e-6 else nn.Identity
+        make = (lambda: PhiConv(channels, ratio)) if abs(ratio) > 1e-6 else nn.Identity
         if count == 1:
             self.qresi = make()
         else:
@@ -217,14 +220,15 @@ class VARVQVAE(MultiScaleTokenizer):
         """The raw codebook [V, Cvae] (VAR does not normalise)."""
         return self.quantize.embedding.weight
 
-    def _phi(self):
+    @property
+    def phi(self):
         return self.quantize.apply_phi
 
     def codes_to_latent(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
         """f_hat [B, Cvae, s, s], s = last side: the sum over scales of Phi(bicubic-upsampled
         embedding). `codes`: the per-scale list, or [B, L] with `schedule`."""
         flat, schedule = self._flat_codes(codes, schedule)
-        return ops.msq_decode(flat, self.codebook(), schedule, mode="var", normalize=False, phi=self._phi())
+        return ops.msq_decode(flat, self.codebook(), schedule, mode="var", normalize=False, phi=self.phi)
 
     @torch.no_grad()
     def decode(self, codes: Codes, schedule: Sequence[int] | None = None) -> torch.Tensor:
@@ -233,7 +237,7 @@ class VARVQVAE(MultiScaleTokenizer):
         return self.decode_latent(self.codes_to_latent(codes, schedule))
 
     def _scale_shift(self, flat: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
-        return ops.scale_shift(flat, self.codebook(), schedule, mode="var", phi=self._phi(), check_range=False)
+        return ops.scale_shift(flat, self.codebook(), schedule, mode="var", phi=self.phi, check_range=False)
 
     @classmethod
     def infer_config(cls, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

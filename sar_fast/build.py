@@ -1,0 +1,61 @@
+"""Model and tokenizer building, one place for the trainer, `sar_fast.sample` and
+`sar_fast.cache`: a tokenizer from a checkpoint path or the embedded default, the model a
+run trains and its optimiser, and the check that a model and a tokenizer fit together."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import OptimConfig
+from .embedded import EMBEDDED, GreyLevelTokenizer
+from .models import ScaleAR, load_checkpoint, load_tokenizer, preset_config
+
+
+def build_tokenizer(spec: str, device: torch.device | str) -> nn.Module:
+    """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, or
+    EMBEDDED for the weight-free grey-level one), frozen (eval) on `device`."""
+    tok = GreyLevelTokenizer() if spec == EMBEDDED else load_tokenizer(spec)
+    return tok.to(device).eval()
+
+
+def check_model_fits_tokenizer(model: ScaleAR, tokenizer: nn.Module, model_flag: str) -> None:
+    """The model must predict the tokenizer's codes (vocabulary, code dim) in its scheme
+    (FlexVAR's independent scales or VAR's residual ones)."""
+    if (model.vocab_size, model.code_dim) != (tokenizer.vocab_size, tokenizer.Cvae) or tokenizer.mode != model.arch:
+        raise SystemExit(f"error: the {model.arch} model ({model.vocab_size} codes of dim {model.code_dim}) does not "
+                         f"match the {tokenizer.mode} tokenizer ({tokenizer.vocab_size} codes of dim "
+                         f"{tokenizer.Cvae}); {model_flag} and --vae do not fit together")
+
+
+def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> ScaleAR:
+    """The model a run trains (`args`: sar_fast.config.ModelArgs): the --init checkpoint, or
+    a fresh model of the --model preset sized to the tokenizer."""
+    overrides = {"cond_drop_rate": args.cond_drop}
+    if args.drop_path is not None:
+        overrides["drop_path_rate"] = args.drop_path
+    if args.init:
+        model = load_checkpoint(args.init, **overrides)
+    else:
+        extra = {k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads") if getattr(args, k) is not None}
+        model = ScaleAR(preset_config(args.name, vocab_size=tokenizer.vocab_size, code_dim=tokenizer.Cvae,
+                                      schedule=schedule, **extra, **overrides))
+    check_model_fits_tokenizer(model, tokenizer, "--init" if args.init else "--model")
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, position/level tables
+    or the attention scale (VAR's no-decay set)."""
+    no_decay_names = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul_1H11")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not any(k in name for k in no_decay_names) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at the objective's --lr (the trainer sets each step's rate), fused on CUDA."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                             fused=device.type == "cuda")

@@ -1,0 +1,106 @@
+"""Class-conditional generation, scale by scale, with a per-scale KV cache.
+
+Each scale's tokens attend to the cached keys/values of every earlier scale plus their own,
+so the block-causal mask is never needed at inference. Classifier-free guidance runs the
+conditional and the null-class batch together and mixes their logits with the guidance
+ramps of sar_fast.sampling. `ScaleAR.generate` calls this on its own model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.reference import Phi
+from ..sampling import CFG_RAMPS, FLEXVAR_TRAINED_SIDES, guidance_weight, sample_top_k_top_p
+from ..schedules import scale_offsets
+from .blocks import KVCache, apply_head
+
+
+@dataclass
+class Samples:
+    codes: list[torch.Tensor]        # per scale, [B, s*s] int64
+    images: torch.Tensor | None      # [B, 3, H, W] in [0, 1] when a decoder was given
+
+
+@torch.no_grad()
+def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
+             schedule: Sequence[int] | None = None, cfg: float = 1.5, cfg_ramp: str = "linear",
+             top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
+             generator: torch.Generator | None = None,
+             phi: Phi | None = None,
+             decode: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+             use_cache: bool = True) -> Samples:
+    """Generate one image per label with `model`, a ScaleAR.
+
+    codebook [V, Cv]: the embedding the model's inputs are built from (FlexVAR: the
+    L2-normalised VQ codebook; VAR: the raw one, with `phi` its shared convs). `decode`
+    maps the per-scale codes to images. cfg <= 0 disables guidance (no null-class batch).
+    `seed` (or a `generator`) makes the draw reproducible. use_cache=False recomputes the
+    whole prefix under the block-causal mask at every scale (slow; the test oracle).
+    """
+    schedule = model.check_schedule(schedule)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be an int64 tensor [B], got {getattr(labels, 'shape', labels)}")
+    if codebook.dim() != 2 or codebook.shape != (model.vocab_size, model.code_dim):
+        raise ValueError(f"codebook must be [{model.vocab_size}, {model.code_dim}] to match the model, "
+                         f"got {tuple(codebook.shape)}")
+    if cfg_ramp not in CFG_RAMPS:
+        raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {cfg_ramp!r}")
+    device = model.head.weight.device
+    labels = labels.to(device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}], got [{int(labels.min())}, {int(labels.max())}]")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    guided = cfg > 0
+    B, n, last = labels.shape[0], len(schedule), schedule[-1]
+    book = codebook.to(device=device, dtype=torch.float32)
+
+    all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
+    cond = model.class_emb(all_labels.long())
+    pos = model.pos_embed(schedule)
+    offsets = scale_offsets(schedule)
+    tokens = [cond.unsqueeze(1) + model.pos_start + pos[:, :1]]  # embedded inputs per scale
+    caches = [KVCache() for _ in model.blocks]
+    f_hat = torch.zeros(B, model.code_dim, last, last, device=device)  # VAR's running sum
+    codes: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for si, side in enumerate(schedule):
+            if use_cache:
+                logits = model.step_with_cache(tokens[-1], cond, caches)
+            else:
+                x = torch.cat(tokens, dim=1)
+                hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
+                logits = apply_head(model.head, hidden[:, offsets[si]:])
+            k = top_k
+            if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
+                k = 1  # FlexVAR samples greedily at sides it was not trained on
+            if guided:
+                t = guidance_weight(cfg_ramp, cfg, si, n)
+                if cfg_ramp == "flexvar" and side > 16:
+                    t = cfg
+                logits = (1 + t) * logits[:B] - t * logits[B:]
+            idx = sample_top_k_top_p(logits, k, top_p, generator)
+            codes.append(idx)
+            if si == n - 1:
+                break
+            emb = book[idx].transpose(1, 2).reshape(B, model.code_dim, side, side)
+            nxt = schedule[si + 1]
+            if model.arch == "flexvar":
+                inp = F.interpolate(emb, size=(nxt, nxt), mode="bicubic")
+            else:
+                up = F.interpolate(emb, size=(last, last), mode="bicubic")
+                f_hat = f_hat + (phi(up, si, n) if phi is not None else up)
+                inp = F.interpolate(f_hat, size=(nxt, nxt), mode="area")
+            x = model.embed_inputs(inp.flatten(2).transpose(1, 2)) + pos[:, offsets[si + 1]:offsets[si + 2]]
+            tokens.append(x.repeat(2, 1, 1) if guided else x)
+    finally:
+        model.train(was_training)
+    images = decode(codes) if decode is not None else None
+    return Samples(codes=codes, images=images)

@@ -1,0 +1,123 @@
+"""The package's shape: no import cycles inside sar_fast (module-level and function-level
+imports alike), read from the source with `ast` so that nothing is imported to check it."""
+import ast
+import os
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = "sar_fast"
+
+
+def _modules(root: str) -> dict[str, str]:
+    """Dotted module name -> file, for every .py file under the package."""
+    found = {}
+    for folder, _, files in os.walk(os.path.join(root, PACKAGE)):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), root)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                found[".".join(rel)] = os.path.join(folder, name)
+    return found
+
+
+def _ancestors(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in its body. Importing a.b.c also
+    runs a.b's __init__ unless the importer sits inside a.b (then it is already running)."""
+    graph = {}
+    for module, path in modules.items():
+        is_package = path.endswith("__init__.py")
+        package = module if is_package else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - node.level + 1]
+                    prefix = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    prefix = node.module
+                # `from a import b` imports a.b when b is a module, else a
+                names = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix
+                         for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name not in modules:
+                    continue
+                targets.add(name)
+                targets.update(a for a in _ancestors(name) if a not in _ancestors(module) and a != module)
+        targets.discard(module)
+        graph[module] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle (as a path that starts and ends at the same module), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_in_the_package():
+    graph = import_graph(_modules(ROOT))
+    assert len(graph) > 20 and "sar_fast.models.generate" in graph
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_function_level_imports_and_package_inits(tmp_path):
+    """The checker itself: a function-level import that closes a loop is a cycle, and so is
+    one that closes only through a package's __init__."""
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import g\n")
+    (pkg / "sub" / "__init__.py").write_text("from .c import x\n")
+    (pkg / "sub" / "c.py").write_text("x = 1\n")
+    (pkg / "d.py").write_text("from .sub.c import x\n")
+    graph = import_graph(_modules(str(tmp_path)))
+    assert find_cycle(graph) == ["sar_fast.a", "sar_fast.b", "sar_fast.a"]
+    (pkg / "b.py").write_text("x = 1\n")
+    assert find_cycle(import_graph(_modules(str(tmp_path)))) is None
+    (pkg / "sub" / "__init__.py").write_text("from .c import x\nfrom ..d import x as y\n")
+    assert find_cycle(import_graph(_modules(str(tmp_path)))) == ["sar_fast.d", "sar_fast.sub", "sar_fast.d"]
+
+
+def test_sampling_helpers_are_a_leaf():
+    graph = import_graph(_modules(ROOT))
+    assert graph["sar_fast.sampling"] == set()
+
+
+@pytest.mark.parametrize("module", ["sar_fast.sampler", "sar_fast.train"])
+def test_nothing_inside_imports_the_entry_points(module):
+    """sampler.py is the old public name of the sampling API and train.py the program: no
+    package module depends on either."""
+    graph = import_graph(_modules(ROOT))
+    assert not [m for m, targets in graph.items() if module in targets]
