@@ -40,7 +40,7 @@ def make_codes(B, schedule, V):
 
 
 def triton_call(fn, *args, **kwargs):
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         return fn(*args, **kwargs)
 
 
@@ -197,7 +197,7 @@ def test_ssr_codebook_gradient_only_from_the_chosen_scale():
 ])
 def test_bad_codes_raise(kwargs, err, msg):
     kwargs = {"codebook": torch.randn(9, 4), **kwargs}
-    with ops.use_backend("triton"), pytest.raises(err, match=msg):
+    with ops.use_backend("kernel"), pytest.raises(err, match=msg):
         ops.scale_shift(schedule=(1, 2, 3), **kwargs)
 
 
@@ -209,7 +209,7 @@ def test_bad_codes_raise(kwargs, err, msg):
     (torch.randn(2, 4, 2, 2), TypeError, "scales must be a list"),
 ])
 def test_bad_scales_raise(scales, err, msg):
-    with ops.use_backend("triton"), pytest.raises(err, match=msg):
+    with ops.use_backend("kernel"), pytest.raises(err, match=msg):
         ops.scale_shift(scales=scales, schedule=(1, 2))
 
 
@@ -249,7 +249,7 @@ def test_torch_compile_fullgraph():
     fn = torch.compile(lambda c, m: (ops.scale_shift(c, book, schedule, check_range=False)
                                      * ops.scale_shift(scales=m, schedule=schedule)).sum(),
                        backend="aot_eager", fullgraph=True)
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         fn(codes, maps).backward()
     twins = [m.detach().clone().requires_grad_() for m in maps]
     (reference_tf(codes, book, schedule) * reference.scale_shift(twins, schedule)).sum().backward()
