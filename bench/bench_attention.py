@@ -248,7 +248,8 @@ def main() -> int:
         "op": "scale_causal_attention", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton.__version__,
         "smoke": bool(args.smoke),
-        "targets": {"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX, "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
+        "targets": {"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX,
+                    "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
         "notes": "TFLOP/s count visible pairs only (fwd 4*D flops per pair, bwd 2.5x fwd); peak_mib: most "
                  "allocated above the inputs during one fwd+bwd; bwd is timed alone after an untimed forward",
         "skipped_peers": skipped_all, "checks": checks, "summary": summary, "results": results,

@@ -168,7 +168,8 @@ def main() -> int:
                 print(f"{mode:8s} V={V:5d}  reference {statistics.median(times['reference']):9.1f} ms"
                       f" (peak {_fmt(peak['reference'])} MiB; largest [N,V] fp32 {nv_mib:.0f} MiB)  "
                       f"extension {statistics.median(times['extension']):8.1f} ms (peak "
-                      f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  agree {agree['extension']:.6f}",
+                      f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  "
+                      f"agree {agree['extension']:.6f}",
                       flush=True)
     result = {
         "bench": "quantize", "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

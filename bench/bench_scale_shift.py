@@ -286,8 +286,9 @@ def main() -> int:
                     up = F.interpolate(emb.reshape(B, C, s_in, s_in), size=(schedule[j + 1],) * 2, mode="bicubic")
                     blocks.append(up.flatten(2).transpose(1, 2))
                 return torch.cat(blocks, dim=1)
-            for name, fn in {"eager": eager_ssr,
-                             "sar_fast": lambda t=transitions: ss.ssr_inputs(pred, book, schedule, t, check_range=False)}.items():
+            def fused_ssr(transitions=transitions):
+                return ss.ssr_inputs(pred, book, schedule, transitions, check_range=False)
+            for name, fn in {"eager": eager_ssr, "sar_fast": fused_ssr}.items():
                 row = {"peer": name, "B": B, "transitions": transitions,
                        "ms": attempt(clock.events, fn), "graph_ms": attempt(clock.graph, fn)}
                 report["ssr"].append(row)

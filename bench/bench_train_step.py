@@ -70,8 +70,10 @@ def main() -> None:
     fwd_flops = logs.flops_per_token(mc.depth, mc.embed_dim, mc.vocab_size, mc.mlp_ratio,
                                      logs.mean_visible_keys(schedule)) * L * batch
     peak = logs.peak_flops(device)
+    model_name = args.model or ("flexvar-tiny(1x32, smoke)" if args.smoke
+                                else "flexvar-tiny(3x96)" if args.cpu else "flexvar-d16")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "model": args.model or ("flexvar-tiny(1x32, smoke)" if args.smoke else "flexvar-tiny(3x96)" if args.cpu else "flexvar-d16"),
+               "torch": torch.__version__, "model": model_name,
                "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch, "schedule": schedule,
                "cases": {}}
     for name, kw in CASES.items():
@@ -100,7 +102,7 @@ def main() -> None:
         results["cases"][name] = res
         print(f"{name:10s} {dt * 1e3:9.1f} ms/step  {batch / dt:8.1f} img/s", flush=True)
     tf = results["cases"]["tf"]["step_s"]
-    for name, res in results["cases"].items():
+    for res in results["cases"].values():
         res["time_vs_tf"] = res["step_s"] / tf
     results["official_over_sar"] = results["cases"]["official"]["step_s"] / results["cases"]["sar"]["step_s"]
     with open(os.path.join(args.out, "bench_train_step.json"), "w") as f:

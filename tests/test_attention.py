@@ -132,7 +132,7 @@ def test_tiles_outside_the_mask_are_never_read(window):
     grad_out = torch.randn_like(out)
     dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, w,
                                   blocks=blocks)
-    for s, (rows, keys) in enumerate(zip([slice(0, 16), slice(16, 32), slice(32, 64)], seen_by)):
+    for rows, keys in zip([slice(0, 16), slice(16, 32), slice(32, 64)], seen_by):
         k_bad, v_bad = nan_outside(k, keys), nan_outside(v, keys)
         out_s, lse_s = kernels.forward(q, k_bad, v_bad, sid, sid, off, 0.25, w, blocks=blocks)
         torch.testing.assert_close(out_s[:, :, rows], out[:, :, rows])

@@ -190,8 +190,10 @@ def test_ssr_codebook_gradient_only_from_the_chosen_scale():
     (dict(codes=torch.full((2, 14), 9)), ValueError, r"codes must lie in \[0, 9\)"),
     (dict(codes=torch.randint(0, 9, (2, 15))), ValueError, "has 15 tokens per sample but schedule"),
     (dict(codes=torch.randint(0, 9, (2, 14)).float()), TypeError, "codes must have dtype"),
-    (dict(codes=torch.randint(0, 9, (2, 14)), codebook=torch.randint(0, 9, (9, 4))), TypeError, "codebook must have dtype"),
-    (dict(codes=torch.randint(0, 9, (2, 14)), codebook=torch.randn(9, 4, device="meta")), ValueError, "codebook is on meta"),
+    (dict(codes=torch.randint(0, 9, (2, 14)), codebook=torch.randint(0, 9, (9, 4))), TypeError,
+     "codebook must have dtype"),
+    (dict(codes=torch.randint(0, 9, (2, 14)), codebook=torch.randn(9, 4, device="meta")), ValueError,
+     "codebook is on meta"),
     (dict(codes=torch.randint(0, 9, (2, 14)), out_dtype=torch.int32), TypeError, "out_dtype"),
     (dict(codes=torch.randint(0, 9, (2, 14)), mode="bilinear"), ValueError, "mode must be"),
 ])
