@@ -17,6 +17,7 @@ Environment knobs:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,29 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+# the Python binding of the extension; the operator sources are listed in csrc/sources.txt
+PYTHON_MODULE = "csrc/python_module.cpp"
+
+
+def read_sources() -> tuple[list[str], list[str]]:
+    """(C++ sources, CUDA sources) from csrc/sources.txt, the list CMakeLists.txt also reads.
+    A source file in csrc/ that the list forgets is an error, not a silently missing op."""
+    listed = [line.strip() for line in (CSRC / "sources.txt").read_text().splitlines()]
+    listed = [line for line in listed if line and not line.startswith("#")]
+    on_disk = {str(p.relative_to(ROOT)) for p in (*CSRC.glob("*.cpp"), *CSRC.glob("*.cu"))}
+    unlisted = sorted(on_disk - set(listed) - {PYTHON_MODULE})
+    missing = sorted(set(listed) - on_disk)
+    if unlisted or missing:
+        sys.exit(f"csrc/sources.txt is out of date: unlisted {unlisted}, missing {missing}")
+    return [s for s in listed if not s.endswith(".cu")], [s for s in listed if s.endswith(".cu")]
+
+
+def minimum_torch() -> str:
+    """The torch requirement of pyproject.toml (its one definition), e.g. '2.6'."""
+    found = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    if found is None:
+        sys.exit("pyproject.toml: no \"torch>=X.Y\" dependency found")
+    return found.group(1)
 
 
 def _has_nvcc(root: str | os.PathLike | None) -> bool:
@@ -84,14 +108,19 @@ try:
 except ImportError as err:
     sys.exit(
         f"sar_fast builds against an installed PyTorch, which could not be imported ({err}).\n"
-        "Install torch>=2.4 first, then run `pip install --no-build-isolation -e .` "
+        f"Install torch>={minimum_torch()} first, then run `pip install --no-build-isolation -e .` "
         "(or `python setup.py build_ext --inplace`)."
     )
 
+_have = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+_need = tuple(int(part) for part in minimum_torch().split(".")[:2])
+if _have < _need:
+    sys.exit(f"sar_fast needs torch>={minimum_torch()} (pyproject.toml); torch {torch.__version__} is installed")
+
 build_cuda = want_cuda and cuda_home is not None and torch.version.cuda is not None
 
-cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
-cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+op_sources, cuda_sources = read_sources()
+cpp_sources = op_sources + [PYTHON_MODULE]
 # -ffp-contract=off: the quantisation kernels reproduce PyTorch's rounding operation by
 # operation (csrc/msq_common.h); the compiler must not fuse a multiply and an add on its own.
 cxx_flags = ["-O3", "-ffp-contract=off"]

@@ -1,31 +1,87 @@
-"""What the op benchmarks share: choosing the device and dtype (GPU, or a tiny CPU smoke run
-under Triton's interpreter) and grouped bar charts."""
+"""What the benchmarks share: choosing the device and dtype (GPU, or a tiny CPU smoke run
+under Triton's interpreter), the one timing loop, and grouped bar charts.
+
+The benchmarks measure the installed sar_fast (README: install first); every one has a
+--smoke mode (tiny shapes on the CPU, seconds) that CI runs so that a broken bench fails.
+"""
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import statistics
+import time
+from typing import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def add_smoke_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", "--cpu-smoke", dest="smoke", action="store_true",
+                        help="tiny shapes on the CPU (Triton kernels under TRITON_INTERPRET=1): checks that "
+                             "the bench runs, in seconds; the numbers mean nothing")
 
 
-def start(name: str, out: str, cpu_smoke: bool, dtype_name: str):
+def start(name: str, out: str, smoke: bool, dtype_name: str):
     """(torch, device, dtype) for a bench run, or None when there is nothing to measure here.
 
-    --cpu-smoke runs on the CPU under Triton's interpreter (set before triton is imported),
+    --smoke runs on the CPU under Triton's interpreter (set before triton is imported),
     in fp32 since the interpreter has no bf16.
     """
     os.makedirs(out, exist_ok=True)
-    if cpu_smoke:
+    if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
-    if not torch.cuda.is_available() and not cpu_smoke:
-        print(f"{name}: no CUDA device here; nothing measured (use --cpu-smoke for a tiny interpreter run)")
+    if not torch.cuda.is_available() and not smoke:
+        print(f"{name}: no CUDA device here; nothing measured (use --smoke for a tiny interpreter run)")
         return None
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    device = "cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     return torch, device, (torch.float32 if device == "cpu" else dtype)
+
+
+Peer = Callable[[], object] | tuple[Callable[[], object], Callable[[object], object]]
+
+
+def time_ms(peers: dict[str, Peer], device: str, repeats: int, warmup: int = 1,
+            inner: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per call of each peer, `repeats` times, after `warmup` untimed rounds.
+
+    Peers are interleaved within each round so that load drift on a shared machine hits
+    them alike. A timed interval holds `inner` back-to-back calls (the result is per call):
+    on CUDA that includes host launch overhead where the host is the bottleneck. A peer
+    may be a pair (prepare, fn): prepare() runs untimed and fn(prepare()) is timed, e.g.
+    a forward and then its backward alone (inner must be 1). CUDA: events; CPU: perf_counter.
+    """
+    import torch
+    cuda = device == "cuda" or getattr(device, "type", None) == "cuda"
+    split = {name: peer if isinstance(peer, tuple) else (None, peer) for name, peer in peers.items()}
+    if inner != 1 and any(prepare is not None for prepare, _ in split.values()):
+        raise ValueError("time_ms: a (prepare, fn) peer is timed one call per interval (inner=1)")
+    times: dict[str, list[float]] = {name: [] for name in peers}
+    for round_ in range(warmup + repeats):
+        for name, (prepare, fn) in split.items():
+            arg = prepare() if prepare is not None else None
+            call = (lambda: fn(arg)) if prepare is not None else fn
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                begin.record()
+                for _ in range(inner):
+                    call()
+                end.record()
+                end.synchronize()
+                elapsed = begin.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    call()
+                elapsed = (time.perf_counter() - t0) * 1e3
+            if round_ >= warmup:
+                times[name].append(elapsed / inner)
+    return times
+
+
+def median_ms(fn: Peer, device: str, repeats: int, warmup: int = 1, inner: int = 1) -> float:
+    """The median of time_ms for one callable."""
+    return statistics.median(time_ms({"fn": fn}, device, repeats, warmup, inner)["fn"])
 
 
 def bar_panels(path: str, results: list[dict], case_key: str, cases: list[str], peers: list[str],

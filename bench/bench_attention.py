@@ -1,7 +1,7 @@
 """Benchmark block-causal scale attention against its peers, in one run.
 
     python bench/bench_attention.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--batch 64]
-    python bench/bench_attention.py --out DIR --cpu-smoke   # no GPU: tiny shapes, interpreter
+    python bench/bench_attention.py --out DIR --smoke       # CPU, tiny shapes, interpreter: seconds
 
 Shapes (VAR/FlexVAR, head dim 64): d16 (H=16) and d24 (H=24) on the standard 10-scale
 schedule (L = 680), plus FlexVAR random training schedules (d16). Peers:
@@ -24,13 +24,10 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import bar_panels, start  # noqa: E402
+from _common import add_smoke_flag, bar_panels, median_ms, start  # noqa: E402
 
 HEAD_DIM = 64
 TARGET_VS_FLEX, TARGET_VS_SDPA = 1.3, 2.0
@@ -50,14 +47,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="d16 standard schedule and one random schedule")
     p.add_argument("--peers", nargs="+", default=["sar_fast", "flex", "xformers"]
                    + [f"sdpa-{b}" for b in SDPA_BACKENDS])
-    p.add_argument("--cpu-smoke", action="store_true", help="without CUDA: tiny shapes under TRITON_INTERPRET=1")
+    add_smoke_flag(p)
     return p.parse_args()
 
 
 def cases(args) -> list[dict]:
     """name, heads, scale_lens of every benchmarked shape."""
     from sar_fast.schedules import STANDARD_SCHEDULE, random_flexvar_schedule
-    if args.cpu_smoke:
+    if args.smoke:
         return [{"name": "smoke (1,2,3,4)", "H": 2, "D": 16, "B": 1, "lens": (1, 4, 9, 16)}]
     std = tuple(s * s for s in STANDARD_SCHEDULE)
     out = [{"name": "d16 L680", "H": 16, "D": HEAD_DIM, "B": args.batch, "lens": std}]
@@ -94,7 +91,7 @@ def make_peers(names, case, device, dtype, torch, F, ops):
     for name in names:
         if name == "sar_fast":
             def sar_fast(q, k, v):
-                with ops.use_backend("triton"):
+                with ops.use_backend("kernel"):
                     return ops.scale_causal_attention(q, k, v, lens)
             peers[name] = sar_fast
         elif name.startswith("sdpa-"):
@@ -143,51 +140,25 @@ def make_peers(names, case, device, dtype, torch, F, ops):
     return peers, skipped
 
 
-def measure_cuda(torch, fn, inputs, grad_out, mode: str, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median ms, peak MiB allocated above the inputs during one fwd+bwd)."""
+def measure(torch, fn, inputs, grad_out, mode: str, device: str, warmup: int,
+            repeats: int) -> tuple[float, float]:
+    """(median ms, peak MiB allocated above the inputs during one fwd+bwd; NaN on the CPU)."""
     q, k, v = inputs
 
-    def step(timed: bool):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if mode != "bwd":
-            start.record()
-        out = fn(q, k, v)
-        if mode == "bwd":
-            start.record()
-        if mode != "fwd":
-            torch.autograd.grad(out, (q, k, v), grad_out)
-        end.record()
-        del out
-        if timed:
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        return None
+    def backward(out):
+        return torch.autograd.grad(out, (q, k, v), grad_out)
 
-    for _ in range(warmup):
-        step(False)
+    peer = {"fwd": lambda: fn(q, k, v), "fwd+bwd": lambda: backward(fn(q, k, v)),
+            "bwd": (lambda: fn(q, k, v), backward)}[mode]  # bwd: timed alone after an untimed forward
+    ms = median_ms(peer, device, repeats, warmup)
+    if device != "cuda":
+        return ms, float("nan")
     torch.cuda.synchronize()
-    times = [step(True) for _ in range(repeats)]
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = fn(q, k, v)
-    torch.autograd.grad(out, (q, k, v), grad_out)
+    backward(fn(q, k, v))
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return statistics.median(times), peak
-
-
-def measure_cpu(torch, fn, inputs, grad_out, mode: str, repeats: int) -> tuple[float, float]:
-    q, k, v = inputs
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(q, k, v)
-        if mode == "bwd":
-            t0 = time.perf_counter()
-        if mode != "fwd":
-            torch.autograd.grad(out, (q, k, v), grad_out)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), float("nan")
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def plot(results: list[dict], path: str) -> bool:
@@ -201,7 +172,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
-    started = start("bench_attention", args.out, args.cpu_smoke, args.dtype)
+    started = start("bench_attention", args.out, args.smoke, args.dtype)
     if started is None:
         return 0
     torch, device, dtype = started
@@ -234,11 +205,9 @@ def main() -> int:
                        "density": visible_pairs(lens) / L ** 2, "peer": peer, "mode": mode,
                        "time_ms": None, "tflops": None, "peak_mib": None}
                 try:
-                    if device == "cuda":
-                        row["time_ms"], row["peak_mib"] = measure_cuda(torch, fn, (q, k, v), grad_out, mode,
-                                                                       args.warmup, args.repeats)
-                    else:
-                        row["time_ms"], row["peak_mib"] = measure_cpu(torch, fn, (q, k, v), grad_out, mode, 1)
+                    repeats, warmup = (args.repeats, args.warmup) if device == "cuda" else (1, 0)
+                    row["time_ms"], row["peak_mib"] = measure(torch, fn, (q, k, v), grad_out, mode, device,
+                                                              warmup, repeats)
                     row["tflops"] = flops[mode] / (row["time_ms"] * 1e-3) / 1e12
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
@@ -278,8 +247,9 @@ def main() -> int:
     report = {
         "op": "scale_causal_attention", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton.__version__,
-        "cpu_smoke": bool(args.cpu_smoke),
-        "targets": {"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX, "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
+        "smoke": bool(args.smoke),
+        "targets": {"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX,
+                    "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
         "notes": "TFLOP/s count visible pairs only (fwd 4*D flops per pair, bwd 2.5x fwd); peak_mib: most "
                  "allocated above the inputs during one fwd+bwd; bwd is timed alone after an untimed forward",
         "skipped_peers": skipped_all, "checks": checks, "summary": summary, "results": results,

@@ -1,7 +1,7 @@
 """Benchmark the fused head + cross-entropy against its peers, in one run.
 
     python bench/bench_cross_entropy.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--repeats 10]
-    python bench/bench_cross_entropy.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
+    python bench/bench_cross_entropy.py --out DIR --smoke         # CPU, tiny shapes, interpreter: seconds
 
 Peers, on the SAR head loss (N = B x 680 tokens, per-token weights 1/L, label smoothing 0.1):
 - eager:   F.linear in the input dtype, F.cross_entropy on the fp32 logits (what autocast
@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import bar_panels, start  # noqa: E402
+from _common import add_smoke_flag, bar_panels, median_ms, start  # noqa: E402
 
 TOKENS_PER_IMAGE = 680  # 1+4+9+16+25+36+64+100+169+256 at 256 px
 SMOOTHING = 0.1
@@ -44,12 +41,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="two shapes only: (64, 1024, 4096), (256, 1536, 8912)")
     p.add_argument("--peers", nargs="+", default=["eager", "compile", "liger", "fused"])
-    p.add_argument("--cpu-smoke", action="store_true", help="without CUDA: tiny shapes under TRITON_INTERPRET=1")
+    add_smoke_flag(p)
     return p.parse_args()
 
 
 def shapes(args) -> list[tuple[int, int, int]]:
-    if args.cpu_smoke:
+    if args.smoke:
         return [(1, 32, 96)]  # 64 tokens
     if args.quick:
         return [(64, 1024, 4096), (256, 1536, 8912)]
@@ -62,7 +59,7 @@ def make_peers(names, torch, F, ops):
         return (ce * tw).sum() / tw.sum()
 
     def fused(h, w, b, t, tw):
-        with ops.use_backend("triton"):
+        with ops.use_backend("kernel"):
             return ops.fused_linear_cross_entropy(h, w, b, t, tw, label_smoothing=SMOOTHING)
 
     peers = {}
@@ -86,57 +83,32 @@ def make_peers(names, torch, F, ops):
     return peers
 
 
-def measure_cuda(torch, fn, inputs, backward: bool, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median ms, peak MiB allocated above the inputs) of fn(*inputs) [+ backward]."""
+def measure(torch, fn, inputs, backward: bool, device: str, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median ms, peak MiB allocated above the inputs during one call; NaN on the CPU) of
+    fn(*inputs) [+ backward]."""
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
-    def once():
+    def clear_grads():
         for x in leaves:
             x.grad = None
-        loss = fn(*inputs)
-        if backward:
-            loss.backward()
-        return loss
 
-    for _ in range(warmup):
-        once()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        for x in leaves:
-            x.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def once(_=None):
         loss = fn(*inputs)
         if backward:
             loss.backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        del loss
-    for x in leaves:
-        x.grad = None
+
+    ms = median_ms((clear_grads, once), device, repeats, warmup)
+    if device != "cuda":
+        return ms, float("nan")
+    clear_grads()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = once()
+    once()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del loss
-    for x in leaves:
-        x.grad = None
-    return statistics.median(times), peak
-
-
-def measure_cpu(fn, inputs, backward: bool, repeats: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss = fn(*inputs)
-        if backward:
-            loss.backward()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), float("nan")
+    clear_grads()
+    return ms, peak
 
 
 def plot(results: list[dict], path: str) -> bool:
@@ -150,7 +122,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
-    started = start("bench_cross_entropy", args.out, args.cpu_smoke, args.dtype)
+    started = start("bench_cross_entropy", args.out, args.smoke, args.dtype)
     if started is None:
         return 0
     torch, device, dtype = started
@@ -161,7 +133,7 @@ def main() -> int:
     peers = make_peers(names, torch, F, ops)
     results, checks = [], []
     for B, C, V in shapes(args):
-        n = 64 if args.cpu_smoke else B * TOKENS_PER_IMAGE  # the interpreter is slow
+        n = 64 if args.smoke else B * TOKENS_PER_IMAGE  # the interpreter is slow
         gen = torch.Generator(device=device).manual_seed(0)
         h = torch.randn(n, C, device=device, generator=gen).to(dtype).requires_grad_()
         w = (0.02 * torch.randn(V, C, device=device, generator=gen)).to(dtype).requires_grad_()
@@ -180,11 +152,9 @@ def main() -> int:
                 row = {"shape": shape, "B": B, "N": n, "C": C, "V": V, "peer": peer, "mode": mode,
                        "time_ms": None, "peak_mib": None}
                 try:
-                    if device == "cuda":
-                        row["time_ms"], row["peak_mib"] = measure_cuda(torch, fn, inputs, mode == "fwd+bwd",
-                                                                       args.warmup, args.repeats)
-                    else:
-                        row["time_ms"], row["peak_mib"] = measure_cpu(fn, inputs, mode == "fwd+bwd", 2)
+                    repeats, warmup = (args.repeats, args.warmup) if device == "cuda" else (2, 0)
+                    row["time_ms"], row["peak_mib"] = measure(torch, fn, inputs, mode == "fwd+bwd", device,
+                                                              warmup, repeats)
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                     torch.cuda.empty_cache()
@@ -212,7 +182,7 @@ def main() -> int:
     report = {
         "op": "fused_linear_cross_entropy", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton.__version__,
-        "label_smoothing": SMOOTHING, "tokens_per_image": TOKENS_PER_IMAGE, "cpu_smoke": bool(args.cpu_smoke),
+        "label_smoothing": SMOOTHING, "tokens_per_image": TOKENS_PER_IMAGE, "smoke": bool(args.smoke),
         "targets": {"mem_ratio_vs_eager_max": TARGET_MEM_RATIO, "fwd_bwd_speedup_vs_eager_min": TARGET_SPEEDUP},
         "notes": "peak_mib: most allocated above the inputs during one call; liger has no per-token weights "
                  "(plain mean); times are medians of CUDA-event intervals",

@@ -2,6 +2,7 @@
 
     python bench/bench_quantize.py --out DIR                 # CUDA if available, else CPU
     python bench/bench_quantize.py --out DIR --device cpu [--repeats 5]
+    python bench/bench_quantize.py --out DIR --smoke           # CPU, tiny shapes: seconds
 
 Shapes (FlexVAR / VAR d16): B = 64 latents of C = 32 channels at 16 x 16, the standard
 schedule (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) (L = 680 tokens), codebooks of V = 8912
@@ -35,7 +36,9 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_smoke_flag, bar_panels, time_ms  # noqa: E402
+
 SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TARGET_SPEEDUP = 3.0
 
@@ -49,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=["flexvar", "var"], default=["flexvar", "var"])
     p.add_argument("--repeats", type=int, default=None, help="timed calls per peer (default 5 CPU, 20 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_smoke_flag(p)
     return p.parse_args()
 
 
@@ -92,27 +96,6 @@ class PeakMemory:
         return (self._status_kib("VmHWM") - before) / 1024
 
 
-def time_peers(torch, cuda: bool, peers: dict, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call of each peer, calls interleaved so that load drifts hit all."""
-    times: dict[str, list[float]] = {name: [] for name in peers}
-    for name, fn in peers.items():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in peers.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def make_phi(torch, channels: int, device):
     convs = [torch.nn.Conv2d(channels, channels, 3, padding=1).to(device) for _ in range(4)]
 
@@ -124,7 +107,8 @@ def make_phi(torch, channels: int, device):
 
 def main() -> int:
     args = parse_args()
-    sys.path.insert(0, ROOT)
+    if args.smoke:  # CPU, 2 latents, a 64-row codebook, one timed call per peer
+        args.device, args.batch, args.vocabs, args.repeats = "cpu", 2, [64], 1
     import torch
 
     from sar_fast import _C_loader, ops
@@ -159,14 +143,14 @@ def main() -> int:
                     return reference.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
 
                 def ext():
-                    with ops.use_backend("triton"):  # the extension, never the reference
+                    with ops.use_backend("kernel"):  # the extension, never the reference
                         return ops.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
 
                 peers = {"reference": ref, "extension": ext}
                 want = ref()
                 agree = {"reference": 1.0, "extension": (ext() == want).float().mean().item()}
                 peak = {name: memory.measure(fn) for name, fn in peers.items()}
-                times = time_peers(torch, cuda, peers, repeats)
+                times = time_ms(peers, "cuda" if cuda else "cpu", repeats)
                 nv_mib = B * H * H * V * 4 / 2**20
                 L = sum(s * s for s in SCHEDULE)
                 # the extension's buffers: token rows (+ their normalised copy), norms and
@@ -184,7 +168,8 @@ def main() -> int:
                 print(f"{mode:8s} V={V:5d}  reference {statistics.median(times['reference']):9.1f} ms"
                       f" (peak {_fmt(peak['reference'])} MiB; largest [N,V] fp32 {nv_mib:.0f} MiB)  "
                       f"extension {statistics.median(times['extension']):8.1f} ms (peak "
-                      f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  agree {agree['extension']:.6f}",
+                      f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  "
+                      f"agree {agree['extension']:.6f}",
                       flush=True)
     result = {
         "bench": "quantize", "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -195,8 +180,6 @@ def main() -> int:
     }
     with open(os.path.join(args.out, "bench_quantize.json"), "w") as f:
         json.dump(result, f, indent=1)
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from _plot import bar_panels
     cases = [f"{m} V={v}" for m in args.modes for v in args.vocabs]
     bar_panels(os.path.join(args.out, "bench_quantize.png"), rows, "case", cases, ["reference", "extension"],
                [(m, key, f"{m}: {title}") for m in args.modes

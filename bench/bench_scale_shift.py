@@ -1,7 +1,7 @@
 """Benchmark the fused scale shift against the eager PyTorch loop and torch.compile of it.
 
     python bench/bench_scale_shift.py --out DIR [--batches 64 128 256] [--budget 100]
-    python bench/bench_scale_shift.py --out DIR --cpu-smoke   # no GPU: tiny shapes, interpreter
+    python bench/bench_scale_shift.py --out DIR --smoke       # CPU, tiny shapes, interpreter: seconds
 
 Shapes: FlexVAR d16 inputs: standard schedule (1..16, L = 680), code dim C = 32, an
 L2-normalised fp32 codebook of 8912 rows, B in --batches, output fp32 and bf16.
@@ -28,11 +28,12 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_smoke_flag, median_ms  # noqa: E402
+
 TARGET_VS_EAGER, TARGET_OF_COPY = 3.0, 0.70
 VOCAB, CODE_DIM = 8912, 32
 
@@ -48,39 +49,20 @@ def parse_args() -> argparse.Namespace:
                    help="seconds; later sections are skipped (and say so) once spent")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--no-sweep", action="store_true", help="skip the kernel config sweep")
-    p.add_argument("--cpu-smoke", action="store_true", help="without CUDA: tiny shapes under TRITON_INTERPRET=1")
+    add_smoke_flag(p)
     return p.parse_args()
 
 
 class Clock:
-    """Times callables: CUDA events (and graphs) on GPU, perf_counter in the CPU smoke run."""
+    """Times callables: bench/_common.py's loop (CUDA events, perf_counter on the CPU), and CUDA graphs."""
 
     def __init__(self, torch, cuda: bool, warmup: int, repeats: int, inner: int):
         self.torch, self.cuda = torch, cuda
         self.warmup, self.repeats, self.inner = warmup, repeats, inner
 
     def events(self, fn) -> float:
-        """Median ms per call of `inner` back-to-back calls."""
-        torch = self.torch
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if not self.cuda:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(self.repeats):
-            start.record()
-            for _ in range(self.inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / self.inner)
-        return statistics.median(times)
+        """Median ms per call of `inner` back-to-back calls (the shared timing loop)."""
+        return median_ms(fn, "cuda" if self.cuda else "cpu", self.repeats, self.warmup, self.inner)
 
     def graph(self, fn) -> float | None:
         """Median ms per call replaying `inner` calls captured in one CUDA graph."""
@@ -157,16 +139,15 @@ def plot(report: dict, path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
-    if args.cpu_smoke:
+    if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
     import torch
     import torch.nn.functional as F
 
-    if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("bench_scale_shift: no CUDA device; nothing measured (use --cpu-smoke for a CPU run "
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench_scale_shift: no CUDA device; nothing measured (use --smoke for a CPU run "
               "of the same code paths under the Triton interpreter)")
         return 0
-    sys.path.insert(0, ROOT)
     import importlib
 
     from sar_fast import ops
@@ -175,16 +156,16 @@ def main() -> int:
     ss = importlib.import_module("sar_fast.ops.scale_shift")
     kern = importlib.import_module("sar_fast.kernels.scale_shift")
 
-    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     began = time.perf_counter()
-    if args.cpu_smoke:
+    if args.smoke:
         schedule, V, C, batches = (1, 2, 3), 16, 4, [2]
         args.repeats, args.inner, args.warmup = 2, 1, 1
         args.no_compile = True  # inductor's CPU compile would dominate the smoke run
     else:
         schedule, V, C, batches = STANDARD_SCHEDULE, VOCAB, CODE_DIM, args.batches
-    ops.set_backend("triton")  # the kernels even where 'auto' would pick them anyway
+    ops.set_backend("kernel")  # the kernels even where 'auto' would pick them anyway
     clock = Clock(torch, cuda, args.warmup, args.repeats, args.inner)
     torch.manual_seed(0)
     book = F.normalize(torch.randn(V, C, device=device), dim=-1)
@@ -305,8 +286,9 @@ def main() -> int:
                     up = F.interpolate(emb.reshape(B, C, s_in, s_in), size=(schedule[j + 1],) * 2, mode="bicubic")
                     blocks.append(up.flatten(2).transpose(1, 2))
                 return torch.cat(blocks, dim=1)
-            for name, fn in {"eager": eager_ssr,
-                             "sar_fast": lambda t=transitions: ss.ssr_inputs(pred, book, schedule, t, check_range=False)}.items():
+            def fused_ssr(transitions=transitions):
+                return ss.ssr_inputs(pred, book, schedule, transitions, check_range=False)
+            for name, fn in {"eager": eager_ssr, "sar_fast": fused_ssr}.items():
                 row = {"peer": name, "B": B, "transitions": transitions,
                        "ms": attempt(clock.events, fn), "graph_ms": attempt(clock.graph, fn)}
                 report["ssr"].append(row)
@@ -327,12 +309,12 @@ def main() -> int:
             with torch.no_grad(), ops.use_backend(impl):
                 ops.scale_shift(scales=maps, schedule=schedule)
 
-        fwd_bwd("triton")
+        fwd_bwd("kernel")
         got = [m.grad.clone() for m in maps[:-1]]
         fwd_bwd("reference")
         report["checks"]["dense_grad_max_abs_err"] = max((g - m.grad).abs().max().item()
                                                         for g, m in zip(got, maps[:-1]))
-        for impl, name in (("reference", "eager"), ("triton", "sar_fast")):
+        for impl, name in (("reference", "eager"), ("kernel", "sar_fast")):
             row = {"peer": name, "B": B, "fwd_ms": attempt(clock.events, lambda: fwd(impl)),
                    "fwd_bwd_ms": attempt(clock.events, lambda: fwd_bwd(impl))}
             report["dense"].append(row)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The one script run on a lent GPU machine: bench/gpu_check.sh OUTDIR
+# Build, test and benchmark on a CUDA machine: bench/gpu_check.sh OUTDIR
 #
 # Installs sar_fast (editable, CUDA kernels for sm_90), runs the test suite, runs every
 # bench/bench_*.py with --out, and records the environment. It never stops early: each
 # step's exit code goes to OUTDIR/status.txt and the script carries on.
 #
-# OUTDIR receives at most six files (the device tool brings back only a few):
+# OUTDIR receives six files:
 #   log.txt               everything printed by every step
 #   status.txt            one line per step: name, exit code, seconds
 #   junit.xml             pytest results
@@ -101,7 +101,7 @@ for bench in $benches; do
   mkdir -p "$BENCH_SCRATCH/$name"
   extra=()
   # GPU_CHECK_QUICK=1 (default) passes --quick to the benches that offer it, so the whole
-  # check (build + GPU tests + every bench) fits one 10-minute device call
+  # check (build + GPU tests + every bench) takes about 10 minutes on one GPU
   if [[ "${GPU_CHECK_QUICK:-1}" == "1" ]] && grep -q -- '"--quick"' "$bench"; then
     extra+=(--quick)
   fi

@@ -382,7 +382,7 @@ def head_backward(coef: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         partial = (torch.zeros((triton.cdiv(n, _MIN_BLOCK_N), V), dtype=torch.float32, device=dev) if need_bias
                    else torch.zeros(1, dtype=torch.float32, device=dev))
         t = teacher[start:stop] if teacher is not None else dummy
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731
+        grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731
         _grad_logits_kernel[grid](
             h, weight, bias if bias is not None else h,
             target[start:stop] if target is not None else dummy, t, lse[start:stop],

@@ -79,7 +79,7 @@ def save_checkpoint(ckpt_root: str, step: int, model, optimizer, trainer_state: 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
-        for old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+        for _old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(path, ignore_errors=True)
     parallel.barrier()
     return final

@@ -108,7 +108,7 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block)
-    for i, block in enumerate(model.blocks):
+    for block in model.blocks:
         if compile_blocks:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -1,3 +1,14 @@
+"""Test setup. The tests run against the sar_fast that Python imports: install it first
+(README: `pip install --no-build-isolation -e .`, or a regular `pip install .`).
+
+`python -m pytest` from the repository root puts the root on sys.path, so the checkout's
+sar_fast/ is imported; from any other directory the installed package is. Either way
+sar_fast.kernels must come from the same tree as sar_fast (the install maps the top-level
+kernels/ there); a checkout whose kernels resolve elsewhere (another checkout's editable
+install, or none) gets its own kernels/ bound here, and the header says which tree is tested.
+"""
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -11,13 +22,50 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a source checkout without installing
-    sys.path.insert(0, ROOT)
-
 DATA = os.path.join(ROOT, "tests", "data")
-# where tests that force backend 'triton' put their tensors: the GPU when there is one,
-# else the CPU (kernels under the interpreter)
+# where tests that force backend 'kernel' put their tensors: the GPU when there is one,
+# else the CPU (Triton kernels under the interpreter)
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _package_dir(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None or not spec.submodule_search_locations else \
+        os.path.realpath(list(spec.submodule_search_locations)[0])
+
+
+_sar_fast_dir = _package_dir("sar_fast")
+if _sar_fast_dir is None:
+    raise ImportError("sar_fast is not importable: install it first "
+                      "(pip install --no-build-isolation -e . from the repository root; see README.md)")
+# the sys.path entry that provides sar_fast; subprocesses (torchrun) get it on PYTHONPATH
+PACKAGE_PATH = os.path.dirname(_sar_fast_dir)
+_checkout_kernels = os.path.join(PACKAGE_PATH, "kernels")
+# a regular install holds sar_fast/kernels; an editable install or a checkout, the top-level kernels/
+_expected_kernels = [os.path.join(_sar_fast_dir, "kernels"), _checkout_kernels]
+
+
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """Maps sar_fast.kernels to this checkout's kernels/ (what an editable install of it does)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "sar_fast.kernels":
+            return importlib.util.spec_from_file_location(
+                fullname, os.path.join(_checkout_kernels, "__init__.py"),
+                submodule_search_locations=[_checkout_kernels])
+        return None
+
+
+if _package_dir("sar_fast.kernels") not in _expected_kernels:
+    if not os.path.isfile(os.path.join(_checkout_kernels, "__init__.py")):
+        raise ImportError(f"sar_fast from {_sar_fast_dir} has no matching sar_fast.kernels "
+                          f"(found {_package_dir('sar_fast.kernels')}); reinstall sar_fast")
+    sys.meta_path.insert(0, _CheckoutKernels())
+assert _package_dir("sar_fast.kernels") in _expected_kernels
+
+
+def pytest_report_header(config):
+    return [f"sar_fast under test: {_sar_fast_dir} (kernels: {_package_dir('sar_fast.kernels')})"]
 
 
 @pytest.fixture(autouse=True)

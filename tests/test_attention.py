@@ -49,7 +49,7 @@ def window_mask(scale_lens, window):
 
 
 def check_against_dense(q, k, v, scale_lens, softmax_scale=None, window=None, tol=1e-5):
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         out = ops.scale_causal_attention(q, k, v, scale_lens, softmax_scale, window=window)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -132,7 +132,7 @@ def test_tiles_outside_the_mask_are_never_read(window):
     grad_out = torch.randn_like(out)
     dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, w,
                                   blocks=blocks)
-    for s, (rows, keys) in enumerate(zip([slice(0, 16), slice(16, 32), slice(32, 64)], seen_by)):
+    for rows, keys in zip([slice(0, 16), slice(16, 32), slice(32, 64)], seen_by):
         k_bad, v_bad = nan_outside(k, keys), nan_outside(v, keys)
         out_s, lse_s = kernels.forward(q, k_bad, v_bad, sid, sid, off, 0.25, w, blocks=blocks)
         torch.testing.assert_close(out_s[:, :, rows], out[:, :, rows])
@@ -150,7 +150,7 @@ def test_tiles_outside_the_mask_are_never_read(window):
 def test_cached_attention_equals_full_attention_over_prefix():
     scale_lens = (1, 4, 9, 16)
     q, k, v = (t.detach() for t in qkv(2, 2, 30, 32))
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         full = ops.scale_causal_attention(q, k, v, scale_lens)
         start = 0
         for n in scale_lens:  # as the sampler runs: scale by scale against the growing cache
@@ -162,7 +162,7 @@ def test_cached_attention_equals_full_attention_over_prefix():
 
 def test_cached_attention_gradients_match_sdpa():
     q, k, v = qkv(1, 2, 9, 16, Lk=23)
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         out = ops.cached_attention(q, k, v, softmax_scale=1.0)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -173,7 +173,7 @@ def test_cached_attention_gradients_match_sdpa():
 def test_fp16_error_within_twice_torch_own():
     scale_lens = (1, 4, 9, 16)
     q, k, v = (t.detach() for t in qkv(1, 2, 30, 32, dtype=torch.float16))
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         out = ops.scale_causal_attention(q, k, v, scale_lens)
     mask = reference.scale_causal_mask(scale_lens, DEVICE)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
@@ -202,7 +202,7 @@ def test_torch_compile_fullgraph_and_opcheck():
     from sar_fast.ops.attention import _attention_fwd
     scale_lens = [1, 4, 9]
     q, k, v = qkv(1, 2, 14, 16)
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         torch.library.opcheck(_attention_fwd, (q, k, v, scale_lens, 0.25, 3))
         loss_fn = torch.compile(lambda q, k, v: ops.scale_causal_attention(q, k, v, scale_lens).square().sum(),
                                 backend="aot_eager", fullgraph=True)
@@ -235,7 +235,7 @@ def test_auto_backend_on_cpu_is_the_reference():
 ])
 def test_bad_input(make, err, msg):
     (q, k, v), scale_lens = make()
-    with ops.use_backend("triton"), pytest.raises(err, match=msg):
+    with ops.use_backend("kernel"), pytest.raises(err, match=msg):
         ops.scale_causal_attention(q, k, v, scale_lens)
 
 
@@ -248,5 +248,5 @@ def test_bad_options():
     with pytest.raises(ValueError, match="k must have shape"):
         ops.cached_attention(q, torch.randn(1, 2, 20, 32), torch.randn(1, 2, 20, 32))
     if not ON_GPU:
-        with ops.use_backend("triton"), pytest.raises(TypeError, match="bfloat16"):
+        with ops.use_backend("kernel"), pytest.raises(TypeError, match="bfloat16"):
             ops.scale_causal_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), (1, 4, 9))

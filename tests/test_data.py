@@ -30,7 +30,8 @@ def test_digits_split_sizes_disjoint_stratified_deterministic():
         n_c = int((all_y == c).sum())
         assert int((vy == c).sum()) == round(0.1 * n_c)
     # train and val are disjoint and together the whole set (as a multiset of image+label rows)
-    rows = lambda x, y: sorted(a.numpy().tobytes() + bytes([int(b)]) for a, b in zip(x, y))
+    def rows(x, y):
+        return sorted(a.numpy().tobytes() + bytes([int(b)]) for a, b in zip(x, y))
     assert sorted(rows(tx, ty) + rows(vx, vy)) == rows(all_x, all_y)
     assert torch.equal(load_digits_dataset("val", 0.1, 3)[0], vx)
     assert not torch.equal(load_digits_dataset("val", 0.1, 4)[0], vx)
@@ -290,7 +291,8 @@ def test_sampler_state_and_errors():
     with pytest.raises(ValueError, match="length"):
         ResumableDistributedSampler(0)
     with pytest.raises(ValueError, match="world_size"):
-        ResumableDistributedSampler(10, 0, 2, seed=3).load_state_dict(dict(ResumableDistributedSampler(10, 0, 4, seed=3).state_dict()))
+        state = dict(ResumableDistributedSampler(10, 0, 4, seed=3).state_dict())
+        ResumableDistributedSampler(10, 0, 2, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         ResumableDistributedSampler(10, seed=4).load_state_dict(ResumableDistributedSampler(10, seed=3).state_dict())
 

@@ -194,7 +194,7 @@ def test_golden_parity_through_the_triton_kernels():
     model = load_checkpoint(g["state_dict"], cond_drop_rate=0.0).eval().to(KERNEL_DEVICE)
     cases = [c for c in g["cases"] if c["schedule"] in ([1, 3, 5], [1, 6])]
     assert len(cases) == 2
-    with ops.use_backend("triton"), torch.no_grad():
+    with ops.use_backend("kernel"), torch.no_grad():
         for case in cases:
             case = {k: v.to(KERNEL_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
             err = (_run_case(model, case) - case["logits"]).abs().max().item()

@@ -22,23 +22,34 @@ def test_backend_switch_env_and_override(monkeypatch):
         ops.set_backend("fast")
 
 
-def test_triton_request_without_kernel_is_an_error_not_a_fallback():
+def test_triton_is_a_deprecated_alias_of_kernel(monkeypatch):
+    with pytest.warns(FutureWarning, match="'triton' is deprecated, use 'kernel'"):
+        ops.set_backend("triton")
+    assert ops.get_backend() == "kernel"
+    ops.set_backend(None)
+    monkeypatch.setenv("SAR_FAST_BACKEND", "triton")
+    with pytest.warns(FutureWarning, match=r"\$SAR_FAST_BACKEND: backend 'triton' is deprecated"):
+        assert ops.get_backend() == "kernel"
+    assert "triton" not in ops.BACKENDS
+
+
+def test_kernel_request_without_a_kernel_is_an_error_not_a_fallback():
     from sar_fast.ops import backend
-    with ops.use_backend("triton"), pytest.raises(BackendError, match="no Triton kernel"):
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match="no Triton kernel"):
         backend.select("some_op", torch.zeros(1), kernel=None)
     with ops.use_backend("auto"):
         assert backend.select("some_op", torch.zeros(1), kernel=None) == "reference"
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+def test_triton_kernel_on_cpu_needs_the_interpreter(monkeypatch):
     from sar_fast.ops import backend
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(backend, "triton_installed", lambda: True)
-    with ops.use_backend("triton"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
         backend.select("x", torch.zeros(1), kernel="some_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with ops.use_backend("triton"):
-        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "triton"
+    with ops.use_backend("kernel"):
+        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "kernel"
     with ops.use_backend("auto"):  # auto never picks Triton for CPU tensors
         assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "reference"
 

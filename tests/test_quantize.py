@@ -35,7 +35,7 @@ def gen() -> torch.Generator:
 
 
 def encode(backend: str, *args, **kwargs):
-    with ops.use_backend(backend):  # 'triton' = the extension, or an error
+    with ops.use_backend(backend):  # 'kernel' = the extension, or an error
         return ops.msq_encode(*args, **kwargs)
 
 
@@ -69,7 +69,7 @@ def test_flexvar_codes_match_reference(B, C, H, schedule, V, normalize, gen):
     latent = torch.randn(B, C, H, H, generator=gen)
     codebook = torch.randn(V, C, generator=gen)
     want = encode("reference", latent, codebook, schedule, "flexvar", normalize)
-    got = encode("triton", latent, codebook, schedule, "flexvar", normalize)
+    got = encode("kernel", latent, codebook, schedule, "flexvar", normalize)
     assert got.dtype == torch.int64 and got.shape == (B, sum(s * s for s in schedule))
     assert torch.equal(got, want)
 
@@ -86,7 +86,7 @@ def test_flexvar_dtypes_and_layouts(dtype, layout, gen):
         codebook = torch.randn(6, 50, generator=gen).to(dtype).t()
     for normalize in (True, False):
         want = encode("reference", latent, codebook, (1, 3, 5, 8, 12), "flexvar", normalize)
-        assert torch.equal(encode("triton", latent, codebook, (1, 3, 5, 8, 12), "flexvar", normalize), want)
+        assert torch.equal(encode("kernel", latent, codebook, (1, 3, 5, 8, 12), "flexvar", normalize), want)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -98,7 +98,7 @@ def test_duplicated_codebook_rows_pick_the_lowest_index(normalize, gen):
     picks = high[torch.randint(0, 3, (2, 16), generator=gen)]
     latent = codebook[picks].transpose(1, 2).reshape(2, 8, 4, 4)
     want_last = torch.where(picks == 39, 2, torch.where(picks == 30, 9, 17))  # high -> low
-    got = encode("triton", latent, codebook, (1, 2, 4), "flexvar", normalize)
+    got = encode("kernel", latent, codebook, (1, 2, 4), "flexvar", normalize)
     assert torch.equal(got[:, -16:], want_last)
     assert torch.equal(got, encode("reference", latent, codebook, (1, 2, 4), "flexvar", normalize))
 
@@ -113,7 +113,7 @@ def test_exact_ties_with_integer_data(gen):
     assert torch.equal(want.flatten(), dist.argmin(1))
     for isa in _C_loader.cpu_isas():
         with _C_loader.use_cpu_isa(isa):
-            assert torch.equal(encode("triton", latent, codebook, (6,), "flexvar", False), want), isa
+            assert torch.equal(encode("kernel", latent, codebook, (6,), "flexvar", False), want), isa
 
 
 @pytest.mark.parametrize("mode", ["flexvar", "var"])
@@ -124,14 +124,14 @@ def test_every_cpu_kernel_variant_agrees(mode, gen):
     for isa in _C_loader.cpu_isas():
         with _C_loader.use_cpu_isa(isa):
             assert _C_loader.cpu_isa() == isa
-            assert torch.equal(encode("triton", latent, codebook, (1, 2, 4, 7, 11), mode, mode == "flexvar"), want), isa
+            assert torch.equal(encode("kernel", latent, codebook, (1, 2, 4, 7, 11), mode, mode == "flexvar"), want), isa
 
 
 def test_flexvar_return_quantized_matches_reference(gen):
     latent = torch.randn(2, 8, 10, 10, generator=gen)
     codebook = torch.randn(64, 8, generator=gen)
     for normalize in (True, False):
-        codes, maps = encode("triton", latent, codebook, (1, 3, 6, 10), "flexvar", normalize, return_quantized=True)
+        codes, maps = encode("kernel", latent, codebook, (1, 3, 6, 10), "flexvar", normalize, return_quantized=True)
         want_codes, want_maps = encode("reference", latent, codebook, (1, 3, 6, 10), "flexvar", normalize,
                                        return_quantized=True)
         assert torch.equal(codes, want_codes)
@@ -154,7 +154,7 @@ def test_var_codes_and_f_hat_match_reference(B, C, H, schedule, V, normalize, wi
     latent = torch.randn(B, C, H, H, generator=gen)
     codebook = torch.randn(V, C, generator=gen) * 0.5  # on the latent's scale: every scale matters
     phi = make_phi(C, gen) if with_phi else None
-    codes, f_hats = encode("triton", latent, codebook, schedule, "var", normalize, phi, return_quantized=True)
+    codes, f_hats = encode("kernel", latent, codebook, schedule, "var", normalize, phi, return_quantized=True)
     want_codes, want_f_hats = encode("reference", latent, codebook, schedule, "var", normalize, phi,
                                      return_quantized=True)
     assert torch.equal(codes, want_codes)
@@ -166,7 +166,7 @@ def test_var_codes_and_f_hat_match_reference(B, C, H, schedule, V, normalize, wi
 def test_var_phi_sees_the_reference_layout(gen):
     # Phi's convolutions round differently on channels-last and NCHW inputs, so h must
     # reach phi with the same strides as in the reference
-    seen: dict[str, list] = {"reference": [], "triton": []}
+    seen: dict[str, list] = {"reference": [], "kernel": []}
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     latent = torch.randn(2, 4, 8, 8, generator=gen)
     codebook = torch.randn(20, 4, generator=gen)
@@ -175,7 +175,7 @@ def test_var_phi_sees_the_reference_layout(gen):
             log.append((tuple(h.shape), h.stride()))
             return conv(h)
         encode(backend, latent, codebook, (1, 2, 4, 8), "var", False, phi)
-    assert seen["triton"] == seen["reference"]
+    assert seen["kernel"] == seen["reference"]
 
 
 def test_var_step_op_directly(gen):
@@ -201,14 +201,14 @@ def test_decode_round_trips(gen):
     schedule = (1, 2, 5, 10)
     phi = make_phi(8, gen)
     # var: decoding the codes rebuilds the encoder's f_hat exactly
-    codes, f_hats = encode("triton", latent, codebook, schedule, "var", False, phi, return_quantized=True)
+    codes, f_hats = encode("kernel", latent, codebook, schedule, "var", False, phi, return_quantized=True)
     assert torch.equal(ops.msq_decode(codes, codebook, schedule, "var", False, phi), f_hats[-1])
     # flexvar: the decoded latent is the last scale's code map, and re-encoding it gives
     # back the last scale's codes
-    codes, maps = encode("triton", latent, codebook, schedule, "flexvar", True, return_quantized=True)
+    codes, maps = encode("kernel", latent, codebook, schedule, "flexvar", True, return_quantized=True)
     decoded = ops.msq_decode(codes, codebook, schedule, "flexvar", True)
     assert torch.equal(decoded, maps[-1])
-    again = encode("triton", decoded, codebook, schedule, "flexvar", True)
+    again = encode("kernel", decoded, codebook, schedule, "flexvar", True)
     assert torch.equal(again[:, -100:], codes[:, -100:])
 
 
@@ -222,17 +222,17 @@ def test_dispatch_follows_the_backend(monkeypatch, gen):
     want = encode("reference", latent, codebook, (1, 3, 6))
     assert calls == []
     assert torch.equal(encode("auto", latent, codebook, (1, 3, 6)), want) and calls == [1]
-    assert torch.equal(encode("triton", latent, codebook, (1, 3, 6)), want) and calls == [1, 1]
+    assert torch.equal(encode("kernel", latent, codebook, (1, 3, 6)), want) and calls == [1, 1]
 
 
-def test_without_the_extension_auto_falls_back_and_triton_refuses(monkeypatch, gen):
+def test_without_the_extension_auto_falls_back_and_kernel_refuses(monkeypatch, gen):
     latent = torch.randn(2, 4, 6, 6, generator=gen)
     codebook = torch.randn(9, 4, generator=gen)
     monkeypatch.setattr(_C_loader, "has_extension", lambda: False)
     assert not quantize.use_extension(latent)
     assert torch.equal(encode("auto", latent, codebook, (1, 6)), reference.msq_encode(latent, codebook, (1, 6)))
     with pytest.raises(BackendError, match="not built"):
-        encode("triton", latent, codebook, (1, 6))
+        encode("kernel", latent, codebook, (1, 6))
 
 
 @pytest.mark.parametrize("name", ["flexvq", "varvq"])
@@ -247,7 +247,7 @@ def test_tokenizer_golden_codes_through_the_extension(name, monkeypatch):
     real_flex, real_var = _C_loader.msq_encode_flexvar, _C_loader.msq_var_step
     monkeypatch.setattr(_C_loader, "msq_encode_flexvar", lambda *a: steps.append("flexvar") or real_flex(*a))
     monkeypatch.setattr(_C_loader, "msq_var_step", lambda *a: steps.append("var") or real_var(*a))
-    with ops.use_backend("triton"):
+    with ops.use_backend("kernel"):
         for sched, key in (("schedule", "codes"), ("schedule_alt", "codes_alt")):
             codes = model.encode(g["images"], tuple(g[sched]))
             assert all(torch.equal(a, b) for a, b in zip(codes, g[key], strict=True)), sched
@@ -282,7 +282,7 @@ BAD_ENCODE = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "kernel"])
 @pytest.mark.parametrize("kwargs, err, msg", BAD_ENCODE)
 def test_msq_encode_rejects_bad_input(kwargs, err, msg, backend):
     with ops.use_backend(backend), pytest.raises(err, match=msg):
@@ -370,9 +370,9 @@ def test_cuda_flexvar_matches_cpu(dtype, normalize, gen):
     latent = torch.randn(4, 32, 16, 16, generator=gen).to(dtype)
     codebook = torch.randn(1000, 32, generator=gen).to(dtype)
     schedule = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    got = encode("triton", latent.cuda(), codebook.cuda(), schedule, "flexvar", normalize)
+    got = encode("kernel", latent.cuda(), codebook.cuda(), schedule, "flexvar", normalize)
     assert got.device.type == "cuda"
-    want = encode("triton", latent, codebook, schedule, "flexvar", normalize)
+    want = encode("kernel", latent, codebook, schedule, "flexvar", normalize)
     # only fp32 near-ties may differ (ATen's CUDA norms round differently from the CPU's)
     assert (got.cpu() == want).float().mean().item() > 0.99
     _assert_near_optimal(got, latent, codebook, schedule, normalize)
@@ -384,7 +384,7 @@ def test_cuda_exact_ties_and_wide_rows(dim, gen):
     latent = torch.randint(-2, 3, (2, dim, 8, 8), generator=gen).float()
     codebook = torch.randint(-2, 3, (700, dim), generator=gen).float()
     want = encode("reference", latent, codebook, (8,), "flexvar", False)
-    assert torch.equal(encode("triton", latent.cuda(), codebook.cuda(), (8,), "flexvar", False).cpu(), want)
+    assert torch.equal(encode("kernel", latent.cuda(), codebook.cuda(), (8,), "flexvar", False).cpu(), want)
 
 
 @needs_cuda
@@ -407,7 +407,7 @@ def test_cuda_var_encode_matches_reference(gen):
     latent = torch.randn(2, 8, 16, 16, generator=gen)
     codebook = torch.randn(97, 8, generator=gen) * 0.5
     schedule = (1, 2, 4, 8, 16)
-    codes, f_hats = encode("triton", latent.cuda(), codebook.cuda(), schedule, "var", False, None,
+    codes, f_hats = encode("kernel", latent.cuda(), codebook.cuda(), schedule, "var", False, None,
                            return_quantized=True)
     want_codes, want_f_hats = encode("reference", latent, codebook, schedule, "var", False, None,
                                      return_quantized=True)

@@ -72,14 +72,14 @@ def test_golden_parity_with_the_original_code(name):
         assert _max_err(model.codes_to_latent(g["codes_alt"]), g["decode_latent_alt"]) <= TOL
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
 @pytest.mark.parametrize("name", ["flexvq", "varvq"])
 def test_golden_tf_inputs_on_every_backend(name, backend):
     # FlexVAR's codes path runs the Triton scale-shift kernel (interpreter on CPU)
     from sar_fast import ops
     from conftest import KERNEL_DEVICE
     g = _golden(name)
-    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    device = KERNEL_DEVICE if backend == "kernel" else "cpu"
     model = KINDS[name].from_checkpoint(g["state_dict"], norm_groups=4).to(device)
     with ops.use_backend(backend):
         for codes_key, tf_key in (("codes", "tf_inputs"), ("codes_alt", "tf_inputs_alt")):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import PACKAGE_PATH
 from sar_fast.checkpointing import list_checkpoints, resolve_resume
 from sar_fast.models import load_checkpoint
 from sar_fast.train import parse_config
@@ -19,7 +19,7 @@ SMALL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--batch-size"
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PATH + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     return env
 

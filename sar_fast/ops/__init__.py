@@ -1,6 +1,6 @@
-"""sar_fast.ops: the fused ops, each validated and dispatched to Triton or the reference.
+"""sar_fast.ops: the fused ops, each validated and dispatched to its kernel or its reference.
 
-Backend: SAR_FAST_BACKEND=auto|triton|reference, or set_backend()/use_backend().
+Backend: SAR_FAST_BACKEND=auto|kernel|reference, or set_backend()/use_backend().
 """
 from . import reference
 from .attention import cached_attention, scale_causal_attention

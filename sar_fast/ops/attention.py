@@ -42,10 +42,10 @@ def _check_softmax_scale(softmax_scale: float | None) -> None:
 
 def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """backend.select plus the kernel's own limits: under 'auto' an input the kernel cannot
-    take goes to the reference; a forced 'triton' raises instead of falling back."""
-    if backend.select(op, q, k, v, kernel=_KERNEL) != "triton":
+    take goes to the reference; a forced 'kernel' raises instead of falling back."""
+    if backend.select(op, q, k, v, kernel=_KERNEL) != "kernel":
         return False
-    D, forced = q.shape[-1], backend.get_backend() == "triton"
+    D, forced = q.shape[-1], backend.get_backend() == "kernel"
     if D not in HEAD_DIMS:
         if forced:
             raise ValueError(f"{op}: the Triton kernel takes head dims {HEAD_DIMS} (last dim of q), got {D}")

@@ -1,10 +1,15 @@
-"""Which implementation an op runs: the Triton kernels or the pure-PyTorch references.
+"""Which implementation an op runs: its kernel or its pure-PyTorch reference.
 
-`SAR_FAST_BACKEND=auto|triton|reference` (environment) or `set_backend(...)`:
-- auto: Triton on CUDA tensors where the op has a kernel, the reference elsewhere;
-- triton: always the kernels; on CPU tensors they run under Triton's interpreter
-  (TRITON_INTERPRET=1), which is how tests cover kernel code without a GPU;
+`SAR_FAST_BACKEND=auto|kernel|reference` (environment) or `set_backend(...)`:
+- kernel: always the op's kernel, an error where it cannot run (never a silent fallback).
+  The kernel is a Triton kernel (kernels/: attention, cross entropy, scale shift), which
+  runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), how tests cover
+  kernel code without a GPU; for msq_encode it is the C++/CUDA extension sar_fast._C;
+- auto: the kernel where it is the fast path (Triton on CUDA tensors; the extension on
+  CPU and CUDA when it is built), the reference elsewhere;
 - reference: always the PyTorch references (the oracles the kernels are tested against).
+'triton' is a deprecated alias of 'kernel' (it named the backend before the extension
+joined): still accepted, with a FutureWarning (shown to users by default).
 """
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "kernel", "reference")
+_DEPRECATED = {"triton": "kernel"}
 _ENV = "SAR_FAST_BACKEND"
 _override: str | None = None
 
@@ -27,6 +34,10 @@ class BackendError(RuntimeError):
 
 
 def _check(name: str, source: str) -> str:
+    if name in _DEPRECATED:
+        warnings.warn(f"{source}: backend {name!r} is deprecated, use {_DEPRECATED[name]!r} (the op's kernel: "
+                      f"Triton, or the C++/CUDA extension for msq_encode)", FutureWarning, stacklevel=3)
+        return _DEPRECATED[name]
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
@@ -66,28 +77,28 @@ def interpreter_enabled() -> bool:
 
 
 def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
-    """'triton' or 'reference' for this call of `op` on `tensors`.
+    """'kernel' or 'reference' for this call of `op` (a Triton op) on `tensors`.
 
     `kernel` names the module under sar_fast.kernels holding the op's Triton kernel, or
     None while the op has none (then auto falls back to the reference and an explicit
-    'triton' request is an error, never a silent fallback).
+    'kernel' request is an error, never a silent fallback).
     """
     backend = get_backend()
     if backend == "reference":
         return "reference"
     on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "auto":
-        return "triton" if (on_cuda and kernel is not None and triton_installed()) else "reference"
+        return "kernel" if (on_cuda and kernel is not None and triton_installed()) else "reference"
     if kernel is None:
-        raise BackendError(f"{op}: backend 'triton' was requested but this op has no Triton kernel; "
+        raise BackendError(f"{op}: backend 'kernel' was requested but this op has no Triton kernel; "
                            f"use backend 'auto' or 'reference'")
     if not triton_installed():
-        raise BackendError(f"{op}: backend 'triton' was requested but triton is not installed "
+        raise BackendError(f"{op}: backend 'kernel' was requested but triton is not installed "
                            f"(pip install triton; Linux only)")
     if not on_cuda and not interpreter_enabled():
-        raise BackendError(f"{op}: backend 'triton' on CPU tensors needs Triton's interpreter: "
+        raise BackendError(f"{op}: backend 'kernel' on CPU tensors needs Triton's interpreter: "
                            f"set TRITON_INTERPRET=1 before the first import of triton")
-    return "triton"
+    return "kernel"
 
 
 def load_kernels(module: str) -> ModuleType:

@@ -3,8 +3,8 @@
 Which implementation runs `msq_encode` (backend from sar_fast.ops.backend):
 - 'auto': the C++/CUDA extension sar_fast._C (csrc/msq*.cpp, msq_cuda.cu) when it is
   built (and, for CUDA tensors, built with its CUDA kernels), else the reference;
-- 'triton': the extension, and an error if it cannot run (never a silent fallback; the op
-  has no Triton kernel, the extension is its fast path);
+- 'kernel': the extension, and an error if it cannot run (never a silent fallback; the op
+  has no Triton kernel, the extension is its kernel);
 - 'reference': sar_fast.ops.reference.msq_encode.
 flexvar runs all scales in one extension call; var runs one extension call per scale
 (pool + nearest code + embed + bicubic upsample, and the f_hat / residual update when
@@ -48,9 +48,9 @@ def use_extension(latent: torch.Tensor) -> bool:
     if backend == "auto" or usable:
         return usable
     if not _C_loader.has_extension():
-        raise BackendError("msq_encode: backend 'triton' asks for the fast path, but the C++/CUDA "
+        raise BackendError("msq_encode: backend 'kernel' asks for the extension, but the C++/CUDA "
                            "extension sar_fast._C is not built; " + _C_loader.BUILD_HINT)
-    raise BackendError("msq_encode: backend 'triton' asks for the fast path, but sar_fast._C was "
+    raise BackendError("msq_encode: backend 'kernel' asks for the extension, but sar_fast._C was "
                        "built without CUDA kernels; " + _C_loader.BUILD_HINT)
 
 

@@ -144,8 +144,9 @@ def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[
     flexvar: every scale is the area-downsampled latent, quantised on its own; with
     `normalize`, latent vectors and codebook rows are L2-normalised first (FlexVAR's VQ).
     var: VAR's residual quantisation: scale i quantises the area-downsampled residual; its
-    embedding (the raw codebook row; `normalize` only changes the matching), bicubic-upsampled to H x W (not at the last scale) and passed through phi,
-    is added to f_hat and subtracted from the residual.
+    embedding (the raw codebook row; `normalize` only changes the matching), bicubic-upsampled
+    to H x W (not at the last scale) and passed through phi, is added to f_hat and subtracted
+    from the residual.
     return_quantized: also a list per scale of the quantised maps [B, C, s, s] (flexvar) or
     of f_hat after that scale [B, C, H, W] (var).
     """

@@ -3,7 +3,7 @@
 Input of scale i+1 = scale i embedded and bicubic-upsampled to side s_{i+1} (FlexVAR), or
 VAR's residual variant (f_hat accumulation, area-downsampled; reference path only).
 
-On CUDA (or with backend 'triton' under TRITON_INTERPRET=1) the FlexVAR variant runs as
+On CUDA (or with backend 'kernel' under TRITON_INTERPRET=1) the FlexVAR variant runs as
 one Triton launch for all scales (sar_fast.kernels.scale_shift), the codebook gather fused;
 the ops are registered with torch.library so torch.compile treats them as opaque calls.
 """
@@ -48,7 +48,7 @@ def scale_shift(codes: torch.Tensor | None = None, codebook: torch.Tensor | None
         dtype = _check_codes("codes", codes, codebook, schedule, check_range, out_dtype)
         return _from_codes(codes, codebook, schedule, every, mode, phi, dtype)
     maps, dtype = _check_scales(scales, schedule, out_dtype)
-    if mode == "flexvar" and backend.select("scale_shift", *maps, kernel="scale_shift") == "triton":
+    if mode == "flexvar" and backend.select("scale_shift", *maps, kernel="scale_shift") == "kernel":
         return torch.ops.sar_fast.scale_shift_dense(maps, list(schedule), list(every), dtype)
     return reference.scale_shift(maps, schedule, mode, phi).to(dtype)
 
@@ -169,7 +169,7 @@ def _check_scales(scales: Sequence[torch.Tensor], schedule: tuple[int, ...],
 
 def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
                 chosen: tuple[int, ...], mode: str, phi: Phi | None, dtype: torch.dtype) -> torch.Tensor:
-    if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel="scale_shift") == "triton":
+    if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel="scale_shift") == "kernel":
         return torch.ops.sar_fast.scale_shift_codes(codes, codebook, list(schedule), list(chosen), dtype)
     return reference.ssr_inputs(codes, codebook, schedule, chosen, mode, phi).to(dtype)
 
