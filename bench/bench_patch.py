@@ -2,8 +2,7 @@
 FlexVAR's FlexVAR, which reproduce the originals' dense-mask attention), unpatched vs patched.
 
     python bench/bench_patch.py --out DIR [--batch 16] [--family var flexvar]
-    python bench/bench_patch.py --out DIR --cpu-smoke     # no GPU: tiny shapes, interpreter
-    python bench/bench_patch.py --out DIR --smoke         # the same (alias)
+    python bench/bench_patch.py --out DIR --smoke         # no GPU: tiny shapes, interpreter
 
 Shapes (GPU): d16 (depth 16, width 1024, 16 heads of 64, MLP 4x), scales 1..16 (L = 680),
 vocab 4096 (VAR) / 8912 (FlexVAR), code dim 32, bf16 autocast, fp32 master weights.
@@ -23,12 +22,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import start  # noqa: E402
+from _common import add_smoke_flag, start, time_ms  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,8 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--cpu-smoke", "--smoke", dest="cpu_smoke", action="store_true",
-                   help="without CUDA: tiny shapes, Triton kernels under TRITON_INTERPRET=1")
+    add_smoke_flag(p)
     return p.parse_args()
 
 
@@ -65,7 +62,7 @@ def build(torch, family: str, smoke: bool, device: str):
 
 def main() -> None:
     args = parse_args()
-    got = start("bench_patch", args.out, args.cpu_smoke, args.dtype)
+    got = start("bench_patch", args.out, args.smoke, args.dtype)
     if got is None:
         return
     torch, device, dtype = got
@@ -75,14 +72,14 @@ def main() -> None:
     from sar_fast.patch import hidden_states, patch_model, unpatch
     cuda = device == "cuda"
     if not cuda:
-        ops.set_backend("triton")  # the kernels under the interpreter, not the reference
-    B = 2 if args.cpu_smoke else args.batch
-    repeats, warmup = (1, 1) if args.cpu_smoke else (args.repeats, args.warmup)
+        ops.set_backend("kernel")  # the kernels under the interpreter, not the reference
+    B = 2 if args.smoke else args.batch
+    repeats, warmup = (1, 1) if args.smoke else (args.repeats, args.warmup)
     autocast = torch.autocast(device, dtype=dtype, enabled=cuda and dtype != torch.float32)
     results = []
     for family in args.family:
         torch.manual_seed(0)
-        model, sides, V = build(torch, family, args.cpu_smoke, device)
+        model, sides, V = build(torch, family, args.smoke, device)
         model.cond_drop_rate = 0.0
         L = sum(s * s for s in sides)
         labels = torch.randint(0, 1000, (B,), device=device)
@@ -108,19 +105,11 @@ def main() -> None:
             return logits
 
         def measure(peer: str, fused_loss: bool):
-            for _ in range(warmup):
-                step(fused_loss)
-            times = []
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                step(fused_loss)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = time_ms({peer: lambda: step(fused_loss)}, device, repeats, warmup)[peer]
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
             return {"family": family, "peer": peer, "ms": statistics.median(times), "peak_mib": peak}
 
@@ -138,7 +127,6 @@ def main() -> None:
             print(f"{family:8s} {r['peer']:13s} {r['ms']:9.2f} ms  x{r['vs_unpatched']:.2f}  peak {mem}  "
                   f"|patched - unpatched logits| <= {diff:.3g}", flush=True)
         results += rows
-        del model
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter smoke)",
               "batch": B, "dtype": str(dtype), "results": results}
     path = os.path.join(args.out, "bench_patch.json")

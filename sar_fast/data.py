@@ -246,7 +246,8 @@ class CodeDataset(Dataset):
         self.manifest = read_cache_manifest(cache_dir)
         m = self.manifest
         if m.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{self.cache_dir!r}: unknown cache format {m.get('format')!r} (expected {CACHE_FORMAT!r})")
+            raise ValueError(f"{self.cache_dir!r}: unknown cache format {m.get('format')!r} "
+                             f"(expected {CACHE_FORMAT!r})")
         if m["done"] < m["num_samples"]:
             raise ValueError(f"code cache {self.cache_dir!r} is incomplete ({m['done']}/{m['num_samples']} "
                              "images); re-run python -m sar_fast.cache with the same arguments to finish it")

@@ -108,7 +108,8 @@ def test_device_flags_mean_the_same_everywhere():
 
     from sar_fast.parallel import resolve_device
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == expected
     with pytest.raises(RuntimeError, match="--device 'bogus'"):
         resolve_device("bogus")
     if not torch.cuda.is_available():

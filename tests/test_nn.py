@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sar_fast import ops
 from sar_fast.nn import FusedLinearCrossEntropy, FusedLinearKLDiv
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "kernel"]
 
 
 def _head(C=24, V=37, bias=True):

@@ -3,7 +3,6 @@ patched == unpatched (outputs, gradients, samples, tokenizer), per instance, rev
 state_dict untouched, and clear errors for what the kernels cannot express."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from sar_fast.patch import PatchError, hidden_states, is_patched, patch_flexvar,
 from standins.flexvar_like import FlexVAR, VARTrainer, VQModel
 from standins.var_like import VAR, VQVAE, SelfAttention
 
-BACKENDS = ["reference", "triton"]  # triton: the kernels under TRITON_INTERPRET=1 on the CPU
+BACKENDS = ["reference", "kernel"]  # kernel: the Triton kernels under TRITON_INTERPRET=1 on the CPU
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
@@ -68,7 +67,7 @@ def _assert_run_equal(a, b):
     torch.testing.assert_close(a[0], b[0], **TOL)
     assert a[1].keys() == b[1].keys() and len(a[1]) > 10
     for n in a[1]:
-        torch.testing.assert_close(a[1][n], b[1][n], **TOL, msg=lambda m: f"grad of {n}: {m}")
+        torch.testing.assert_close(a[1][n], b[1][n], **TOL, msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
 # ------------------------------------------------------------------------------------------

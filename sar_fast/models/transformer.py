@@ -198,7 +198,8 @@ class ScaleAR(nn.Module):
     def class_condition(self, label_B: torch.Tensor) -> torch.Tensor:
         """Class embedding [B, C]; in training, labels drop to the null class with
         probability cond_drop_rate (the original applies it in eval too; we don't)."""
-        if not isinstance(label_B, torch.Tensor) or label_B.dim() != 1 or label_B.dtype not in (torch.int64, torch.int32):
+        if (not isinstance(label_B, torch.Tensor) or label_B.dim() != 1
+                or label_B.dtype not in (torch.int64, torch.int32)):
             raise ValueError(f"label_B must be an int64 tensor [B], got "
                              f"{getattr(label_B, 'shape', type(label_B).__name__)} {getattr(label_B, 'dtype', '')}")
         if self._check_label_range and label_B.numel() and \

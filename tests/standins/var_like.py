@@ -118,7 +118,8 @@ class PhiPartiallyShared(nn.Module):
         super().__init__()
         self.qresi_ls = phis
         k = len(phis)
-        self.ticks = torch.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else torch.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+        edge = 1 / 3 / k if k == 4 else 1 / 2 / k
+        self.ticks = torch.linspace(edge, 1 - edge, k)
 
     def __getitem__(self, at: float) -> Phi:
         return self.qresi_ls[int((self.ticks - at).abs().argmin())]
