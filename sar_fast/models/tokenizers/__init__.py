@@ -34,14 +34,18 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
                    **overrides: Any) -> MultiScaleTokenizer:
     """Load FlexVAE.pth / vae_ch160v4096z32.pth (or a state dict); `kind` ('flexvar' or
     'var') is inferred from the keys when None. Returns the tokenizer frozen, in eval mode."""
+    if kind is not None and kind not in TOKENIZERS:
+        raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
     sd = read_state_dict(path)
-    detected = detect_tokenizer_kind(sd)
-    if kind is not None:
-        if kind not in TOKENIZERS:
-            raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
-        if kind != detected:
+    try:
+        detected = detect_tokenizer_kind(sd)
+        if kind is not None and kind != detected:
             raise CheckpointError(f"kind={kind!r} was requested but the checkpoint is a {detected!r} tokenizer")
-    return TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+        return TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+    except CheckpointError as e:
+        if isinstance(path, Mapping):
+            raise
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
 
 
 __all__ = ["FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
