@@ -127,7 +127,9 @@ def load_checkpoint(path: str, model, optimizer, info) -> dict:
         raise FileNotFoundError(f"{path} is not a complete sar_fast checkpoint (no {COMPLETE} marker)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, storage_reader=_SafeFileSystemReader(path))
+    reader = _SafeFileSystemReader(path)
+    reader.read_metadata()  # refuse a crafted index here, with our error, not wrapped by DCP's collectives
+    dcp.load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks

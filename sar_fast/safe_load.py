@@ -169,9 +169,9 @@ def inspect_pickle_globals(data: bytes | io.BufferedIOBase, path: str = "<bytes>
     return found
 
 
-def _pickles_in_file(path: str) -> tuple[str, list[bytes]]:
-    """('zip' | 'legacy', the pickles torch.load will unpickle) or a CheckpointError saying
-    what the file is instead."""
+def _scan_file(path: str) -> tuple[str, dict[str, type]]:
+    """('zip' | 'legacy', the stand-ins its pickles need) or a CheckpointError saying what the
+    file is instead, or which global it refuses."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; expected a checkpoint file (a torch.save .pth/.pt)"
                               + (" — a sar_fast training checkpoint folder is resumed with --resume, not read "
@@ -193,20 +193,17 @@ def _pickles_in_file(path: str) -> tuple[str, list[bytes]]:
                 if len(pkls) != 1:
                     raise CheckpointError(f"{path} is a zip archive without exactly one data.pkl; "
                                           f"expected a checkpoint written by torch.save")
-                return "zip", [z.read(pkls[0])]
+                data = z.read(pkls[0])
         except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
             raise CheckpointError(f"{path} is a damaged zip archive ({e}); expected a complete torch.save "
                                   f"checkpoint — was the download or the save cut short?") from None
+        return "zip", _check_globals(path, inspect_pickle_globals(data, path))
     if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        stand_ins: dict[str, type] = {}
         with open(path, "rb") as f:  # legacy layout: magic, protocol, sys info, then the object
-            out = []
-            for _ in range(4):
-                start = f.tell()
-                inspect_pickle_globals(f, path)  # advances past one pickle
-                end = f.tell()
-                f.seek(start)
-                out.append(f.read(end - start))
-            return "legacy", out
+            for _ in range(4):  # each is checked before the next is read: a payload is named first
+                stand_ins.update(_check_globals(path, inspect_pickle_globals(f, path)))
+        return "legacy", stand_ins
     raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected a torch.save zip archive or legacy "
                           f"pickle file; it starts with {head!r})")
 
@@ -232,16 +229,18 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
     """torch.load, safely: see the module doc. Raises CheckpointError for unsafe or malformed
     files and FileNotFoundError for a missing one."""
     path = os.fspath(path)
-    layout, pickles = _pickles_in_file(path)
-    names = [g for data in pickles for g in inspect_pickle_globals(data, path)]
-    stand_ins = _check_globals(path, names)
+    layout, stand_ins = _scan_file(path)
     extra = [(obj, full) for full, obj in _numpy_allowed().items()] + [(cls, full) for full, cls in stand_ins.items()]
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location=map_location, weights_only=True,
                               mmap=mmap and layout == "zip")
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n\n")[-1].strip() or str(e)
+        msg = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].strip() \
+            or str(e)
+        if "Unsupported operand" in msg:  # protocol 3+ opcodes (STACK_GLOBAL, FRAME, ...)
+            msg += (" — the file was written with a pickle protocol above 2, which the weights-only reader does "
+                    "not read; torch.save writes protocol 2 by default: re-save it that way where you trust it")
         raise CheckpointError(f"{path}: refused to load: {msg}") from None
     except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (damaged or truncated?): "
