@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CheckpointError", "StandIn", "load_file", "inspect_pickle_globals", "restricted_pickle_load"]
+__all__ = ["CheckpointError", "StandIn", "load_file", "exit_once", "inspect_pickle_globals", "restricted_pickle_load"]
 
 
 class CheckpointError(ValueError):
@@ -245,6 +245,14 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
     except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (damaged or truncated?): "
                               f"{type(e).__name__}: {e}") from None
+
+
+def exit_once(message: str) -> None:
+    """SystemExit for an error every rank of a torchrun launch finds alike (a bad --init, a
+    bad data folder): rank 0 prints it, the others exit non-zero silently. Called before any
+    process group exists, so no rank waits on another."""
+    rank = int(os.environ.get("RANK", "0"))
+    raise SystemExit(message if rank == 0 else 1)
 
 
 # ----------------------------------------------------------------- plain pickles (DCP index)

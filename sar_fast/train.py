@@ -248,10 +248,25 @@ def validate(cfg: TrainConfig, preset: str) -> None:
         raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint directory")
     if not cfg.out:
         raise SystemExit("error: --out is required")
+    preflight_inputs(cfg)
     try:
         cfg.objective_config()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def preflight_inputs(cfg: TrainConfig) -> None:
+    """Read the headers of every input file before any rank starts work (safe_load.py)."""
+    from .models.checkpoint import preflight_checkpoint
+    from .models.tokenizers import preflight_tokenizer
+    from .safe_load import CheckpointError, exit_once
+    try:
+        if cfg.init:
+            preflight_checkpoint(cfg.init)
+        if cfg.vae != EMBEDDED:
+            preflight_tokenizer(cfg.vae)
+    except CheckpointError as e:
+        exit_once(f"error: {e}")
 
 
 # ------------------------------------------------------------------------------- data

@@ -334,3 +334,26 @@ def test_wrong_model_dtype_and_nonfinite_weights(tmp_path):
     torch.save(vq_bad, p)
     with pytest.warns(RuntimeWarning, match=rf"{vq_bad[k].numel()} non-finite"):
         load_tokenizer(p, norm_groups=4)
+
+
+# ------------------------------------------------------------------ the trainer: once, before any rank works
+@pytest.mark.parametrize("bad", ["passwd", "tokenizer-as-model"])
+def test_torchrun_with_a_bad_init_fails_once_without_hanging(tmp_path, bad):
+    if bad == "passwd":
+        init = tmp_path / "passwd"
+        init.write_text("root:x:0:0:root:/root:/bin/bash\n")
+        msg = "is not a PyTorch checkpoint"
+    else:
+        init = tmp_path / "vae.pth"
+        torch.save(torch.load(os.path.join(DATA, "golden_varvq.pt"), weights_only=True)["state_dict"], init)
+        msg = "not a FlexVAR/VAR transformer state dict"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "sar_fast.train", "--out", str(tmp_path / "run"), "--init", str(init), "--max-steps", "1"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert out.count(msg) == 1, out[-3000:]
+    assert f"error: {init}" in out and "Traceback" not in out.split("error:")[0][-2000:]
+    assert not (tmp_path / "run").exists()  # no rank got as far as creating the run directory

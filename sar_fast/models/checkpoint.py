@@ -136,6 +136,24 @@ def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, arch: str |
     return model
 
 
+def preflight_checkpoint(path: str | os.PathLike) -> dict:
+    """Everything load_checkpoint checks except the weight values, cheaply (tensors are
+    memory-mapped, the model is built on the meta device): a launcher calls it before any
+    process group exists, so a bad file fails once instead of on every rank. Returns the
+    model config."""
+    obj = read_checkpoint_file(path, mmap=True)
+    try:
+        sd, saved_config = extract_state_dict(obj)
+        cfg = dict(saved_config) if saved_config else infer_config(sd)
+        with torch.device("meta"):
+            own = ScaleAR(ModelConfig(**cfg)).state_dict()
+        check_state_fits(own, {k: v for k, v in sd.items() if k not in _DERIVED and not _DERIVED_BLOCK.match(k)},
+                         "the model")
+    except (CheckpointError, TypeError) as e:
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
+    return cfg
+
+
 def load_model_state(model: ScaleAR, sd: Mapping[str, torch.Tensor], strict: bool = True,
                      source: str | None = None) -> None:
     """Copy weights in, ignoring the originals' derived buffers; clear errors on mismatch."""

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, extract_state_dict, read_checkpoint_file
 from .base import MultiScaleTokenizer, read_state_dict
 from .flexvq import FlexVQ16
 from .varvq import VARVQVAE
@@ -48,5 +48,13 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
         raise CheckpointError(f"{os.fspath(path)}: {e}") from None
 
 
-__all__ = ["FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
+def preflight_tokenizer(path: str | os.PathLike) -> str:
+    """The kind of the tokenizer in `path`, checked without reading its weights (mmap)."""
+    try:
+        return detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, mmap=True))[0])
+    except CheckpointError as e:
+        raise CheckpointError(e if os.fspath(path) in str(e) else f"{os.fspath(path)}: {e}") from None
+
+
+__all__ = ["preflight_tokenizer", "FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
            "load_tokenizer", "read_state_dict"]
