@@ -57,6 +57,7 @@ class TrainConfig:
     schedule: tuple[int, ...] = STANDARD_SCHEDULE
     random_schedules: bool = False       # FlexVAR's random schedule each step
     workers: int = 2
+    bad_images: str = "skip"             # unusable images in --data: skip (counted, reported) or error
     # objective
     objective: str = "sar"
     pretrain_steps: int = 0              # teacher-forcing steps before the objective
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FlexVAR's random schedule every step (FlexVAR models; needs on-the-fly tokenisation or a "
                         "cache holding every side)")
     g.add_argument("--workers", type=int, help="data loader workers per rank")
+    g.add_argument("--bad-images", choices=("skip", "error"),
+                   help="empty/unreadable/corrupt images in --data: skip a handful (counted in the log and in "
+                        "metrics.jsonl as skipped_images; more than 10 and 1%% of the folder is an error) or "
+                        "stop with an error (default skip)")
     g = p.add_argument_group("objective (sar_fast.sar)")
     g.add_argument("--objective", choices=OBJECTIVES, help="tf: teacher forcing; sar: TF + SSR + CSFL; official: the "
                    "public SAR step as written (slower, same result); sf_*: naive student-forcing ablations")
@@ -265,7 +270,14 @@ def preflight_inputs(cfg: TrainConfig) -> None:
             preflight_checkpoint(cfg.init)
         if cfg.vae != EMBEDDED:
             preflight_tokenizer(cfg.vae)
-    except CheckpointError as e:
+        if cfg.data:
+            from .data import scan_image_folder
+            scan_image_folder(cfg.data)
+        if cfg.cache:
+            from .cache import file_sha256
+            from .data import check_code_cache
+            check_code_cache(cfg.cache, None if cfg.vae == EMBEDDED else file_sha256(cfg.vae))
+    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
         exit_once(f"error: {e}")
 
 
@@ -282,7 +294,8 @@ class DataSource:
             self.cache_schedule = tuple(self.dataset.cache_schedule)
             check_cache_matches(self.dataset.manifest, cfg, tokenizer)
         elif cfg.data:
-            self.dataset = ImageFolderDataset(cfg.data, resolution=cfg.resolution, train=True, seed=cfg.seed)
+            self.dataset = ImageFolderDataset(cfg.data, resolution=cfg.resolution, train=True, seed=cfg.seed,
+                                              bad_images=cfg.bad_images)
             self.cache_schedule = None
         else:
             self.dataset = EmbeddedDigitsDataset("train", seed=0)
@@ -595,7 +608,8 @@ class Trainer:
                               "grad_norm": float(grad_norm), "lr": self.lr_at(step),
                               "img_per_s": world_imgs / dt, "tokens_per_s": tokens_since * info.world_size / dt,
                               "mfu": (flops_since / dt / peak) if peak else None,
-                              "nonfinite_total": self.state.nonfinite_total, "schedule": list(schedule)}
+                              "nonfinite_total": self.state.nonfinite_total, "schedule": list(schedule),
+                              "skipped_images": getattr(self.data.dataset, "num_skipped", 0)}
                     if scale_stats is not None:
                         st = parallel.all_reduce_sum(scale_stats.clone()).cpu()
                         for s, (ce, correct, count) in zip(schedule, st.tolist()):
