@@ -1,6 +1,6 @@
 """The one way sar_fast reads a pickled file it did not write in this process.
 
-A `.pth` is a pickle, and a pickle is a program: `torch.load(weights_only=False)` or
+A `.pth` is a pickle, and a pickle is a program: an unrestricted `torch.load` or
 `pickle.load` on a file from the internet runs whatever it names. Every file sar_fast reads
 (model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a sharded
 training checkpoint) goes through this module instead:

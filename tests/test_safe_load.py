@@ -283,6 +283,13 @@ def test_malformed_files_fail_with_one_clear_error(tmp_path):
     cases["text.pth"] = r"is not a PyTorch checkpoint .*starts with b'root:x:0'"
     (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     cases["truncated.pth"] = r"damaged zip archive .*cut short"
+    legacy = tmp_path / "legacy-full.pth"
+    torch.save(g["state_dict"], legacy, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(legacy).arch == "var" and load_checkpoint(good).arch == "var"  # both layouts load
+    (tmp_path / "legacy-cut.pth").write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
+    cases["legacy-cut.pth"] = r"not a readable torch checkpoint \(damaged or truncated\?\)"
+    (tmp_path / "legacy-head.pth").write_bytes(legacy.read_bytes()[:200])
+    cases["legacy-head.pth"] = r"not a valid pickle stream"
     (tmp_path / "adir").mkdir()
     cases["adir"] = r"is a directory; expected a checkpoint file"
     (tmp_path / "junk.pth").write_bytes(b"\x80\x02junk")
