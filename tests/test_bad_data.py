@@ -110,7 +110,8 @@ def _edit_manifest(out, **changes):
 @pytest.mark.parametrize("tamper, msg", [
     (lambda out: _edit_manifest(out, num_samples=7, done=7),
      r"codes.npy is \(6, 1, 85\) int16, but the manifest says \(7, 1, 85\) int16"),
-    (lambda out: _edit_manifest(out, dtype="int32"), r"codes.npy is \(6, 1, 85\) int16, but the manifest says .* int32"),
+    (lambda out: _edit_manifest(out, dtype="int32"),
+     r"codes.npy is \(6, 1, 85\) int16, but the manifest says .* int32"),
     (lambda out: _edit_manifest(out, schedule=[1, 2, 4]), r"schedule \(1, 2, 4\) has 21 tokens but seq_len is 85"),
     (lambda out: _edit_manifest(out, schedule=[1, 2, 3, 4, 7], seq_len=79),
      r"codes.npy is \(6, 1, 85\) int16, but the manifest says \(6, 1, 79\)"),

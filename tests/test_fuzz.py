@@ -69,7 +69,8 @@ def interpreter_nan_limit(err: BaseException, *inputs: torch.Tensor) -> bool:
     all-NaN row where the GPU returns a (NaN) result; only that case is tolerated, and only
     on the interpreter."""
     return (TRITON_DEVICE == "cpu" and "All-NaN slice" in str(err)
-            and any(t.is_floating_point() and not torch.isfinite(t).all() for t in inputs if isinstance(t, torch.Tensor)))
+            and any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                    for t in inputs))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> None:
@@ -179,7 +180,8 @@ def test_fuzz_scale_shift_from_codes(data):
     B, V, C = draw(st.integers(0, 3)), draw(st.integers(1, 20)), draw(st.integers(1, 9))
     L = sum(s * s for s in schedule) + draw(st.sampled_from([0, 0, 0, -1]))
     lo, hi = draw(st.sampled_from([(0, V), (0, V), (V, V + 2), (-2, 0)]))
-    codes = torch.randint(lo, hi, (B, max(L, 0))).to(draw(st.sampled_from([torch.int64] * 3 + [torch.int32, torch.float32])))
+    codes = torch.randint(lo, hi, (B, max(L, 0)))
+    codes = codes.to(draw(st.sampled_from([torch.int64] * 3 + [torch.int32, torch.float32])))
     book = poison(torch.randn(V, C), draw(st.sampled_from(["finite", "finite", "nan", "inf"])), draw)
     book = layout(book, draw(st.sampled_from(["contiguous", "transposed", "sliced"])))
     mode = draw(st.sampled_from(["flexvar"] * 4 + ["var", "adm"]))

@@ -127,7 +127,7 @@ def _run_plainly(paths, how):
 
 def test_every_payload_runs_under_plain_unpickling(corpus):
     """Guard against a corpus that proves nothing: each file does run code when loaded plainly."""
-    torch_files = [p for p, _, _ in corpus if not p.name.split("-")[-2] == "raw"]
+    torch_files = [p for p, _, _ in corpus if p.name.split("-")[-2] != "raw"]
     raw_files = [p for p, _, _ in corpus if p.name.split("-")[-2] == "raw"]
     _run_plainly(torch_files, "torch")
     _run_plainly(raw_files, "pickle")
@@ -325,7 +325,8 @@ def test_wrong_model_dtype_and_nonfinite_weights(tmp_path):
     bad = dict(var)
     bad["head.bias"] = torch.zeros(bad["head.bias"].numel() + 1)
     torch.save(bad, p)
-    with pytest.raises(CheckpointError, match=rf"(?s){p}: checkpoint does not fit the model.*head.bias: checkpoint \(98,\)"):
+    with pytest.raises(CheckpointError,
+                       match=rf"(?s){p}: checkpoint does not fit the model.*head.bias: checkpoint \(98,\)"):
         load_checkpoint(p)
     bad = dict(var)
     w = bad["head.weight"].clone()
