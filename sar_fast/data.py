@@ -206,11 +206,17 @@ class ImageFolderDataset(Dataset):
             bad = {p for p, _ in self.skipped}
             samples = [(p, y) for p, y in samples if p not in bad]
         self.samples = samples
-        self.load_failures = 0  # bodies that failed to decode at load time, in this process
+        # bodies that failed to decode at load time; in shared memory, so DataLoader workers'
+        # counts reach the trainer's metrics
+        self._load_failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def load_failures(self) -> int:
+        return int(self._load_failures)
 
     @property
     def num_skipped(self) -> int:
-        """Images left out: found bad before training, plus decode failures seen here."""
+        """Images left out: found bad before training, plus decode failures since (all workers)."""
         return len(self.skipped) + self.load_failures
 
     def set_epoch(self, epoch: int) -> None:
@@ -241,7 +247,7 @@ class ImageFolderDataset(Dataset):
             except (OSError, ValueError) as e:
                 if self.bad_images == "error":
                     raise
-                self.load_failures += 1
+                self._load_failures += 1
                 warnings.warn(f"skipping an image that fails to decode: {e}", RuntimeWarning, stacklevel=2)
         raise DataError(f"image folder {self.root!r}: {MAX_SKIPPED_IMAGES + 1} images in a row from index {index} "
                         f"fail to decode")

@@ -71,6 +71,11 @@ def test_an_image_whose_body_fails_to_decode(tmp_path):
         x, y = ds[1]
     np.testing.assert_array_equal(x.numpy(), ds[2][0].numpy())  # the next sample stands in
     assert ds.num_skipped == 1
+    # failures inside DataLoader workers are counted where the trainer reads them
+    from torch.utils.data import DataLoader
+    fresh = ImageFolderDataset(root, resolution=8, train=False)
+    batches = list(DataLoader(fresh, batch_size=2, num_workers=2))  # (workers' warnings go to their stderr)
+    assert sum(len(b[1]) for b in batches) == 6 and fresh.num_skipped == 1
     strict = ImageFolderDataset(root, resolution=8, train=False, bad_images="error")
     with pytest.raises(OSError, match=r"cannot read image .*001.png"):
         strict[1]
