@@ -340,7 +340,7 @@ def test_wrong_model_dtype_and_nonfinite_weights(tmp_path):
     k = next(k for k, v in vq.items() if v.is_floating_point())
     vq_bad[k] = vq_bad[k].clone().fill_(float("nan"))
     torch.save(vq_bad, p)
-    with pytest.warns(RuntimeWarning, match=rf"{vq_bad[k].numel()} non-finite"):
+    with pytest.warns(RuntimeWarning, match=rf"{p}: {vq_bad[k].numel()} non-finite"):
         load_tokenizer(p, norm_groups=4)
 
 

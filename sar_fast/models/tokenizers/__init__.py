@@ -8,6 +8,7 @@ scale_shift). Official checkpoints load key for key: `FlexVAE.pth`, `vae_ch160v4
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -41,7 +42,13 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
         detected = detect_tokenizer_kind(sd)
         if kind is not None and kind != detected:
             raise CheckpointError(f"kind={kind!r} was requested but the checkpoint is a {detected!r} tokenizer")
-        return TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            tokenizer = TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+        for w in caught:  # e.g. the NaN/Inf weight count: say which file
+            where = "" if isinstance(path, Mapping) else f"{os.fspath(path)}: "
+            warnings.warn(f"{where}{w.message}", w.category, stacklevel=2)
+        return tokenizer
     except CheckpointError as e:
         if isinstance(path, Mapping):
             raise
