@@ -54,6 +54,15 @@ def _configs(choices, interpreted_choice):
 # range arithmetic shared by all kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _batch_head(H):
+    """(bh, b, h) of this program as int64: b * stride_b passes 2**31 once a tensor holds more
+    than 2**31 elements (B*H*L*D at d30 sizes), and an int32 product would wrap into another
+    sample's memory."""
+    bh = tl.program_id(1).to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
 def _tile_runs(SID, OTHER_OFF, first, last, num_scales, window, BLOCK: tl.constexpr,
                QUERY_SIDE: tl.constexpr):
     """For a tile whose tokens run from index `first` to `last` (inclusive), the three runs
@@ -132,8 +141,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
                 DOT_PRECISION: tl.constexpr):
     # Late query tiles see the most keys: launch them first for a better tail.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    bh, b, h = _batch_head(H)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -186,8 +194,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
                       stride_dob, stride_doh, stride_dom, H, Lq,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[i] = sum_d O[i, d] * dO[i, d] (fp32)."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    bh, b, h = _batch_head(H)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = rows < Lq
@@ -244,8 +251,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N  # early key tiles are seen by the most queries
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    bh, b, h = _batch_head(H)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -316,8 +322,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    bh, b, h = _batch_head(H)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 

@@ -22,24 +22,49 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from . import parallel
+from .safe_load import load_file, restricted_pickle_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers, so it reads back with the
+    weights-only loader (no pickled numpy or Python objects)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    mt = mt.tolist() if isinstance(mt, torch.Tensor) else mt  # files written before the tensor format
+    random.setstate((version, tuple(int(x) for x in mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader unpickles the checkpoint index (.metadata) with plain pickle.load; this
+    one allows only the DCP metadata data classes in it."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        path = os.path.join(os.fspath(self.path), ".metadata" if rank is None else f"__{rank}.metadata")
+        metadata = restricted_pickle_load(path, ("torch.distributed.checkpoint.",))
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
@@ -102,11 +127,13 @@ def load_checkpoint(path: str, model, optimizer, info) -> dict:
         raise FileNotFoundError(f"{path} is not a complete sar_fast checkpoint (no {COMPLETE} marker)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    reader = _SafeFileSystemReader(path)
+    reader.read_metadata()  # refuse a crafted index here, with our error, not wrapped by DCP's collectives
+    dcp.load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
     if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+        _set_rng_state(load_file(rng_path))
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)
 

@@ -67,6 +67,9 @@ class DataConfig:
     random_schedules: bool = option(False, "FlexVAR's random schedule every step (FlexVAR models; needs on-the-fly "
                                            "tokenisation or a cache holding every side)")
     workers: int = option(2, "data loader workers per rank")
+    bad_images: str = option("skip", "empty/unreadable/corrupt images in --data: skip a handful (counted in the log "
+                                     "and in metrics.jsonl as skipped_images; more than 10 and 1%% of the folder is "
+                                     "an error) or stop with an error", choices=("skip", "error"))
 
 
 @dataclass
@@ -289,3 +292,25 @@ def validate(cfg: TrainConfig, preset: str) -> None:
         raise SystemExit(f"error: --resume {cfg.checkpoint.resume}: no such checkpoint directory")
     if not cfg.run.out:
         raise SystemExit("error: --out is required")
+    preflight_inputs(cfg)
+
+
+def preflight_inputs(cfg: TrainConfig) -> None:
+    """Read the headers of every input file before any rank starts work (safe_load.py), so a
+    bad file is one message from rank 0 and a non-zero exit on every rank, not a hang."""
+    from .data import check_code_cache, file_sha256, scan_image_folder
+    from .models.checkpoint import preflight_checkpoint
+    from .models.tokenizers import preflight_tokenizer
+    from .safe_load import CheckpointError, exit_once
+    data = cfg.data
+    try:
+        if cfg.model.init:
+            preflight_checkpoint(cfg.model.init)
+        if data.vae != EMBEDDED:
+            preflight_tokenizer(data.vae)
+        if data.folder:
+            scan_image_folder(data.folder)
+        if data.cache:
+            check_code_cache(data.cache, None if data.vae == EMBEDDED else file_sha256(data.vae))
+    except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
+        exit_once(f"error: {e}")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -31,6 +32,15 @@ AUGMENTATIONS = ("flexvar", "var")
 VAR_MID_RESO = 1.125          # VAR: resize the short side to 1.125 x resolution, then crop
 ADM_MIN_CROP_FRAC = 0.88      # FlexVAR/SAR (ADM's random_crop_arr): crop covers 88..100% of the short side
 CACHE_FORMAT = "sar_fast.code_cache.v1"
+BAD_IMAGE_POLICIES = ("skip", "error")
+# skipping bad images is for a handful in a large folder; beyond this many, and this share,
+# the folder itself is wrong and the run stops
+MAX_SKIPPED_IMAGES, MAX_SKIPPED_FRACTION = 10, 0.01
+
+
+class DataError(ValueError):
+    """A data folder or code cache that cannot be trained on; the message names the path and
+    what was expected."""
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -133,6 +143,39 @@ def transform_image(img, resolution: int, train: bool, augment: str = "flexvar",
     return torch.from_numpy(crop).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def find_bad_images(samples: Sequence[tuple[str, int]], threads: int = 8) -> list[tuple[str, str]]:
+    """(path, reason) of every image that is empty, unreadable, or whose header PIL cannot
+    parse. Headers only (cheap on a large folder); a body that fails to decode later is
+    handled where it is loaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path: str) -> str | None:
+        try:
+            if os.path.getsize(path) == 0:
+                return "empty file (0 bytes)"
+            with Image.open(path) as img:
+                if min(img.size) < 1:
+                    return f"image of size {img.size}"
+        except PermissionError:
+            return "unreadable (permission denied)"
+        except Image.UnidentifiedImageError:
+            return "not an image PIL can read (corrupt or wrong extension)"
+        except Exception as e:  # OSError, decompression bombs, parser errors of damaged headers
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    paths = [p for p, _ in samples]
+    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+        reasons = list(pool.map(problem, paths, chunksize=256))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _describe(bad: Sequence[tuple[str, str]], n: int = 5) -> str:
+    return "; ".join(f"{p}: {r}" for p, r in bad[:n]) + (f"; ... (+{len(bad) - n} more)" if len(bad) > n else "")
+
+
 class ImageFolderDataset(Dataset):
     """ImageNet-style folder -> (image float32 [3, R, R] in [-1, 1], label int64).
 
@@ -141,15 +184,45 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int = 256, train: bool = True,
-                 augment: str = "flexvar", hflip: bool = True, seed: int = 0):
+                 augment: str = "flexvar", hflip: bool = True, seed: int = 0, bad_images: str = "skip"):
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.resolution = _check_int("resolution", resolution, 1)
         self.seed = _check_int("seed", seed, 0)
         self.root, self.train, self.augment, self.hflip = os.fspath(root), bool(train), augment, bool(hflip)
-        self.samples, self.classes = scan_image_folder(root)
+        self.bad_images = bad_images
+        samples, self.classes = scan_image_folder(root)
         self.num_classes = len(self.classes)
         self.epoch = 0
+        # empty, unreadable or unidentifiable files: found before training, skipped or fatal
+        self.skipped = find_bad_images(samples)
+        if self.skipped:
+            where = f"image folder {self.root!r}: {len(self.skipped)} of {len(samples)} images are unusable"
+            if bad_images == "error":
+                raise DataError(f"{where} (bad_images='error', --bad-images error): {_describe(self.skipped)}")
+            if len(self.skipped) == len(samples):
+                raise DataError(f"{where}: no readable images left: {_describe(self.skipped)}")
+            if len(self.skipped) > max(MAX_SKIPPED_IMAGES, MAX_SKIPPED_FRACTION * len(samples)):
+                raise DataError(f"{where}, more than {MAX_SKIPPED_IMAGES} and {MAX_SKIPPED_FRACTION:.0%}: is this "
+                                f"the right folder? {_describe(self.skipped)}")
+            warnings.warn(f"{where}; skipping them: {_describe(self.skipped)}", RuntimeWarning, stacklevel=2)
+            bad = {p for p, _ in self.skipped}
+            samples = [(p, y) for p, y in samples if p not in bad]
+        self.samples = samples
+        # bodies that failed to decode at load time; in shared memory, so DataLoader workers'
+        # counts reach the trainer's metrics
+        self._load_failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def load_failures(self) -> int:
+        return int(self._load_failures)
+
+    @property
+    def num_skipped(self) -> int:
+        """Images left out: found bad before training, plus decode failures since (all workers)."""
+        return len(self.skipped) + self.load_failures
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = _check_int("epoch", epoch, 0)
@@ -170,7 +243,19 @@ class ImageFolderDataset(Dataset):
             raise type(e)(f"cannot read image {path!r}: {e}") from e
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.load(index), torch.tensor(self.samples[index][1], dtype=torch.int64)
+        # a body that fails to decode (a truncated JPEG passes the header check): in skip
+        # mode the next readable sample takes its place, so batches keep their size
+        for attempt in range(min(len(self.samples), MAX_SKIPPED_IMAGES + 1)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return self.load(i), torch.tensor(self.samples[i][1], dtype=torch.int64)
+            except (OSError, ValueError) as e:
+                if self.bad_images == "error":
+                    raise
+                self._load_failures += 1
+                warnings.warn(f"skipping an image that fails to decode: {e}", RuntimeWarning, stacklevel=2)
+        raise DataError(f"image folder {self.root!r}: {MAX_SKIPPED_IMAGES + 1} images in a row from index {index} "
+                        f"fail to decode")
 
 
 # ---------------------------------------------------------------------- embedded digits
@@ -211,8 +296,83 @@ def read_cache_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(cache_dir)!r} is not a code cache (no manifest.json); "
                                 "build one with python -m sar_fast.cache")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a valid JSON manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+_MANIFEST_KEYS = {"format": str, "schedule": list, "seq_len": int, "num_samples": int, "done": int, "views": int,
+                  "dtype": str, "classes": list, "vocab_size": int, "quant_mode": str}
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy file, read without loading or mapping it."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+        except ValueError as e:
+            raise DataError(f"{path}: not a .npy array file ({e})") from None
+        if fortran or dtype.hasobject:
+            raise DataError(f"{path}: expected a C-ordered numeric array, got "
+                            f"{'Fortran order' if fortran else 'an object array'}")
+        return tuple(shape), dtype, f.tell()
+
+
+def check_code_cache(cache_dir: str | os.PathLike, tokenizer_sha256: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete cache whose arrays agree with it: keys and types, the
+    schedule's length, codes.npy [N, views, L] of the manifest's dtype and labels.npy [N]
+    integer, both complete on disk (a truncated copy is caught here, not mid-run), labels
+    within the class list; with `tokenizer_sha256`, the tokenizer it was built with.
+    Raises DataError naming the file and what was expected."""
+    from .schedules import total_length
+    root = os.fspath(cache_dir)
+    m = read_cache_manifest(root)
+    where = os.path.join(root, "manifest.json")
+    wrong = [f"{k} ({t.__name__})" for k, t in _MANIFEST_KEYS.items() if not isinstance(m.get(k), t)]
+    if wrong:
+        raise DataError(f"{where}: missing or mistyped entries: {', '.join(wrong)}")
+    if m["format"] != CACHE_FORMAT:
+        raise DataError(f"{where}: unknown cache format {m['format']!r} (expected {CACHE_FORMAT!r})")
+    if m["done"] < m["num_samples"]:
+        raise DataError(f"code cache {root!r} is incomplete ({m['done']}/{m['num_samples']} images); re-run "
+                        "python -m sar_fast.cache with the same arguments to finish it")
+    try:
+        schedule = validate_schedule(m["schedule"])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: bad schedule: {e}") from None
+    if total_length(schedule) != m["seq_len"]:
+        raise DataError(f"{where}: schedule {schedule} has {total_length(schedule)} tokens but seq_len is "
+                        f"{m['seq_len']}")
+    if tokenizer_sha256 is not None and m.get("tokenizer_sha256") != tokenizer_sha256:
+        raise DataError(f"code cache {root!r} was built with another tokenizer ({m.get('tokenizer_path', '?')}, "
+                        f"sha256 {str(m.get('tokenizer_sha256'))[:12]}...) than --vae (sha256 "
+                        f"{tokenizer_sha256[:12]}...): its codes mean nothing to this tokenizer")
+    expected = {"codes.npy": ((m["num_samples"], m["views"], m["seq_len"]), np.dtype(m["dtype"])),
+                "labels.npy": ((m["num_samples"],), None)}
+    for name, (shape, dtype) in expected.items():
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            raise DataError(f"code cache {root!r} has no {name}")
+        got_shape, got_dtype, offset = _npy_header(path)
+        if got_shape != shape or (dtype is not None and got_dtype != dtype) or got_dtype.kind not in "iu":
+            raise DataError(f"{path} is {got_shape} {got_dtype}, but the manifest says {shape} "
+                            f"{dtype or 'integer'}")
+        need, size = offset + int(np.prod(shape)) * got_dtype.itemsize, os.path.getsize(path)
+        if size != need:
+            raise DataError(f"{path} is {'truncated' if size < need else 'longer than its header says'}: "
+                            f"{size} bytes on disk, {need} expected for {shape} {got_dtype}")
+    labels = np.load(os.path.join(root, "labels.npy"), mmap_mode="r")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(m["classes"])):
+        raise DataError(f"{os.path.join(root, 'labels.npy')}: labels span [{int(labels.min())}, {int(labels.max())}] "
+                        f"but the manifest lists {len(m['classes'])} classes")
+    return m
 
 
 def schedule_token_index(cache_schedule: Sequence[int], schedule: Sequence[int]) -> torch.Tensor:
@@ -243,14 +403,7 @@ class CodeDataset(Dataset):
     def __init__(self, cache_dir: str | os.PathLike, schedule: Sequence[int] | None = None,
                  random_flip: bool = True, seed: int = 0):
         self.cache_dir = os.fspath(cache_dir)
-        self.manifest = read_cache_manifest(cache_dir)
-        m = self.manifest
-        if m.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{self.cache_dir!r}: unknown cache format {m.get('format')!r} "
-                             f"(expected {CACHE_FORMAT!r})")
-        if m["done"] < m["num_samples"]:
-            raise ValueError(f"code cache {self.cache_dir!r} is incomplete ({m['done']}/{m['num_samples']} "
-                             "images); re-run python -m sar_fast.cache with the same arguments to finish it")
+        self.manifest = m = check_code_cache(cache_dir)
         self.cache_schedule = tuple(m["schedule"])
         self.schedule = self.cache_schedule if schedule is None else validate_schedule(schedule)
         if self.schedule != self.cache_schedule and m["quant_mode"] != "flexvar":
@@ -264,9 +417,6 @@ class CodeDataset(Dataset):
         self.random_flip, self.seed, self.epoch = bool(random_flip), _check_int("seed", seed, 0), 0
         self._codes: np.ndarray | None = None
         self._labels = np.load(os.path.join(self.cache_dir, "labels.npy"))
-        if len(self._labels) != m["num_samples"]:
-            raise ValueError(f"{self.cache_dir!r}: labels.npy has {len(self._labels)} rows, "
-                             f"manifest says {m['num_samples']}")
 
     @property
     def codes(self) -> np.ndarray:
@@ -394,7 +544,8 @@ class DataSource:
             self.cache_schedule = tuple(self.dataset.cache_schedule)
             check_cache_matches(self.dataset.manifest, cfg, tokenizer)
         elif cfg.folder:
-            self.dataset = ImageFolderDataset(cfg.folder, resolution=cfg.resolution, train=True, seed=seed)
+            self.dataset = ImageFolderDataset(cfg.folder, resolution=cfg.resolution, train=True, seed=seed,
+                                              bad_images=cfg.bad_images)
             self.cache_schedule = None
         else:
             self.dataset = EmbeddedDigitsDataset("train", seed=0)
@@ -403,6 +554,11 @@ class DataSource:
         if self.sampler.num_samples < local_batch:
             raise SystemExit(f"error: {len(self.dataset)} samples cannot fill a per-rank batch of {local_batch}")
         self._iter = None
+
+    @property
+    def skipped_images(self) -> int:
+        """Unusable images of --data skipped so far (0 for caches and the embedded digits)."""
+        return getattr(self.dataset, "num_skipped", 0)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -152,13 +152,14 @@ def mean_visible_keys(schedule) -> float:
 
 
 def step_record(step: int, objective: str, losses: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-                rates: dict, nonfinite_total: int, schedule, scale_totals: torch.Tensor | None) -> dict:
+                rates: dict, nonfinite_total: int, schedule, scale_totals: torch.Tensor | None,
+                skipped_images: int = 0) -> dict:
     """One line of metrics.jsonl. losses [3]: total, TF (or SF), CSF; scale_totals [n, 3]:
     per scale the CE sum, correct argmaxes and tokens over all ranks."""
     record = {"step": step, "objective": objective, "loss": float(losses[0]), "tf_loss": float(losses[1]),
               "csf_loss": float(losses[2]) if objective in ("sar", "official") else None,
               "grad_norm": float(grad_norm), "lr": lr, **rates, "nonfinite_total": nonfinite_total,
-              "schedule": list(schedule)}
+              "schedule": list(schedule), "skipped_images": skipped_images}
     if scale_totals is not None:
         for s, (ce, correct, count) in zip(schedule, scale_totals.tolist()):
             record[f"loss_s{s}"] = ce / max(count, 1)

@@ -183,7 +183,7 @@ class Trainer:
         totals = None if result.scale_stats is None else parallel.all_reduce_sum(result.scale_stats.clone()).cpu()
         record = logs.step_record(self.state.step, result.objective.objective, result.losses, result.grad_norm,
                                   self.lr_at(step), self.throughput.read(), self.state.nonfinite_total,
-                                  result.schedule, totals)
+                                  result.schedule, totals, skipped_images=self.data.skipped_images)
         record.update(self.gpu.read())
         if self.metrics_log:
             self.metrics_log.write(record)

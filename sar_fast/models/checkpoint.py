@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import re
+import warnings
 from collections import Counter
 from typing import Any, Mapping
 
 import torch
 
+from ..safe_load import CheckpointError, load_file
 from ..schedules import STANDARD_SCHEDULE, total_length
 from .transformer import ModelConfig, ScaleAR
 
@@ -25,47 +26,11 @@ _DERIVED = ("attn_bias_for_masking", "lvl_1L")
 _DERIVED_BLOCK = re.compile(r"^blocks\.\d+\.attn\.zero_k_bias$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is not a FlexVAR/VAR transformer, or does not fit the model."""
-
-
-class _Opaque:
-    """Stands in for classes of the original training code pickled into a checkpoint
-    (its args object): we never need them, and importing their code is not an option."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    _ALLOWED = ("torch", "collections", "builtins", "numpy", "_codecs", "copyreg")
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] in self._ALLOWED:
-            return super().find_class(module, name)
-        return _Opaque
-
-
-class _SafePickle:
-    Unpickler = _SafeUnpickler
-
-    @staticmethod
-    def load(f, **kwargs):
-        return _SafeUnpickler(f, **kwargs).load()
-
-
-def read_checkpoint_file(path: str | os.PathLike) -> Any:
-    """torch.load on CPU: weights_only first; classes of the original code become stubs."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickle)
+def read_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """The object in a checkpoint file, on CPU, read by sar_fast.safe_load: tensors,
+    containers and arrays only; classes of the original training code become inert
+    stand-ins; anything else, and malformed files, raise CheckpointError."""
+    return load_file(path, map_location="cpu", mmap=mmap)
 
 
 def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -152,24 +117,68 @@ def _var_schedule(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
 def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping, arch: str | None = None,
                     strict: bool = True, **overrides) -> ScaleAR:
     """Build a ScaleAR from any supported checkpoint; the config is inferred from the weights
-    (overrides win, e.g. cond_drop_rate=0.0). Fails listing missing/unexpected keys."""
-    obj = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint_file(path_or_state_dict)
-    sd, saved_config = extract_state_dict(obj)
-    cfg = dict(saved_config) if saved_config else infer_config(sd, arch)
-    if saved_config and arch is not None and saved_config.get("arch") != arch:
-        raise CheckpointError(f"arch={arch!r} requested but the checkpoint is {saved_config.get('arch')!r}")
-    cfg.update(overrides)
-    model = ScaleAR(ModelConfig(**cfg))
-    load_model_state(model, sd, strict=strict)
+    (overrides win, e.g. cond_drop_rate=0.0). Fails listing missing/unexpected keys; errors
+    about a file name the file."""
+    from_file = not isinstance(path_or_state_dict, Mapping)
+    obj = read_checkpoint_file(path_or_state_dict) if from_file else path_or_state_dict
+    try:
+        sd, saved_config = extract_state_dict(obj)
+        cfg = dict(saved_config) if saved_config else infer_config(sd, arch)
+        if saved_config and arch is not None and saved_config.get("arch") != arch:
+            raise CheckpointError(f"arch={arch!r} requested but the checkpoint is {saved_config.get('arch')!r}")
+        cfg.update(overrides)
+        model = ScaleAR(ModelConfig(**cfg))
+        load_model_state(model, sd, strict=strict, source=os.fspath(path_or_state_dict) if from_file else None)
+    except CheckpointError as e:
+        if from_file:
+            raise CheckpointError(f"{os.fspath(path_or_state_dict)}: {e}") from None
+        raise
     return model
 
 
-def load_model_state(model: ScaleAR, sd: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+def preflight_checkpoint(path: str | os.PathLike) -> dict:
+    """Everything load_checkpoint checks except the weight values, cheaply (tensors are
+    memory-mapped, the model is built on the meta device): a launcher calls it before any
+    process group exists, so a bad file fails once instead of on every rank. Returns the
+    model config."""
+    obj = read_checkpoint_file(path, mmap=True)
+    try:
+        sd, saved_config = extract_state_dict(obj)
+        cfg = dict(saved_config) if saved_config else infer_config(sd)
+        with torch.device("meta"):
+            own = ScaleAR(ModelConfig(**cfg)).state_dict()
+        check_state_fits(own, {k: v for k, v in sd.items() if k not in _DERIVED and not _DERIVED_BLOCK.match(k)},
+                         "the model")
+    except (CheckpointError, TypeError) as e:
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
+    return cfg
+
+
+def load_model_state(model: ScaleAR, sd: Mapping[str, torch.Tensor], strict: bool = True,
+                     source: str | None = None) -> None:
     """Copy weights in, ignoring the originals' derived buffers; clear errors on mismatch."""
     own = model.state_dict()
     clean = {k: v for k, v in sd.items() if k not in _DERIVED and not _DERIVED_BLOCK.match(k)}
     check_state_fits(own, clean, "the model", strict=strict)
+    check_weight_values(own, clean, source)
     model.load_state_dict({k: v for k, v in clean.items() if k in own}, strict=False)
+
+
+def check_weight_values(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
+                        source: str | None = None) -> None:
+    """Weights must be floating point where the module's are (an integer or bool tensor
+    would be cast silently by load_state_dict); NaN/Inf weights are a warning with the count
+    (a diverged run's checkpoint still loads, for inspection)."""
+    wrong = [f"{k}: {v.dtype} (expected floating point)" for k, v in sd.items()
+             if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if wrong:
+        raise CheckpointError(f"wrong tensor dtypes ({len(wrong)}): {_short(wrong)}")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in sd.items() if k in own and v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        where = f"{source}: " if source else ""
+        warnings.warn(f"{where}{sum(bad.values())} non-finite (NaN/Inf) weight values in {len(bad)} tensors: "
+                      f"{_short([f'{k} ({n})' for k, n in bad.items()])}", RuntimeWarning, stacklevel=3)
 
 
 def check_state_fits(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str,

@@ -8,11 +8,12 @@ scale_shift). Official checkpoints load key for key: `FlexVAE.pth`, `vae_ch160v4
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, extract_state_dict, read_checkpoint_file
 from .base import MultiScaleTokenizer, read_state_dict
 from .flexvq import FlexVQ16
 from .varvq import VARVQVAE
@@ -34,15 +35,33 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
                    **overrides: Any) -> MultiScaleTokenizer:
     """Load FlexVAE.pth / vae_ch160v4096z32.pth (or a state dict); `kind` ('flexvar' or
     'var') is inferred from the keys when None. Returns the tokenizer frozen, in eval mode."""
+    if kind is not None and kind not in TOKENIZERS:
+        raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
     sd = read_state_dict(path)
-    detected = detect_tokenizer_kind(sd)
-    if kind is not None:
-        if kind not in TOKENIZERS:
-            raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
-        if kind != detected:
+    try:
+        detected = detect_tokenizer_kind(sd)
+        if kind is not None and kind != detected:
             raise CheckpointError(f"kind={kind!r} was requested but the checkpoint is a {detected!r} tokenizer")
-    return TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            tokenizer = TOKENIZERS[detected].from_checkpoint(sd, **overrides)
+        for w in caught:  # e.g. the NaN/Inf weight count: say which file
+            where = "" if isinstance(path, Mapping) else f"{os.fspath(path)}: "
+            warnings.warn(f"{where}{w.message}", w.category, stacklevel=2)
+        return tokenizer
+    except CheckpointError as e:
+        if isinstance(path, Mapping):
+            raise
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
 
 
-__all__ = ["FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
+def preflight_tokenizer(path: str | os.PathLike) -> str:
+    """The kind of the tokenizer in `path`, checked without reading its weights (mmap)."""
+    try:
+        return detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, mmap=True))[0])
+    except CheckpointError as e:
+        raise CheckpointError(e if os.fspath(path) in str(e) else f"{os.fspath(path)}: {e}") from None
+
+
+__all__ = ["preflight_tokenizer", "FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
            "load_tokenizer", "read_state_dict"]

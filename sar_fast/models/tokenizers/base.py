@@ -19,7 +19,8 @@ import torch.nn as nn
 from ... import ops
 from ...ops.reference import Phi
 from ...schedules import total_length, validate_schedule
-from ..checkpoint import CheckpointError, check_state_fits, extract_state_dict, read_checkpoint_file
+from ..checkpoint import (CheckpointError, check_state_fits, check_weight_values, extract_state_dict,
+                          read_checkpoint_file)
 
 # per-scale codes: a list of [B, s*s] tensors, or all scales concatenated [B, L]
 Codes = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -210,7 +211,9 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
     def load_strict(self, sd: Mapping[str, torch.Tensor]) -> None:
         """load_state_dict(strict=True), raising CheckpointError that lists every missing,
         unexpected and mis-shaped key instead of PyTorch's first failure."""
-        check_state_fits(self.state_dict(), sd, type(self).__name__, resizable=self._resizable_keys)
+        own = self.state_dict()
+        check_state_fits(own, sd, type(self).__name__, resizable=self._resizable_keys)
+        check_weight_values(own, sd)
         self.load_state_dict(sd, strict=True)
 
 
