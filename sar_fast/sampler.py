@@ -41,12 +41,16 @@ def guidance_weight(ramp: str, cfg: float, si: int, num_scales: int) -> float:
 
 
 def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of logits [..., V] after top-k / nucleus filtering -> int64 [...].
 
     top_k > 0 keeps the k largest logits (ties at the k-th are kept); 0 < top_p < 1 drops
     the least likely tokens whose total probability stays within 1 - top_p, so the kept
     set is the smallest whose mass reaches top_p. top_k == 1 is greedy (argmax).
+    `uniforms` ([...], values in [0, 1)) replaces the generator: row r takes the token where
+    the cumulative probability first exceeds uniforms[r] (inverse CDF), so each row's draw
+    depends on its own noise only, never on the batch it is in.
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -67,6 +71,14 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         flat = flat.masked_fill(drop, float("-inf"))
     probs = flat.softmax(-1)
+    if uniforms is not None:
+        if uniforms.shape != shape:
+            raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), got {tuple(uniforms.shape)}")
+        cdf = probs.double().cumsum(-1)
+        target = uniforms.reshape(-1, 1).to(cdf) * cdf[:, -1:]
+        # right=True skips zero-probability tokens (their cdf equals their predecessor's)
+        idx = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)
+        return idx.view(shape)
     return torch.multinomial(probs, 1, generator=generator).view(shape)
 
 
@@ -83,7 +95,7 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator | None = None,
              phi: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
              decode: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-             use_cache: bool = True) -> Samples:
+             use_cache: bool = True, uniforms: torch.Tensor | None = None) -> Samples:
     """Generate one image per label.
 
     codebook [V, Cv]: the embedding the model's inputs are built from (FlexVAR: the
@@ -91,6 +103,9 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
     maps the per-scale codes to images. cfg <= 0 disables guidance (no null-class batch).
     `seed` (or a `generator`) makes the draw reproducible. use_cache=False recomputes the
     whole prefix under the block-causal mask at every scale (slow; the test oracle).
+    `uniforms` [B, sum(s*s)] in [0, 1) (one per token of each image, scales concatenated)
+    replaces `seed`/`generator`: each image is then a function of its label and its own row
+    of noise, whatever the batch (sar_fast.evaluate seeds a row per (class, index)).
     """
     schedule = model.check_schedule(schedule)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
@@ -108,6 +123,14 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = cfg > 0
     B, n, last = labels.shape[0], len(schedule), schedule[-1]
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("pass either uniforms or seed/generator, not both")
+        total = sum(s * s for s in schedule)
+        if uniforms.shape != (B, total):
+            raise ValueError(f"uniforms must be [{B}, {total}] (batch, tokens of schedule {list(schedule)}), "
+                             f"got {tuple(uniforms.shape)}")
+        uniforms = uniforms.to(device)
     book = codebook.to(device=device, dtype=torch.float32)
 
     all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
@@ -136,7 +159,8 @@ def generate(model: ScaleAR, codebook: torch.Tensor, labels: torch.Tensor,
                 if cfg_ramp == "flexvar" and side > 16:
                     t = cfg
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            idx = sample_top_k_top_p(logits, k, top_p, generator)
+            noise = uniforms[:, offsets[si]:offsets[si] + side * side] if uniforms is not None else None
+            idx = sample_top_k_top_p(logits, k, top_p, generator, noise)
             codes.append(idx)
             if si == n - 1:
                 break
