@@ -22,7 +22,8 @@ Presets (--preset) follow the published evaluation scripts; any flag overrides i
   sar     cfg 2.2 (d16; d20 2.6, d24 3.3), top-k 900, top-p 0.95, FlexVAR ramp, same schedule
           (SAR scripts/eval_SAR_d{16,20,24}.sh; eval_c2i.py samples through FlexVAR's
           autoregressive_infer_cfg with top_p=0.95)
-  digits  cfg 1.5, no top-k/top-p, linear ramp (the embedded default's training sample grids)
+  digits  cfg 1.5, no top-k/top-p, linear ramp, schedule 1,2,3,4,6,8 (the embedded default's
+          training sample grids)
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from . import __version__, logs
+from .embedded import DIGITS_SCHEDULE
 from .sampler import CFG_RAMPS, generate
 from .schedules import parse_schedule
 
@@ -49,7 +51,7 @@ PRESETS = {
     "var": dict(cfg=1.5, cfg_ramp="linear", top_k=900, top_p=0.96, schedule=None),
     "flexvar": dict(cfg=2.5, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
     "sar": dict(cfg=2.2, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
-    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=None),
+    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=DIGITS_SCHEDULE),
 }
 METRICS = ("auto", "digits", "inception", "none")
 
