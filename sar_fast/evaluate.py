@@ -243,7 +243,11 @@ def check_metric_inputs(args, metric: str) -> str | None:
     cache file), the reference, torch-fidelity. Returns the weights path."""
     if metric != "inception":
         return None
-    from .metrics.inception import check_reference, require_torch_fidelity, resolve_inception_weights
+    from .metrics.inception import (
+        check_reference,
+        require_torch_fidelity,
+        resolve_inception_weights,
+    )
     try:
         require_torch_fidelity()
         weights = resolve_inception_weights(args.inception)
@@ -279,10 +283,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise SystemExit(f"error: --metric digits needs --vae {EMBEDDED}")
     weights = check_metric_inputs(args, metric)  # before anything slow
 
+    import torch.distributed as dist
+
     from .models import load_checkpoint
     from .parallel import init_distributed, shutdown
     from .sample import load_tokenizer_arg
-    import torch.distributed as dist
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     info = init_distributed(args.device)

@@ -133,7 +133,10 @@ def test_inception_metrics_end_to_end_with_random_weights(random_inception, tmp_
 
 
 def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
-    from sar_fast.metrics.inception import INCEPTION_WEIGHTS_FILE, resolve_inception_weights
+    from sar_fast.metrics.inception import (
+        INCEPTION_WEIGHTS_FILE,
+        resolve_inception_weights,
+    )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE) as e:
         resolve_inception_weights(None)

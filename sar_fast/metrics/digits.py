@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .frechet import feature_statistics, frechet_distance
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -113,7 +113,9 @@ class InceptionMetrics:
     def __init__(self, weights_path: str, device: torch.device | str = "cpu", batch_size: int = 64,
                  cache_dir: str | None = None):
         require_torch_fidelity()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
         self.weights_path = weights_path
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -182,7 +184,10 @@ class InceptionMetrics:
                 progress: Callable[[int], None] | None = None) -> dict[str, float]:
         """{'fid', 'inception_score', 'inception_score_std', 'precision', 'recall'} (the last two
         only when the reference has images)."""
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_fid import (
+            fid_features_to_statistics,
+            fid_statistics_to_metric,
+        )
         from torch_fidelity.metric_isc import isc_features_to_metric
         from torch_fidelity.metric_prc import prc_features_to_metric
         ref = self.reference_statistics(reference, images.shape[1])
