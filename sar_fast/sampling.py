@@ -34,12 +34,16 @@ def guidance_weight(ramp: str, cfg: float, si: int, num_scales: int) -> float:
 
 
 def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of logits [..., V] after top-k / nucleus filtering -> int64 [...].
 
     top_k > 0 keeps the k largest logits (ties at the k-th are kept); 0 < top_p < 1 drops
     the least likely tokens whose total probability stays within 1 - top_p, so the kept
     set is the smallest whose mass reaches top_p. top_k == 1 is greedy (argmax).
+    `uniforms` ([...], values in [0, 1)) replaces the generator: row r takes the token where
+    the cumulative probability first exceeds uniforms[r] (inverse CDF), so each row's draw
+    depends on its own noise only, never on the batch it is in.
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -60,4 +64,13 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         flat = flat.masked_fill(drop, float("-inf"))
     probs = flat.softmax(-1)
+    if uniforms is not None:
+        if uniforms.shape != shape:
+            raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), "
+                             f"got {tuple(uniforms.shape)}")
+        cdf = probs.double().cumsum(-1)
+        target = uniforms.reshape(-1, 1).to(cdf) * cdf[:, -1:]
+        # right=True skips zero-probability tokens (their cdf equals their predecessor's)
+        idx = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)
+        return idx.view(shape)
     return torch.multinomial(probs, 1, generator=generator).view(shape)

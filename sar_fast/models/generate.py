@@ -33,7 +33,7 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator | None = None,
              phi: Phi | None = None,
              decode: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-             use_cache: bool = True) -> Samples:
+             use_cache: bool = True, uniforms: torch.Tensor | None = None) -> Samples:
     """Generate one image per label with `model`, a ScaleAR.
 
     codebook [V, Cv]: the embedding the model's inputs are built from (FlexVAR: the
@@ -41,6 +41,9 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     maps the per-scale codes to images. cfg <= 0 disables guidance (no null-class batch).
     `seed` (or a `generator`) makes the draw reproducible. use_cache=False recomputes the
     whole prefix under the block-causal mask at every scale (slow; the test oracle).
+    `uniforms` [B, sum(s*s)] in [0, 1) (one per token of each image, scales concatenated)
+    replaces `seed`/`generator`: each image is then a function of its label and its own row
+    of noise, whatever the batch (sar_fast.evaluate seeds a row per (class, index)).
     """
     schedule = model.check_schedule(schedule)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
@@ -58,6 +61,14 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = cfg > 0
     B, n, last = labels.shape[0], len(schedule), schedule[-1]
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("pass either uniforms or seed/generator, not both")
+        total = sum(s * s for s in schedule)
+        if uniforms.shape != (B, total):
+            raise ValueError(f"uniforms must be [{B}, {total}] (batch, tokens of schedule {list(schedule)}), "
+                             f"got {tuple(uniforms.shape)}")
+        uniforms = uniforms.to(device)
     book = codebook.to(device=device, dtype=torch.float32)
 
     all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
@@ -86,7 +97,8 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
                 if cfg_ramp == "flexvar" and side > 16:
                     t = cfg
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            idx = sample_top_k_top_p(logits, k, top_p, generator)
+            noise = uniforms[:, offsets[si]:offsets[si] + side * side] if uniforms is not None else None
+            idx = sample_top_k_top_p(logits, k, top_p, generator, noise)
             codes.append(idx)
             if si == n - 1:
                 break

@@ -1,0 +1,428 @@
+"""Sample a class-balanced set and measure it: `torchrun --nproc_per_node=N -m sar_fast.evaluate
+--ckpt ... --vae ... --reference VIRTUAL_imagenet256_labeled.npz --out DIR`.
+
+- The set: --per-class images of each class (ImageNet: 50 x 1000 = 50k). Image k of the set
+  is (class k % C, index k // C); its sampling noise comes from a generator seeded with
+  sha256("seed:class:index"), so the set is the same for any number of ranks and any batch
+  size. Shards of --shard-size images are dealt round-robin to the ranks and written
+  atomically (temporary file, then rename); a rerun with the same --out and settings keeps
+  the finished shards and samples only the rest (a killed run loses at most one shard per rank).
+- The output: DIR/samples.npz (`arr_0`, uint8 [N, H, W, 3], what ADM's evaluator reads, plus
+  `labels`), DIR/metrics.json (metrics, settings, checkpoint sha256, versions, seeds),
+  DIR/grid.png and DIR/summary.txt (the one-line summary, also printed).
+- The metrics: for ImageNet models, FID / IS / precision / recall through torch-fidelity
+  against --reference (sar_fast.metrics.inception); for the embedded digits model, a digits
+  classifier's Fréchet distance and class accuracy (sar_fast.metrics.digits, a sanity metric).
+
+Presets (--preset) follow the published evaluation scripts; any flag overrides its value:
+  var     cfg 1.5, top-k 900, top-p 0.96, linear ramp, the model's schedule
+          (VAR's README: "cfg=1.5, top_p=0.96, top_k=900, more_smooth=False" for FID)
+  flexvar cfg 2.5, top-k 900, top-p 0.95, FlexVAR ramp, schedule 1,2,3,4,5,6,8,10,13,16
+          (FlexVAR scripts/evaluate_c2i.sh and eval_c2i.py: --cfg 2.5 --top_k 900, top_p=0.95)
+  sar     cfg 2.2 (d16; d20 2.6, d24 3.3), top-k 900, top-p 0.95, FlexVAR ramp, same schedule
+          (SAR scripts/eval_SAR_d{16,20,24}.sh; eval_c2i.py samples through FlexVAR's
+          autoregressive_infer_cfg with top_p=0.95)
+  digits  cfg 1.5, no top-k/top-p, linear ramp, schedule 1,2,3,4,6,8 (the embedded default's
+          training sample grids)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import __version__, logs
+from .embedded import DIGITS_SCHEDULE, EMBEDDED
+from .models.generate import generate
+from .sampling import CFG_RAMPS
+from .schedules import parse_schedule
+
+FLEXVAR_EVAL_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+SAR_CFG_BY_DEPTH = {16: 2.2, 20: 2.6, 24: 3.3}
+PRESETS = {
+    "var": dict(cfg=1.5, cfg_ramp="linear", top_k=900, top_p=0.96, schedule=None),
+    "flexvar": dict(cfg=2.5, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
+    "sar": dict(cfg=2.2, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
+    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=DIGITS_SCHEDULE),
+}
+METRICS = ("auto", "digits", "inception", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m sar_fast.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="model: a sar_fast export, FlexVAR/SAR ar-ckpt-*.pth or VAR var_d*.pth")
+    p.add_argument("--vae", default=EMBEDDED, help=f"tokenizer: FlexVAE.pth, vae_ch160v4096z32.pth or {EMBEDDED} "
+                                                   "(default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: eval/ next to --ckpt); rerun with the "
+                                               "same folder to resume")
+    g = p.add_argument_group("sampling (a preset sets cfg/ramp/top-k/top-p/schedule; flags override it)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="default: digits for the embedded tokenizer, var for VAR models, flexvar for FlexVAR models")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (0 = off)")
+    g.add_argument("--cfg-ramp", choices=CFG_RAMPS, default=None, help="guidance ramp over the scales")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus mass (0 = off)")
+    g.add_argument("--schedule", type=parse_schedule, default=None, help="scale sides, e.g. 1,2,3,4,5,6,8,10,13,16")
+    g.add_argument("--per-class", type=int, default=50, help="images per class (default: %(default)s)")
+    g.add_argument("--classes", type=int, default=None, help="use classes 0..C-1 (default: all the model's classes)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; image (c, i) is seeded from (seed, c, i)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (per rank)")
+    g.add_argument("--shard-size", type=int, default=500, help="images per shard file (the unit of resuming)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    m = p.add_argument_group("metrics")
+    m.add_argument("--metric", choices=METRICS, default="auto",
+                   help="auto: digits for the embedded tokenizer, inception otherwise")
+    m.add_argument("--reference", default=None, help="inception: ADM's VIRTUAL_imagenet256_labeled.npz (mu/sigma "
+                                                     "and arr_0) or a folder of real images")
+    m.add_argument("--inception", default=None, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                                                     "(default: torch hub's checkpoints folder)")
+    m.add_argument("--stats-cache", default=None, help="cache folder for reference features/statistics "
+                                                       "(default: OUT/../reference_cache)")
+    m.add_argument("--metric-batch-size", type=int, default=64, help="Inception batch size")
+    return p
+
+
+@dataclass
+class SamplingSettings:
+    """Everything that decides the images; a resumed run must match it exactly."""
+    checkpoint_sha256: str
+    tokenizer: str
+    preset: str
+    cfg: float
+    cfg_ramp: str
+    top_k: int
+    top_p: float
+    schedule: list[int]
+    num_classes: int
+    per_class: int
+    seed: int
+    shard_size: int
+    dtype: str
+
+
+def image_seed(seed: int, cls: int, index: int) -> int:
+    """The seed of image (cls, index): a hash, so neighbouring images get unrelated streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{cls}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def image_identity(k: int, num_classes: int) -> tuple[int, int]:
+    """(class, index within the class) of image k of the set: classes interleaved."""
+    return k % num_classes, k // num_classes
+
+
+def image_uniforms(seed: int, cls: int, index: int, num_tokens: int) -> torch.Tensor:
+    """The sampling noise of one image: [num_tokens] uniforms in [0, 1) (float64, CPU)."""
+    gen = torch.Generator().manual_seed(image_seed(seed, cls, index))
+    return torch.rand(num_tokens, generator=gen, dtype=torch.float64)
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_path(out: str, shard: int) -> str:
+    return os.path.join(out, "shards", f"shard_{shard:06d}.npz")
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename: a
+    reader (or a resumed run) sees the whole file or none."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_is_complete(path: str, indices: np.ndarray) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path) as z:
+            return np.array_equal(z["indices"], indices) and len(z["images"]) == len(indices)
+    except (OSError, ValueError, KeyError, EOFError):
+        return False  # a damaged file (e.g. a copy cut short) is sampled again
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    return (images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+class RateMeter:
+    """Rank-0 progress line: done/total, images/s (this rank and all ranks) and ETA."""
+
+    def __init__(self, total: int, done: int, world: int, enabled: bool, every_s: float = 2.0):
+        self.total, self.done, self.world, self.enabled, self.every_s = total, done, world, enabled, every_s
+        self.new, self.t0, self.last = 0, time.time(), 0.0
+
+    def rate(self) -> float:
+        return self.new / max(time.time() - self.t0, 1e-9)
+
+    def update(self, n: int, force: bool = False) -> None:
+        self.new += n
+        self.done += n
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every_s and not force):
+            return
+        self.last = now
+        rate = self.rate()
+        eta = (self.total - self.done) / (rate * self.world) if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        print(f"[evaluate] rank 0: {self.done}/{self.total} images | {rate:.1f} img/s "
+              f"(~{rate * self.world:.1f} on {self.world} ranks) | ETA {eta_text}", file=sys.stderr, flush=True)
+
+
+def resolve_settings(args, model, tokenizer_spec: str) -> tuple[str, dict]:
+    preset = args.preset or ("digits" if tokenizer_spec == EMBEDDED else
+                             ("flexvar" if model.arch == "flexvar" else "var"))
+    values = dict(PRESETS[preset])
+    if preset == "sar":
+        values["cfg"] = SAR_CFG_BY_DEPTH.get(len(model.blocks), values["cfg"])
+    for key in ("cfg", "cfg_ramp", "top_k", "top_p", "schedule"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["schedule"] = list(model.check_schedule(values["schedule"]))
+    return preset, values
+
+
+def sample_shard(model, tok, settings: SamplingSettings, indices: np.ndarray, batch_size: int,
+                 device: torch.device, autocast_dtype, meter: RateMeter) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, H, W, 3], labels [n]) of the given image indices of the set."""
+    num_tokens = sum(s * s for s in settings.schedule)
+    codebook = tok.codebook().to(device)
+    images, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        ids = [image_identity(int(k), settings.num_classes) for k in indices[start:start + batch_size]]
+        batch_labels = torch.tensor([c for c, _ in ids], dtype=torch.long)
+        uniforms = torch.stack([image_uniforms(settings.seed, c, i, num_tokens) for c, i in ids])
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = generate(model, codebook, batch_labels.to(device), settings.schedule, cfg=settings.cfg,
+                           cfg_ramp=settings.cfg_ramp, top_k=settings.top_k, top_p=settings.top_p,
+                           uniforms=uniforms, phi=tok._phi(), decode=tok.decode)
+        images.append(to_uint8_nhwc(out.images))
+        labels.append(batch_labels.numpy())
+        meter.update(len(ids))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def pick_grid(labels: np.ndarray, num_classes: int, classes: int = 8, per_class: int = 8) -> np.ndarray:
+    """Indices of up to `per_class` images of up to `classes` evenly spread classes, row by class."""
+    chosen = np.unique(np.linspace(0, num_classes - 1, min(classes, num_classes)).round().astype(int))
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in chosen])
+
+
+def versions() -> dict:
+    out = {"sar_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version()}
+    try:
+        import torch_fidelity
+        out["torch_fidelity"] = torch_fidelity.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def check_metric_inputs(args, metric: str) -> str | None:
+    """Fail before sampling when the metric cannot run: the Inception weights path (or
+    cache file), the reference, torch-fidelity. Returns the weights path."""
+    if metric != "inception":
+        return None
+    from .metrics.inception import (
+        check_reference,
+        require_torch_fidelity,
+        resolve_inception_weights,
+    )
+    try:
+        require_torch_fidelity()
+        weights = resolve_inception_weights(args.inception)
+        check_reference(args.reference)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return weights
+
+
+def check_args(args) -> None:
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"error: --ckpt {args.ckpt}: no such file")
+    if args.vae != EMBEDDED and not os.path.isfile(args.vae):
+        raise SystemExit(f"error: --vae {args.vae}: no such file (or pass {EMBEDDED})")
+    for name in ("per_class", "batch_size", "shard_size", "metric_batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.classes is not None and args.classes < 1:
+        raise SystemExit(f"error: --classes must be >= 1, got {args.classes}")
+    if args.top_k is not None and args.top_k < 0:
+        raise SystemExit(f"error: --top-k must be >= 0, got {args.top_k}")
+    if args.top_p is not None and not 0.0 <= args.top_p <= 1.0:
+        raise SystemExit(f"error: --top-p must be in [0, 1], got {args.top_p}")
+    if args.seed < 0:
+        raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    metric = args.metric if args.metric != "auto" else ("digits" if args.vae == EMBEDDED else "inception")
+    if metric == "digits" and args.vae != EMBEDDED:
+        raise SystemExit(f"error: --metric digits needs --vae {EMBEDDED}")
+    weights = check_metric_inputs(args, metric)  # before anything slow
+
+    import torch.distributed as dist
+
+    from .models import load_checkpoint
+    from .parallel import init_distributed, shutdown
+    from .build import build_tokenizer, check_model_fits_tokenizer
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    info = init_distributed(args.device)
+    device, world, rank = info.device, info.world_size, info.rank
+    clean = False
+    try:
+        model = load_checkpoint(args.ckpt).to(device).eval()
+        tok = build_tokenizer(args.vae, device)
+        check_model_fits_tokenizer(model, tok, "--ckpt")
+        num_classes = args.classes or model.num_classes
+        if num_classes > model.num_classes:
+            raise SystemExit(f"error: --classes {num_classes} exceeds the model's {model.num_classes} classes")
+        try:
+            preset, values = resolve_settings(args, model, args.vae)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        settings = SamplingSettings(
+            checkpoint_sha256=file_sha256(args.ckpt), tokenizer=args.vae if args.vae == EMBEDDED else
+            f"{os.path.basename(args.vae)}:{file_sha256(args.vae)}", preset=preset, cfg=float(values["cfg"]),
+            cfg_ramp=values["cfg_ramp"], top_k=int(values["top_k"]), top_p=float(values["top_p"]),
+            schedule=values["schedule"], num_classes=num_classes, per_class=args.per_class, seed=args.seed,
+            shard_size=args.shard_size, dtype=dtype_name)
+
+        # rank 0 checks a resumed folder's settings; every rank learns the verdict
+        verdict = [""]
+        if rank == 0:
+            os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+            settings_file = os.path.join(out, "settings.json")
+            if os.path.isfile(settings_file):
+                with open(settings_file) as f:
+                    previous = json.load(f)
+                changed = {k: (previous.get(k), v) for k, v in asdict(settings).items() if previous.get(k) != v}
+                if changed:
+                    verdict[0] = (f"error: {out} holds samples made with other settings ({changed}; "
+                                  "old, new); use another --out or delete the folder")
+            else:
+                tmp = settings_file + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(asdict(settings), f, indent=1)
+                os.replace(tmp, settings_file)
+        if world > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise SystemExit(verdict[0])
+
+        total = num_classes * args.per_class
+        num_shards = -(-total // args.shard_size)
+        mine = list(range(rank, num_shards, world))
+        shard_indices = {s: np.arange(s * args.shard_size, min((s + 1) * args.shard_size, total)) for s in mine}
+        todo = [s for s in mine if not shard_is_complete(shard_path(out, s), shard_indices[s])]
+        already = sum(len(shard_indices[s]) for s in mine if s not in todo)
+        mine_total = sum(len(v) for v in shard_indices.values())
+        if rank == 0:
+            print(f"[evaluate] {total} images ({num_classes} classes x {args.per_class}), preset {preset}: cfg "
+                  f"{settings.cfg} ramp {settings.cfg_ramp} top-k {settings.top_k} top-p {settings.top_p} schedule "
+                  f"{settings.schedule}; {num_shards} shards on {world} rank(s)"
+                  + (f"; resuming, {already} of this rank's {mine_total} already done" if already else ""),
+                  file=sys.stderr, flush=True)
+        meter = RateMeter(mine_total, already, world, enabled=rank == 0)
+        t_start = time.time()
+        for s in todo:
+            images, labels = sample_shard(model, tok, settings, shard_indices[s], args.batch_size, device,
+                                          autocast_dtype, meter)
+            save_npz_atomic(shard_path(out, s), images=images, labels=labels, indices=shard_indices[s])
+        meter.update(0, force=bool(todo))
+        sampling_s = time.time() - t_start
+        if world > 1:
+            dist.barrier()
+        result = None
+        if rank == 0:
+            result = gather_and_measure(args, out, settings, metric, weights, total, num_shards, device,
+                                        sampling_s, meter.rate() * world)
+        clean = True
+        return result
+    finally:
+        shutdown(clean)
+
+
+def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, weights: str | None,
+                       total: int, num_shards: int, device: torch.device, sampling_s: float,
+                       images_per_s: float) -> dict:
+    images, labels, indices = [], [], []
+    for s in range(num_shards):
+        with np.load(shard_path(out, s)) as z:
+            images.append(z["images"])
+            labels.append(z["labels"])
+            indices.append(z["indices"])
+    images, labels, indices = np.concatenate(images), np.concatenate(labels), np.concatenate(indices)
+    if not np.array_equal(indices, np.arange(total)):
+        raise RuntimeError(f"the shards in {out}/shards do not hold images 0..{total - 1} exactly once")
+    save_npz_atomic(os.path.join(out, "samples.npz"), arr_0=images, labels=labels)
+
+    t0 = time.time()
+    if metric == "digits":
+        from .metrics.digits import digits_metrics
+        metrics = digits_metrics(images, labels)
+        metrics_about = ("digits sanity metric: Fréchet distance of a small digits classifier's features vs the "
+                         "held-out real digits, and its class accuracy on the samples (not a quality claim)")
+    elif metric == "inception":
+        from .metrics.inception import InceptionMetrics
+        cache = args.stats_cache or os.path.join(os.path.dirname(os.path.abspath(out)), "reference_cache")
+        metrics = InceptionMetrics(weights, device, args.metric_batch_size, cache).compute(images, args.reference)
+        metrics_about = (f"torch-fidelity TF-Inception port ({os.path.basename(weights)}): FID vs {args.reference}, "
+                         "IS (10 splits), precision/recall (k=3) vs the reference images")
+    else:
+        metrics, metrics_about = {}, "none"
+    metric_s = time.time() - t0
+
+    grid = torch.from_numpy(images[pick_grid(labels, settings.num_classes)]).permute(0, 3, 1, 2).float() / 255
+    logs.write_png(os.path.join(out, "grid.png"), logs.image_grid(grid, nrow=min(8, settings.per_class)))
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    summary = (f"{os.path.basename(args.ckpt)} [{settings.preset}: cfg {settings.cfg} {settings.cfg_ramp} top-k "
+               f"{settings.top_k} top-p {settings.top_p}] {total} images: {shown or 'no metric'}")
+    record = {"summary": summary, "metrics": metrics, "metric": metric, "metric_about": metrics_about,
+              "settings": asdict(settings), "checkpoint": os.path.abspath(args.ckpt),
+              "reference": args.reference, "inception_weights": weights, "num_images": total,
+              "seeds": {"base": settings.seed,
+                        "image": "torch.Generator().manual_seed(int.from_bytes(sha256(f'{seed}:{class}:{index}')"
+                                 "[:8], 'little') >> 1), then torch.rand(tokens, float64): one uniform per token"},
+              "image_order": "image k = (class k % C, index k // C)",
+              "timing": {"sampling_s": sampling_s, "images_per_s": images_per_s, "metric_s": metric_s},
+              "versions": versions(), "device": str(device)}
+    tmp = os.path.join(out, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(out, "metrics.json"))
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(summary + "\n")
+    print(summary)
+    print(f"[evaluate] wrote {out}/samples.npz, metrics.json, grid.png, summary.txt", file=sys.stderr)
+    return record
+
+
+if __name__ == "__main__":
+    main()
