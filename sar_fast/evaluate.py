@@ -215,7 +215,7 @@ def sample_shard(model, tok, settings: SamplingSettings, indices: np.ndarray, ba
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = generate(model, codebook, batch_labels.to(device), settings.schedule, cfg=settings.cfg,
                            cfg_ramp=settings.cfg_ramp, top_k=settings.top_k, top_p=settings.top_p,
-                           uniforms=uniforms, phi=tok._phi(), decode=tok.decode)
+                           uniforms=uniforms, phi=tok.phi, decode=tok.decode)
         images.append(to_uint8_nhwc(out.images))
         labels.append(batch_labels.numpy())
         meter.update(len(ids))
