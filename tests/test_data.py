@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 import pytest
+
+from conftest import need_module
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -13,10 +15,10 @@ from sar_fast.data import (EmbeddedDigitsDataset, ImageFolderDataset, ResumableD
 from sar_fast.embedded import DIGITS_SCHEDULE, GreyLevelTokenizer, digits_to_images, load_digits_dataset
 from sar_fast.schedules import scale_offsets
 
-PIL = pytest.importorskip("PIL")
+PIL = need_module("PIL")
 from PIL import Image  # noqa: E402
 
-pytest.importorskip("sklearn")
+need_module("sklearn")
 
 
 # ---------------------------------------------------------------------- digits

@@ -14,10 +14,10 @@ if not has_extension():  # a failure, not a skip: CI must never pass without the
                 "(or python setup.py build_ext --inplace)", pytrace=False)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and cuda_compiled()),
-    reason="needs a CUDA device and an extension built with CUDA kernels",
-)
+if torch.cuda.is_available() and not cuda_compiled():  # would skip every CUDA test below silently
+    pytest.fail("a CUDA device is present but sar_fast._C was built without CUDA kernels: rebuild it with a "
+                "CUDA toolkit (CUDA_HOME set, SAR_FAST_NO_CUDA unset)", pytrace=False)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
