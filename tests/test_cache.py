@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import need_module
-import torch
 
 from sar_fast import cache
 from sar_fast.data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, read_cache_manifest

@@ -7,10 +7,10 @@ allocated with NaN first (POISON_OUTPUTS), so an element a kernel skips fails a 
 from __future__ import annotations
 
 import pytest
-
-from conftest import need_module
 import torch
 import torch.nn.functional as F
+
+from conftest import need_module
 
 need_module("triton")
 

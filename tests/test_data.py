@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
-
-from conftest import need_module
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from conftest import need_module
 
 from sar_fast.data import (EmbeddedDigitsDataset, ImageFolderDataset, ResumableDistributedSampler, collate,
                            scan_image_folder, schedule_token_index)

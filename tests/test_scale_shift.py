@@ -7,10 +7,10 @@ import importlib
 import random
 
 import pytest
-
-from conftest import need_module
 import torch
 import torch.nn.functional as F
+
+from conftest import need_module
 
 from sar_fast import ops
 from sar_fast.ops import reference
