@@ -187,6 +187,7 @@ def test_init_loads_the_given_weights(code_cache, tmp_path):
     from sar_fast.data import CodeDataset
     from sar_fast.models import build_model, load_checkpoint, save_export
     from sar_fast.models.tokenizers import load_tokenizer
+    from sar_fast.sar import SARConfig
     root, tok1, _ = code_cache
     torch.manual_seed(7)
     model = build_model("flexvar-tiny", vocab_size=64, code_dim=4, schedule=(1, 2, 4), depth=1, embed_dim=32,
@@ -205,7 +206,7 @@ def test_init_loads_the_given_weights(code_cache, tmp_path):
     codes = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.stack([dataset[i][1] for i in range(len(dataset))])
     book = load_tokenizer(tok1).codebook().detach().float()
-    cfg = type("Cfg", (), dict(objective="tf", label_smoothing=0.0, scale_weighting="token"))
+    cfg = SARConfig(objective="tf")  # what the oracle reads: objective, weighting, smoothing
     with torch.no_grad():
         want = oracles.sar_loss(load_checkpoint(tmp_path / "init.pth", cond_drop_rate=0.0), labels, codes,
                                 (1, 2, 4), book, cfg)["loss"]
