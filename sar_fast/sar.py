@@ -150,9 +150,11 @@ class _Inputs:
         if self.arch == "flexvar":  # depends on scale j alone; the scale j+1 codes are placeholders
             pad = pred_j.new_zeros(pred_j.shape[0], schedule[j + 1] ** 2)
             return self.tf(torch.cat((pred_j, pad), dim=1), schedule[j:j + 2])
-        mixed = gt[:, :off[j + 2]].clone()
+        # the whole schedule, not its prefix: VAR's residual sum lives at the last side and
+        # phi is chosen by si / (n - 1), so a truncated schedule changes both for j < n - 2
+        mixed = gt.clone()
         mixed[:, off[j]:off[j + 1]] = pred_j
-        seq = self.tf(mixed, schedule[:j + 2])
+        seq = self.tf(mixed, schedule)
         return seq[:, off[j + 1] - 1:off[j + 2] - 1]
 
     def all_transitions(self, gt: torch.Tensor, preds: dict[int, torch.Tensor],

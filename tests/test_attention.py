@@ -181,21 +181,24 @@ def test_fp16_error_within_twice_torch_own():
     assert rel_err(out, exact) <= 2 * rel_err(torch_own, exact)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (Triton's interpreter has no bf16)")
+@pytest.mark.parametrize("dtype", [
+    torch.float16,  # the interpreter runs fp16: small shapes on the CPU
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (Triton's "
+                                                                             "interpreter has no bf16)"))])
 @pytest.mark.parametrize("D", [64, 128])
-def test_bf16_fp16_on_gpu(D):
-    scale_lens = (1, 4, 9, 16, 25, 36, 64, 100, 169, 256)
+def test_half_precision_no_worse_than_eager(D, dtype):
+    scale_lens = (1, 4, 9, 16, 25, 36, 64, 100, 169, 256) if ON_GPU else (1, 4, 9)
     mask = reference.scale_causal_mask(scale_lens, DEVICE)
-    for dtype in (torch.bfloat16, torch.float16):
-        q, k, v = qkv(2, 4, 680, D, dtype=dtype, model_layout=True)
+    q, k, v = qkv(2, 4 if ON_GPU else 2, sum(scale_lens), D, dtype=dtype, model_layout=True)
+    with ops.use_backend("kernel"):  # the kernel, also on the CPU (interpreter)
         out = ops.scale_causal_attention(q, k, v, scale_lens)
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        exact = dense_reference(q, k, v, mask, None, grad_out)
-        own_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        own = (own_out, *torch.autograd.grad(own_out, (q, k, v), grad_out))
-        for name, g, o, w in zip(("out", "dq", "dk", "dv"), (out, *grads), own, exact):
-            assert rel_err(g, w) <= 2 * rel_err(o, w), name
+    exact = dense_reference(q, k, v, mask, None, grad_out)
+    own_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    own = (own_out, *torch.autograd.grad(own_out, (q, k, v), grad_out))
+    for name, g, o, w in zip(("out", "dq", "dk", "dv"), (out, *grads), own, exact):
+        assert rel_err(g, w) <= 2 * rel_err(o, w), name
 
 
 def test_torch_compile_fullgraph_and_opcheck():

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import need_module
+
 from sar_fast import cache
 from sar_fast.data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, read_cache_manifest
 from sar_fast.embedded import GreyLevelTokenizer
 
-pytest.importorskip("PIL")
+need_module("PIL")
 from PIL import Image  # noqa: E402
 
 SCHEDULE = (1, 2, 4, 8)
@@ -147,7 +149,7 @@ def test_cache_flip_views_and_code_dataset_sampling(folder, tmp_path):
 
 
 def test_cache_embedded_digits_split(tmp_path):
-    pytest.importorskip("sklearn")
+    need_module("sklearn")
     out = tmp_path / "digits"
     _run("--data", "embedded-digits", "--vae", "embedded-digits", "--out", str(out), "--split", "val",
          "--schedule", "1,2,3,4,6,8", "--batch-size", "64")
@@ -176,7 +178,7 @@ def test_code_dataset_refuses_residual_sub_schedule(tmp_path):
 
 
 def test_cache_with_a_tiny_flexvq16(folder, tmp_path):
-    tokenizers = pytest.importorskip("sar_fast.models.tokenizers")
+    tokenizers = need_module("sar_fast.models.tokenizers")
     model = tokenizers.FlexVQ16(vocab_size=64, Cvae=4, z_channels=32, ch=32, ch_mult=(1, 1), num_res_blocks=1)
     path = tmp_path / "vq.pth"
     torch.save(model.state_dict(), path)

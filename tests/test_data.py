@@ -8,15 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from conftest import need_module
+
 from sar_fast.data import (EmbeddedDigitsDataset, ImageFolderDataset, ResumableDistributedSampler, collate,
                            scan_image_folder, schedule_token_index)
 from sar_fast.embedded import DIGITS_SCHEDULE, GreyLevelTokenizer, digits_to_images, load_digits_dataset
 from sar_fast.schedules import scale_offsets
 
-PIL = pytest.importorskip("PIL")
+PIL = need_module("PIL")
 from PIL import Image  # noqa: E402
 
-pytest.importorskip("sklearn")
+need_module("sklearn")
 
 
 # ---------------------------------------------------------------------- digits

@@ -97,10 +97,17 @@ def test_attention_bad_input(q, k, lens, err, msg):
         ops.scale_causal_attention(q, k, k, lens)
 
 
-def test_attention_matches_reference():
-    q, k, v = (torch.randn(2, 2, 14, 8) for _ in range(3))
-    torch.testing.assert_close(ops.scale_causal_attention(q, k, v, (1, 4, 9)),
-                               reference.scale_causal_attention(q, k, v, (1, 4, 9)))
+@pytest.mark.parametrize("D", [16, 32])
+def test_attention_kernel_matches_reference(D):
+    """Forced "kernel" (head dims the kernel takes): the kernel runs, or the call raises."""
+    from conftest import KERNEL_DEVICE
+    q, k, v = (torch.randn(2, 2, 14, D, device=KERNEL_DEVICE) for _ in range(3))
+    want = reference.scale_causal_attention(q, k, v, (1, 4, 9))
+    with ops.use_backend("kernel"):
+        got = ops.scale_causal_attention(q, k, v, (1, 4, 9))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with ops.use_backend("kernel"), pytest.raises(ValueError, match="head dims"):
+        ops.scale_causal_attention(q[..., :8], k[..., :8], v[..., :8], (1, 4, 9))
 
 
 def test_cross_entropy_bad_input():

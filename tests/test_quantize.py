@@ -19,10 +19,10 @@ if not _C_loader.has_extension():
     pytest.fail("sar_fast._C is not built: pip install --no-build-isolation -e . "
                 "(or python setup.py build_ext --inplace)", pytrace=False)  # never a silent skip
 
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _C_loader.cuda_compiled()),
-    reason="needs a CUDA device and an extension built with CUDA kernels",
-)
+if torch.cuda.is_available() and not _C_loader.cuda_compiled():  # would skip every CUDA test below silently
+    pytest.fail("a CUDA device is present but sar_fast._C was built without CUDA kernels: rebuild it with a "
+                "CUDA toolkit (CUDA_HOME set, SAR_FAST_NO_CUDA unset)", pytrace=False)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import need_module
+
 from sar_fast import ops
 from sar_fast.ops import reference
 from sar_fast.schedules import random_flexvar_schedule, total_length
 
-pytest.importorskip("triton")
+need_module("triton")
 ss = importlib.import_module("sar_fast.ops.scale_shift")  # the module (ops.scale_shift is the function)
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and compile counts need a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +33,7 @@ def nan_outputs(monkeypatch):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """16-pixel tiles: many tiles per transition, tiles ending mid-map."""
-    kernels = pytest.importorskip("sar_fast.kernels.scale_shift")
+    kernels = need_module("sar_fast.kernels.scale_shift")
     monkeypatch.setattr(kernels, "default_config", lambda C: (16, 1))
 
 
@@ -236,7 +238,7 @@ def test_bad_pred_codes_raise():
 
 
 def test_table_layout_agrees_with_the_kernels():
-    k = pytest.importorskip("sar_fast.kernels.scale_shift")
+    k = need_module("sar_fast.kernels.scale_shift")
     assert ss._META_WIDTH == k.META_WIDTH.value
     row = ss._codes_meta((1, 2, 5), (0, 1), torch.device("cpu"))[1].tolist()
     assert row[k.META_OUT_START.value] == 4 and row[k.META_SRC_OFF.value] == 1  # after 2x2; scale 1 at token 1
