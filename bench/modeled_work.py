@@ -184,7 +184,7 @@ def markdown(work: list[dict], costs: dict) -> str:
     for L, rows in costs.items():
         for c in rows:
             times = " | ".join(f"{c['time_us'][g]['us']:.1f} ({c['time_us'][g]['bound'][0]})" for g in PEAKS)
-            lines.append(f"| {L} | {c['op']} | {c['flops'] / 1e9:.2f} | {c['bytes'] / 1e6:.2f} | {times} | {c['note']} |")
+            lines.append(f"| {L} | {c['op']} | {c['flops'] / 1e9:.3g} | {c['bytes'] / 1e6:.3g} | {times} | {c['note']} |")
     lines += ["", "(c) compute-bound, (m) memory-bound. Peaks (bf16 dense tensor core, HBM):"]
     lines += [f"- {g}: {p['source']}" for g, p in PEAKS.items()]
     return "\n".join(lines) + "\n"

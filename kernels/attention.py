@@ -211,14 +211,21 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
 # largest listed arch <= the GPU's); autotuned once per head dim and dtype (not per L, so
 # FlexVAR's varying lengths do not retune). bench/compile_report.py checks every entry
 # compiles for sm_80/90/100, fits shared memory and spills nothing on sm_80/90.
-_FWD = [(128, 64, 4, 3, 128), (128, 64, 8, 3, 128), (128, 64, 4, 4, 128), (128, 128, 8, 3, 128),
-        (128, 128, 8, 2, 128), (64, 64, 4, 3, 128), (64, 128, 4, 3, 128), (128, 32, 4, 4, 128),
-        (64, 32, 4, 4, 128)]
-FWD_CONFIGS = {80: _FWD, 90: _FWD, 100: _FWD}
+# sm_80 (mma.sync keeps the [BLOCK_M, D] accumulator, the q fragments and the score tile in
+# registers): 4-warp 128-row tiles and 128 x 128 tiles spill at head dim 128.
+FWD_CONFIGS = {
+    80: [(128, 32, 8, 3, 128), (64, 128, 8, 3, 128), (64, 64, 4, 3, 128), (64, 64, 4, 4, 128)],
+    # sm_90: 4-warp tiles with 128 rows or 128 keys spill at head dim 128 (wgmma accumulators)
+    90: [(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128),
+         (64, 128, 4, 3, 64)],
+}
+FWD_CONFIGS[100] = FWD_CONFIGS[90]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
-_CACHED = [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128), (64, 128, 4, 3, 128),
-           (128, 64, 4, 3, 128), (128, 64, 8, 3, 128)]
-CACHED_CONFIGS = {80: _CACHED, 90: _CACHED, 100: _CACHED}
+CACHED_CONFIGS = {
+    80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
+    90: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128), (128, 64, 4, 3, 64)],
+}
+CACHED_CONFIGS[100] = CACHED_CONFIGS[90]
 
 _fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, (16, 16, 4, 1))
 _cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, (16, 16, 4, 1))
@@ -393,12 +400,20 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
 
 
 # dK/dV: wide key tiles, short query steps; dQ: the reverse (as in FlashAttention-2).
-_DKDV = [(32, 128, 4, 3, 128), (32, 128, 8, 3, 128), (64, 128, 8, 3, 128), (64, 128, 8, 2, 128),
-         (32, 64, 4, 3, 128), (64, 64, 4, 3, 128), (16, 128, 4, 3, 128), (64, 128, 4, 2, 128)]
-DKDV_CONFIGS = {80: _DKDV, 90: _DKDV, 100: _DKDV}
-_DQ = [(128, 32, 4, 3, 128), (128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2, 128),
-       (64, 64, 4, 3, 128), (64, 32, 4, 3, 128), (128, 64, 4, 2, 128), (128, 32, 8, 4, 128)]
-DQ_CONFIGS = {80: _DQ, 90: _DQ, 100: _DQ}
+# dK/dV keeps two [BLOCK_N, D] fp32 accumulators plus k and v in registers: 4 warps only for
+# 64-key tiles, 8 warps for 128-key tiles (4-warp 128-key tiles spill kilobytes on sm_80).
+# (32, 128, 8 warps) spills 56 B at head dim 128 on sm_80.
+DKDV_CONFIGS = {
+    80: [(32, 64, 4, 3, 128), (64, 64, 8, 3, 128), (32, 128, 8, 3, 64), (16, 128, 8, 3, 128)],
+    90: [(32, 64, 4, 3, 128), (64, 64, 8, 3, 128), (32, 128, 8, 3, 128), (16, 128, 8, 3, 128)],
+}
+DKDV_CONFIGS[100] = DKDV_CONFIGS[90]
+# sm_80: a 128 x 64 tile spills at head dim 128.
+DQ_CONFIGS = {
+    80: [(128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128)],
+    90: [(128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)],
+}
+DQ_CONFIGS[100] = DQ_CONFIGS[90]
 
 _dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, (16, 32, 4, 1))
 _dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, (32, 16, 4, 1))
