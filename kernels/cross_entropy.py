@@ -52,7 +52,7 @@ _GRAD = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
 GRAD_LOGITS_CONFIGS = {80: _GRAD, 90: _GRAD, 100: _GRAD}
 # KL keeps a student and a teacher logit tile (fp32) live at once, next to the GEMM
 # accumulator: at most 64 x 128 per 8 warps (128 x 128 / 8 warps spills ~0.6 KB per thread).
-_KL = [(64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
+_KL = [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
 KL_FORWARD_CONFIGS = {80: _KL, 90: _KL, 100: _KL}
 _INTERPRETED_SHAPE = (16, 32, 16, 4, 1)  # tiny tiles: small test shapes span several tiles of every kind
 
