@@ -18,6 +18,8 @@
 # defaults 300 / 300 / 120), GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k cuda"),
 # GPU_CHECK_BENCHES (space-separated bench scripts; default bench/bench_*.py),
 # GPU_CHECK_QUICK (default 1: --quick for the benches that have it; 0 for the full grids),
+# GPU_CHECK_COMPILE_ARCHS (compile report archs, default this GPU's, e.g. 90),
+# GPU_CHECK_COMPILE_TIMEOUT (seconds, default 150),
 # PYTHON (default python).
 set -u
 
@@ -93,6 +95,15 @@ assert cuda_compiled(), 'sar_fast._C was built without CUDA kernels'
 # shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words on purpose
 run_step pytest "$PYTEST_TIMEOUT" "$PYTHON" -m pytest -q tests \
   --junitxml="$OUTDIR/junit.xml" -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-}
+
+# Static numbers next to the measured ones: the compile report (registers, spills, shared
+# memory, tensor cores of every Triton variant; bf16 for this GPU's arch unless
+# GPU_CHECK_COMPILE_ARCHS says otherwise) and the modeled work (tile fractions, rooflines).
+COMPILE_ARCHS="${GPU_CHECK_COMPILE_ARCHS:-$("$PYTHON" -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)" 2>/dev/null || echo 90)}"
+run_step compile_report "${GPU_CHECK_COMPILE_TIMEOUT:-150}" "$PYTHON" bench/compile_report.py \
+  --arch "$COMPILE_ARCHS" --dtypes bf16 --jobs "$MAX_JOBS" --out "$BENCH_SCRATCH/compile_report"
+run_step modeled_work 120 "$PYTHON" bench/modeled_work.py --out "$BENCH_SCRATCH/modeled_work"
+pack_bench_results
 
 failed_benches=()
 benches="${GPU_CHECK_BENCHES:-$(ls bench/bench_*.py 2>/dev/null)}"

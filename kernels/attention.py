@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import ArchConfigs
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -41,13 +43,19 @@ def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _configs(choices, interpreted_choice):
-    """Autotune configs (BLOCK_M = query tile, BLOCK_N = key tile, warps, stages); one small
+def _tuned(kernel, table: dict[int, list[tuple]], interpreted_choice: tuple):
+    """`kernel` autotuned over the entries (BLOCK_M = query tile, BLOCK_N = key tile, warps,
+    stages, largest head dim) that `table` lists for the target's architecture; one small
     config under the interpreter so tiny test inputs still span many tiles."""
+    def make(entry):
+        m, n, w, s = entry[:4]
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
     if INTERPRETED:
-        choices = [interpreted_choice]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in choices]
+        return triton.autotune([make(interpreted_choice)], key=["HEAD_DIM"])(kernel)
+    configs = ArchConfigs(table, make, admits=lambda entry, args: args["HEAD_DIM"] <= entry[4])
+    return triton.autotune(configs.configs, key=["HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": configs.prune})(kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +95,39 @@ def _tile_runs(SID, OTHER_OFF, first, last, num_scales, window, BLOCK: tl.conste
     full_lo = tl.cdiv(vis_lo, BLOCK) * BLOCK
     full_hi = tl.maximum((vis_hi // BLOCK) * BLOCK, full_lo)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_tile_runs(Q_SID, K_OFF, m0, Lq, num_scales, window, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Key-tile runs of the query tile starting at m0 (forward, dQ)."""
+    return _tile_runs(Q_SID, K_OFF, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1, num_scales, window,
+                      BLOCK_N, True)
+
+
+@triton.jit
+def _key_tile_runs(K_SID, Q_OFF, n0, Lk, num_scales, window, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """Query-tile runs of the key tile starting at n0 (dK/dV)."""
+    return _tile_runs(K_SID, Q_OFF, n0, tl.minimum(n0 + BLOCK_N, Lk) - 1, num_scales, window,
+                      BLOCK_M, False)
+
+
+@triton.jit
+def _tile_runs_kernel(SID, OFF, RUNS, L, num_scales, window, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, QUERY_SIDE: tl.constexpr):
+    """RUNS[t] = (lo, full_lo, full_hi, hi) of tile t, as the attention kernels compute them."""
+    t = tl.program_id(0)
+    if QUERY_SIDE:
+        lo, full_lo, full_hi, hi = _query_tile_runs(SID, OFF, t * BLOCK_M, L, num_scales, window,
+                                                    BLOCK_M, BLOCK_N)
+    else:
+        lo, full_lo, full_hi, hi = _key_tile_runs(SID, OFF, t * BLOCK_N, L, num_scales, window,
+                                                  BLOCK_N, BLOCK_M)
+    tl.store(RUNS + t * 4 + 0, lo)
+    tl.store(RUNS + t * 4 + 1, full_lo)
+    tl.store(RUNS + t * 4 + 2, full_hi)
+    tl.store(RUNS + t * 4 + 3, hi)
 
 
 @triton.jit
@@ -153,8 +194,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
     q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :], mask=in_q[:, None], other=0.0)
     q_sid = tl.load(Q_SID + rows, mask=in_q, other=-1)  # padding rows see nothing
 
-    lo, full_lo, full_hi, hi = _tile_runs(Q_SID, K_OFF, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1,
-                                          num_scales, window, BLOCK_N, True)
+    lo, full_lo, full_hi, hi = _query_tile_runs(Q_SID, K_OFF, m0, Lq, num_scales, window,
+                                                BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -174,16 +215,28 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
     tl.store(LSE + bh * Lq + rows, m_i + tl.log2(l_i), mask=in_q)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): Hopper/Ampere-sized tiles; autotuned once per
-# head dim and dtype (not per L, so FlexVAR's varying lengths do not retune).
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3),
-                (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) per architecture family (the
+# largest listed arch <= the GPU's); autotuned once per head dim and dtype (not per L, so
+# FlexVAR's varying lengths do not retune). bench/compile_report.py checks every entry
+# compiles for sm_80/90/100, fits shared memory and spills nothing on sm_80/90.
+# sm_80 (mma.sync keeps the [BLOCK_M, D] accumulator, the q fragments and the score tile in
+# registers): 4-warp 128-row tiles and 128 x 128 tiles spill at head dim 128.
+FWD_CONFIGS = {
+    80: [(128, 32, 8, 3, 128), (64, 128, 8, 3, 128), (64, 64, 4, 3, 128), (64, 64, 4, 4, 128)],
+    # sm_90: 4-warp tiles with 128 rows or 128 keys spill at head dim 128 (wgmma accumulators)
+    90: [(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128),
+         (64, 128, 4, 3, 64)],
+}
+FWD_CONFIGS[100] = FWD_CONFIGS[90]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
-_CACHED_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                   (128, 64, 4, 3), (128, 64, 8, 3)]
+CACHED_CONFIGS = {
+    80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
+    90: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128), (128, 64, 4, 3, 64)],
+}
+CACHED_CONFIGS[100] = CACHED_CONFIGS[90]
 
-_fwd_tuned = triton.autotune(_configs(_FWD_CONFIGS, (16, 16, 4, 1)), key=["HEAD_DIM"])(_fwd_kernel)
-_cached_tuned = triton.autotune(_configs(_CACHED_CONFIGS, (16, 16, 4, 1)), key=["HEAD_DIM"])(_fwd_kernel)
+_fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, (16, 16, 4, 1))
+_cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, (16, 16, 4, 1))
 
 
 # --------------------------------------------------------------------------------------
@@ -266,8 +319,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
     v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=in_k[:, None], other=0.0)
     k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)  # padding keys are seen by nobody
 
-    lo, full_lo, full_hi, hi = _tile_runs(K_SID, Q_OFF, n0, tl.minimum(n0 + BLOCK_N, Lk) - 1,
-                                          num_scales, window, BLOCK_M, False)
+    lo, full_lo, full_hi, hi = _key_tile_runs(K_SID, Q_OFF, n0, Lk, num_scales, window,
+                                              BLOCK_N, BLOCK_M)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride_dom, Lq,
@@ -337,8 +390,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
     delta = tl.load(DELTA + bh * Lq + rows, mask=in_q, other=0.0)
     q_sid = tl.load(Q_SID + rows, mask=in_q, other=-1)
 
-    lo, full_lo, full_hi, hi = _tile_runs(Q_SID, K_OFF, m0, tl.minimum(m0 + BLOCK_M, Lq) - 1,
-                                          num_scales, window, BLOCK_N, True)
+    lo, full_lo, full_hi, hi = _query_tile_runs(Q_SID, K_OFF, m0, Lq, num_scales, window,
+                                                BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
                    qk_scale, full_lo, full_hi, BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
@@ -352,13 +405,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
 
 
 # dK/dV: wide key tiles, short query steps; dQ: the reverse (as in FlashAttention-2).
-_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
-                 (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 4, 2)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-               (64, 32, 4, 3), (128, 64, 4, 2), (128, 32, 8, 4)]
+# dK/dV keeps two [BLOCK_N, D] fp32 accumulators plus k and v in registers: 4 warps only for
+# 64-key tiles, 8 warps for 128-key tiles (4-warp 128-key tiles spill kilobytes on sm_80).
+# (32, 128, 8 warps) spills 56 B at head dim 128 on sm_80.
+DKDV_CONFIGS = {
+    80: [(32, 64, 4, 3, 128), (64, 64, 8, 3, 128), (32, 128, 8, 3, 64), (16, 128, 8, 3, 128)],
+    90: [(32, 64, 4, 3, 128), (64, 64, 8, 3, 128), (32, 128, 8, 3, 128), (16, 128, 8, 3, 128)],
+}
+DKDV_CONFIGS[100] = DKDV_CONFIGS[90]
+# sm_80: a 128 x 64 tile spills at head dim 128.
+DQ_CONFIGS = {
+    80: [(128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128)],
+    90: [(128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)],
+}
+DQ_CONFIGS[100] = DQ_CONFIGS[90]
 
-_dkdv_tuned = triton.autotune(_configs(_DKDV_CONFIGS, (16, 32, 4, 1)), key=["HEAD_DIM"])(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(_DQ_CONFIGS, (32, 16, 4, 1)), key=["HEAD_DIM"])(_bwd_dq_kernel)
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, (16, 32, 4, 1))
+_dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, (32, 16, 4, 1))
 _DELTA_BLOCK = 16 if INTERPRETED else 64
 
 
@@ -372,6 +435,21 @@ def scale_layout(scale_lens, device: torch.device) -> tuple[torch.Tensor, torch.
     off = torch.zeros(len(scale_lens) + 1, dtype=torch.int32)
     off[1:] = torch.cumsum(lens, 0)
     return sid.to(device), off.to(device)
+
+
+def tile_runs(scale_lens, window: int, block_m: int, block_n: int, query_side: bool,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """[tiles, 4] int32 (lo, full_lo, full_hi, hi) per query tile (query_side: the key runs
+    the forward and dQ visit) or per key tile (the query runs dK/dV visit), computed by the
+    kernels' own jit code; on CPU tensors it needs Triton's interpreter. Work models
+    (bench/modeled_work.py) and tests use it."""
+    sid, off = scale_layout(scale_lens, torch.device(device))
+    L = int(sid.numel())
+    tiles = triton.cdiv(L, block_m if query_side else block_n)
+    runs = torch.zeros(tiles, 4, dtype=torch.int32, device=sid.device)
+    _tile_runs_kernel[(tiles,)](sid, off, runs, L, len(scale_lens), window,
+                                BLOCK_M=block_m, BLOCK_N=block_n, QUERY_SIDE=query_side)
+    return runs.cpu()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

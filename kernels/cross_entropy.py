@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import ArchConfigs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Bytes of grad-logits workspace per backward chunk (rows = WORKSPACE_BYTES // (V * itemsize)).
@@ -35,20 +37,44 @@ POISON_OUTPUTS = False
 MODE_TARGET, MODE_TEACHER_LOGITS, MODE_TEACHER_HIDDEN = 0, 1, 2
 
 
-def _configs(group: bool) -> list[triton.Config]:
-    extra = {"GROUP_N": 8} if group else {}
-    if _INTERPRET:  # tiny tiles so small test shapes still span several tiles of every kind
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16, **({"GROUP_N": 2} if group else {})},
-                              num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
-              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, **extra}, num_warps=w, num_stages=s)
-            for n, v, k, w, s in shapes]
+# (BLOCK_N tokens, BLOCK_V vocabulary, BLOCK_K reduction, warps, stages) per architecture
+# family (the largest listed arch <= the GPU's); bench/compile_report.py checks that every
+# entry compiles for sm_80/90/100, fits shared memory and spills nothing on sm_80/90.
+# With label smoothing or a teacher mode the epilogue adds live [BLOCK_N, BLOCK_V] values: a
+# 128 x 256 tile spills on sm_80 and sm_90, 128 x 128 needs 8 warps (and spills 8 B on sm_80
+# in the CE forward).
+CE_FORWARD_CONFIGS = {
+    80: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)],
+    90: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
+}
+CE_FORWARD_CONFIGS[100] = CE_FORWARD_CONFIGS[90]
+_GRAD = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+GRAD_LOGITS_CONFIGS = {80: _GRAD, 90: _GRAD, 100: _GRAD}
+# KL keeps a student and a teacher logit tile (fp32) live at once, next to the GEMM
+# accumulator: at most 64 x 128 per 8 warps (128 x 128 / 8 warps spills ~0.6 KB per thread).
+_KL = [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
+KL_FORWARD_CONFIGS = {80: _KL, 90: _KL, 100: _KL}
+_INTERPRETED_SHAPE = (16, 32, 16, 4, 1)  # tiny tiles: small test shapes span several tiles of every kind
+
+
+def _tuned(table: dict[int, list[tuple]], key: list[str], group: bool, **autotune_kwargs):
+    """triton.autotune over the entries `table` lists for the target's architecture."""
+    def make(entry):
+        n, v, k, w, s = entry
+        extra = {"GROUP_N": 2 if _INTERPRET else 8} if group else {}
+        return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, **extra}, num_warps=w, num_stages=s)
+
+    if _INTERPRET:
+        return triton.autotune([make(_INTERPRETED_SHAPE)], key=key, **autotune_kwargs)
+    configs = ArchConfigs(table, make)
+    return triton.autotune(configs.configs, key=key, prune_configs_by={"early_config_prune": configs.prune},
+                           **autotune_kwargs)
 
 
 _EVEN_K = {"EVEN_K": lambda args: args["C"] % args["BLOCK_K"] == 0}
 # the smallest BLOCK_N the backward may pick: sizes its buffer of per-block dBias partials
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs(group=True))
+_MIN_BLOCK_N = (_INTERPRETED_SHAPE[0] if _INTERPRET else
+                min(entry[0] for entries in GRAD_LOGITS_CONFIGS.values() for entry in entries))
 
 
 @triton.jit
@@ -76,7 +102,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, C, stride_h, stride_w, scale,
     return acc * scale
 
 
-@triton.autotune(configs=_configs(group=False), key=["C", "V"])
+@_tuned(CE_FORWARD_CONFIGS, key=["C", "V"], group=False)
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
@@ -123,7 +149,7 @@ def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
         tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(group=False), key=["C", "V", "TEACHER"])
+@_tuned(KL_FORWARD_CONFIGS, key=["C", "V", "TEACHER"], group=False)
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
@@ -182,7 +208,7 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
     tl.store(cross_ptr + out, cross, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(group=True), key=["C", "V", "MODE"], reset_to_zero=["dbias_ptr"])
+@_tuned(GRAD_LOGITS_CONFIGS, key=["C", "V", "MODE"], group=True, reset_to_zero=["dbias_ptr"])
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, target_ptr, teacher_ptr, lse_ptr, teacher_lse_ptr, coef_ptr,

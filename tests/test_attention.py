@@ -253,3 +253,29 @@ def test_bad_options():
     if not ON_GPU:
         with ops.use_backend("kernel"), pytest.raises(TypeError, match="bfloat16"):
             ops.scale_causal_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), (1, 4, 9))
+
+
+@pytest.mark.parametrize("query_side", [True, False])
+@pytest.mark.parametrize("window", [0, 2, 9])
+def test_tile_runs_cover_the_mask_exactly(query_side, window):
+    """tile_runs (the kernels' own range arithmetic, also behind bench/modeled_work.py) against
+    the dense mask: the visited tiles hold every visible pair, the unmasked run only fully
+    visible tiles, and every tile left out is fully invisible."""
+    scale_lens = [1, 4, 9, 16, 25, 7, 30]
+    block_m, block_n = (16, 32) if query_side else (32, 16)
+    mask = window_mask(scale_lens, window).cpu()
+    if not query_side:
+        mask = mask.t()  # rows: key tokens, columns: the query tokens dK/dV visits
+    L = mask.shape[0]
+    tile, step = (block_m, block_n) if query_side else (block_n, block_m)
+    runs = kernels.tile_runs(scale_lens, window, block_m, block_n, query_side)
+    assert runs.shape == (-(-L // tile), 4)
+    for t, (lo, full_lo, full_hi, hi) in enumerate(runs.tolist()):
+        rows = mask[t * tile:(t + 1) * tile]
+        visited = torch.zeros(L, dtype=torch.bool)
+        for start, stop in ((lo, full_lo), (full_lo, full_hi), (full_hi, hi)):
+            for c in range(start, stop, step):
+                visited[c:c + step] = True
+        assert not rows[:, ~visited].any(), f"tile {t}: a visible pair outside the runs {lo, full_lo, full_hi, hi}"
+        for c in range(full_lo, full_hi, step):
+            assert rows[:, c:c + step].all(), f"tile {t}: tile at {c} in the unmasked run is not fully visible"

@@ -1,0 +1,91 @@
+"""The Triton kernels compile for sm_80 and sm_90 at the d16 shapes (bf16), fit shared memory,
+spill no registers and run their GEMMs on tensor cores -- checked without a GPU.
+
+Every variant the ops launch (every kept autotune config) is compiled by bench/compile_report.py
+(imported, not copied) in spawned worker processes with TRITON_INTERPRET unset, whatever
+conftest set for the interpreter tests. About 3-4 minutes on 2 quiet cores;
+SAR_FAST_SKIP_COMPILE=1 skips it, SAR_FAST_COMPILE_KERNELS=_fwd_kernel,... narrows it to some
+kernels while working on them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import compile_report  # noqa: E402
+
+# sm_100 is in the full report (bench/compile_report.py --arch 80,90,100); CI keeps the two
+# archs the no-spill rule covers. Head dims: the d16..d30 models' 64 and the widest, 128.
+CI_ARCHS = (80, 90)
+CI_HEAD_DIMS = (64, 128)
+ONLY_KERNELS = [k for k in os.environ.get("SAR_FAST_COMPILE_KERNELS", "").split(",") if k] or None
+
+
+def _nvidia_backend() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not os.path.exists(compile_report._nvidia_bin("cuobjdump")) and shutil.which("cuobjdump") is None:
+        return "no cuobjdump (triton's NVIDIA backend tools)"
+    if os.environ.get("SAR_FAST_SKIP_COMPILE") == "1":
+        return "SAR_FAST_SKIP_COMPILE=1"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_nvidia_backend() is not None, reason=str(_nvidia_backend()))
+
+
+@pytest.fixture(scope="module")
+def bf16_matrix():
+    return compile_report.run_matrix(CI_ARCHS, ["bf16"], CI_HEAD_DIMS, jobs=2, progress=False,
+                                     kernels=ONLY_KERNELS, subset="ci")
+
+
+def test_every_op_kernel_is_in_the_matrix(bf16_matrix):
+    """A kernel the recording misses would pass every other check vacuously."""
+    if ONLY_KERNELS:
+        pytest.skip("SAR_FAST_COMPILE_KERNELS narrows the matrix")
+    seen = {(r["arch"], r["kernel"]) for r in bf16_matrix}
+    kernels = set(compile_report.GEMM_KERNELS) | {"_bwd_delta_kernel", "_scale_shift_fwd_kernel",
+                                                 "_scale_shift_bwd_kernel"}
+    missing = sorted((a, k) for a in CI_ARCHS for k in kernels if (a, k) not in seen)
+    assert not missing, f"kernels never launched by the recorded ops: {missing}"
+    cached = [r for r in bf16_matrix if "cached_attention" in r["op"] or any("cached" in o for o in r["ops"])]
+    assert cached, "the KV-cache attention path was not recorded"
+
+
+def test_bf16_sm80_sm90_compile_fit_no_spill_tensor_cores(bf16_matrix):
+    bad = compile_report.failures(bf16_matrix)
+    assert not bad, f"{len(bad)} of {len(bf16_matrix)} variants fail:\n" + "\n".join(bad)
+
+
+def test_failures_names_each_violation():
+    """The checks themselves: a spill, an overflow, an error and a missing tensor core are reported."""
+    base = dict(arch=80, kernel="_fwd_kernel", dtype="bf16", config="c", ok=True, error="", shared=1000,
+                smem_limit=compile_report.SMEM_LIMIT[80], registers=255, stack=0, tensor_cores="mma.sync")
+    assert compile_report.failures([base]) == []
+    cases = {"spill": dict(stack=64), "shared memory": dict(shared=200 * 1024),
+             "compile error": dict(ok=False, error="boom"), "tensor cores": dict(tensor_cores="none")}
+    for what, change in cases.items():
+        bad = compile_report.failures([{**base, **change}])
+        assert len(bad) == 1 and bad[0].startswith(what), (what, bad)
+    # sm_100 is held to compiling and fitting, fp32 (IEEE products) to no tensor cores
+    assert compile_report.failures([{**base, "arch": 100, "stack": 64, "tensor_cores": "tcgen05"}]) == []
+    assert compile_report.failures([{**base, "dtype": "fp32", "tensor_cores": "none"}]) == []
+
+
+def test_ptxas_parser():
+    text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+ptxas info    : Function properties for _Z3fooPf
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 380 bytes cmem[0]"""
+    (row,) = compile_report.parse_ptxas(text)
+    assert row == dict(kernel="_Z3fooPf", arch=90, registers=40, stack=16, spill_stores=8, spill_loads=4,
+                       shared=4096)
+    bad = compile_report.failures([], {"ok": True, "error": "", "rows": [row]})
+    assert len(bad) == 1 and "quantiser spill" in bad[0]
