@@ -324,7 +324,8 @@ def compile_request(req: Request) -> dict:
         with stand_in(req.arch):
             kernel = fn.preload(req.spec)
     except Exception as e:  # noqa: BLE001 - the error is the result
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}",
+        last_line = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        row.update(ok=False, error=f"{type(e).__name__}: {last_line}",
                    seconds=round(time.perf_counter() - start, 2))
         return row
     row["seconds"] = round(time.perf_counter() - start, 2)

@@ -126,7 +126,8 @@ def attention_work() -> list[dict]:
 def op_costs(L: int, schedule, visible_fraction: float) -> list[dict]:
     """Minimal FLOPs and bytes per op (each tensor read or written once, nothing recomputed)."""
     w = WIDTHS
-    B, C, H, D, V, E, s = w["batch"], w["channels"], w["heads"], w["head_dim"], w["vocab"], w["codebook_dim"], w["itemsize"]
+    B, C, H, D = w["batch"], w["channels"], w["heads"], w["head_dim"]
+    V, E, s = w["vocab"], w["codebook_dim"], w["itemsize"]
     N = B * L
     pairs = visible_fraction * L * L
     bhld = B * H * L * D * s
@@ -167,7 +168,8 @@ def markdown(work: list[dict], costs: dict) -> str:
              "share of those in tiles that evaluate the mask. Tile ranges from kernels/attention.py "
              "(tile_runs, the kernels' own jit arithmetic). FlexAttention: 128 x 128 blocks with any "
              "visible pair. SDPA with a mask: everything.", "",
-             "| L | mask visible | FlexAttention 128x128 | SDPA | kernel | BLOCK_M x BLOCK_N (archs) | visited | masked |",
+             "| L | mask visible | FlexAttention 128x128 | SDPA | kernel | BLOCK_M x BLOCK_N (archs) | visited "
+             "| masked |",
              "|---|---|---|---|---|---|---|---|"]
     for row in work:
         head = f"| {row['L']} | {row['visible']:.3f} | {row['flex_128']:.3f} | {row['sdpa']:.0f} "
@@ -184,7 +186,8 @@ def markdown(work: list[dict], costs: dict) -> str:
     for L, rows in costs.items():
         for c in rows:
             times = " | ".join(f"{c['time_us'][g]['us']:.1f} ({c['time_us'][g]['bound'][0]})" for g in PEAKS)
-            lines.append(f"| {L} | {c['op']} | {c['flops'] / 1e9:.3g} | {c['bytes'] / 1e6:.3g} | {times} | {c['note']} |")
+            lines.append(f"| {L} | {c['op']} | {c['flops'] / 1e9:.3g} | {c['bytes'] / 1e6:.3g} | {times} "
+                         f"| {c['note']} |")
     lines += ["", "(c) compute-bound, (m) memory-bound. Peaks (bf16 dense tensor core, HBM):"]
     lines += [f"- {g}: {p['source']}" for g, p in PEAKS.items()]
     return "\n".join(lines) + "\n"
