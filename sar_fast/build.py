@@ -43,6 +43,27 @@ def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> Sc
     return model
 
 
+def build_run_model_rank0(args, schedule: tuple[int, ...], tokenizer: nn.Module, info) -> tuple[ScaleAR, dict | None]:
+    """The run's model for a multi-rank start: with --init, only rank 0 reads the file and
+    holds the full fp32 weights (returned as a state dict, to be broadcast into the shards
+    by `parallel.load_full_state`); every other rank builds the model on the meta device
+    (no memory) from the config rank 0 broadcasts. Without --init, or on one rank, the
+    model of `build_run_model` (and None)."""
+    from . import parallel
+    from .models import ModelConfig
+    if not args.init or info.world_size == 1:
+        return build_run_model(args, schedule, tokenizer), None
+    full, config = None, None
+    if info.is_main:
+        full = build_run_model(args, schedule, tokenizer)
+        config = full.config.to_dict()
+    config = parallel.broadcast_object(config)
+    with torch.device("meta"):
+        model = ScaleAR(ModelConfig(**config))
+    check_model_fits_tokenizer(model, tokenizer, "--init")
+    return model, (full.state_dict() if full is not None else {})
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, position/level tables
     or the attention scale (VAR's no-decay set)."""

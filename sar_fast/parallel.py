@@ -87,8 +87,12 @@ def set_collective_timeout(seconds: float) -> None:
     """Shorten (or lengthen) the default group's timeout: the first step keeps the long
     start-up one (compile, warm-up, loading), later steps fail fast on a hung rank."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-        _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+        timeout = datetime.timedelta(seconds=seconds)
+        if hasattr(dist, "set_timeout"):
+            dist.set_timeout(timeout)
+        else:  # older torch
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+            _set_pg_timeout(timeout, None)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -200,7 +204,7 @@ def reduce_gradients(model: nn.Module) -> None:
     units = fsdp_units(model)
     groups = [g for unit in reversed(units) for g in unit._get_fsdp_state()._fsdp_param_groups]
     for g in groups:
-        g.reduce_grads = True
+        g.reduce_grads = g.all_reduce_grads = True  # what set_requires_gradient_sync(True) sets
         g.post_backward()
     for g in groups:
         g.finalize_backward()
@@ -216,6 +220,15 @@ def reshard_all(model: nn.Module) -> None:
     """Free every gathered weight (after a step, or after sampling under the 'step' policy)."""
     for unit in fsdp_units(model):
         unit.reshard()
+
+
+def load_full_state(model: nn.Module, full_state: dict, device: torch.device) -> None:
+    """Fill a model sharded on the meta device from rank 0's full state dict: storage is
+    allocated for this rank's shards only, and rank 0 broadcasts the weights into them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpointing, logs, parallel
-from .build import build_optimizer, build_run_model, build_tokenizer, param_groups
+from .build import build_optimizer, build_run_model_rank0, build_tokenizer, param_groups
 from .config import TrainConfig, parse_config
 from .data import DataSource
 from .models import ModelConfig, save_export
@@ -84,15 +84,19 @@ class Trainer:
                              f"{optim.grad_accum} micro-batches over {info.world_size} ranks")
         self.local_batch = micro // info.world_size
         self.tok = build_tokenizer(cfg.data.vae, info.device)
-        model = build_run_model(cfg.model, cfg.data.schedule, self.tok)
+        model, full_state = build_run_model_rank0(cfg.model, cfg.data.schedule, self.tok, info)
         model.set_label_range_check(False)  # DataSource checks every batch on the host instead
         self.data = DataSource(cfg.data, cfg.run.seed, info, self.tok, self.local_batch, model.num_classes)
         self.model_config: ModelConfig = model.config
-        model.to(info.device)
+        if full_state is None:
+            model.to(info.device)
         self.pass_flops = logs.PassFlops(model.blocks[0], model.config)
         self.model = parallel.shard_model(model, info, self.precision, cfg.system.activation_checkpointing,
                                           cfg.system.compile, reshard=cfg.system.reshard,
                                           replicas=cfg.system.replicas)
+        if full_state is not None:  # --init on several ranks: rank 0 read it, the shards get it
+            parallel.load_full_state(self.model, full_state, info.device)
+            del full_state
         self.optimizer = build_optimizer(self.model, optim, info.device)
         self.codebook = self.tok.codebook().detach().to(info.device, torch.float32)
         self.phi = self.tok.phi

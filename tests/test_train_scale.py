@@ -247,3 +247,62 @@ def test_nvml_follows_cuda_visible_devices(monkeypatch):
     assert logs.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
     props.uuid = None  # no UUID: the PCI bus id decides
     assert logs.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
+
+
+# ------------------------------------------------------------------ 4. start-up
+def test_init_is_read_by_rank_zero_only(tmp_path):
+    """--init on 2 ranks: only rank 0 reads the file (the other builds on the meta device),
+    and the shards hold the file's weights."""
+    from sar_fast.models import ScaleAR, preset_config, save_export
+    model = ScaleAR(preset_config("flexvar-tiny", vocab_size=17, code_dim=1, schedule=(1, 2, 3, 4, 5, 6, 8),
+                                  depth=2, embed_dim=32, num_heads=2))
+    save_export(model.state_dict(), str(tmp_path / "init.pth"), config=model.config)
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, sys, json, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import sar_fast.models.checkpoint as ck\n"
+        "reads = []\n"
+        "real = ck.read_checkpoint_file\n"
+        "ck.read_checkpoint_file = lambda *a, **k: (reads.append(a[0]), real(*a, **k))[1]\n"
+        "from sar_fast.train import Trainer, parse_config\n"
+        f"t = Trainer(parse_config(['--out', {str(tmp_path / 'run')!r}, '--init', {str(tmp_path / 'init.pth')!r},"
+        " '--batch-size', '8', '--workers', '0', '--max-steps', '1', '--resume', 'none']))\n"
+        "full = {k: v.full_tensor() for k, v in t.model.state_dict().items()}\n"
+        f"ref = torch.load({str(tmp_path / 'init.pth')!r}, weights_only=True)\n"
+        "ok = all(torch.equal(full[k], ref[k]) for k in full)\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([len(reads), ok]))\n"
+        "dist.destroy_process_group()\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(script)], env=_env(), capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"out{r}").read_text()) for r in range(2))
+    assert r0 == [1, True] and r1 == [0, True]
+
+
+def test_collective_timeout_shortens_after_the_first_step(tmp_path):
+    """The long --startup-timeout until step 1 is done, --collective-timeout afterwards."""
+    script = tmp_path / "timeout.py"
+    script.write_text(
+        "import os, sys, json, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import torch\n"
+        "from torch.distributed.distributed_c10d import _get_default_group\n"
+        "timeout = lambda: _get_default_group()._get_backend(torch.device('cpu')).options._timeout.total_seconds()\n"
+        "import sar_fast.parallel as parallel\n"
+        "from sar_fast.train import Trainer, parse_config\n"
+        "seen = []\n"
+        "real = parallel.set_collective_timeout\n"
+        "parallel.set_collective_timeout = lambda s: (real(s), seen.append(timeout()))\n"
+        f"t = Trainer(parse_config(['--out', {str(tmp_path / 'run')!r}, '--depth', '1', '--embed-dim', '32',"
+        " '--num-heads', '2', '--batch-size', '8', '--workers', '0', '--pretrain-steps', '0', '--max-steps', '3',"
+        " '--num-samples', '0', '--no-export', '--no-progress', '--objective', 'tf', '--startup-timeout', '999',"
+        " '--collective-timeout', '77']))\n"
+        "start = timeout()\n"
+        "t.run()\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([start, seen]))\n"
+        "dist.destroy_process_group()\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(script)], env=_env(), capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "out0").read_text()) == [999.0, [77.0]]
