@@ -226,6 +226,7 @@ def load_full_state(model: nn.Module, full_state: dict, device: torch.device) ->
     """Fill a model sharded on the meta device from rank 0's full state dict: storage is
     allocated for this rank's shards only, and rank 0 broadcasts the weights into them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     model.to_empty(device=device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
                                                                      broadcast_from_rank0=True))

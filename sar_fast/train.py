@@ -207,7 +207,8 @@ class Trainer:
                 # only when it syncs anyway (logging) or must know (first and last step)
                 settle = [r for r in (unsettled, result) if r is not None]
                 unsettled = None if logging or last or step == first_step else settle.pop()
-                stop = any([self.settle(r) for r in settle])
+                stops = [self.settle(r) for r in settle]  # settle all of them, then decide
+                stop = any(stops)
                 if step == first_step:  # compile and warm-up are over: fail fast from now on
                     parallel.set_collective_timeout(cfg.system.collective_timeout)
                 if logging:

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sar_fast.train as train  # noqa: E402
+from sar_fast import parallel, train
 
 
 class HostSyncs(TorchDispatchMode):
@@ -83,7 +83,7 @@ def main():
         trainer.settle(r)
     report = {"collectives_per_step": {k: v / args.steps for k, v in collectives.items()},
               "host_syncs": syncs.where, "nonfinite_total": trainer.state.nonfinite_total,
-              "units": len(__import__("sar_fast.parallel", fromlist=["x"]).fsdp_units(trainer.model))}
+              "units": len(parallel.fsdp_units(trainer.model))}
     if before is not None:
         report["state_unchanged_by_nan_step"] = all(torch.equal(a, b) for a, b in zip(before, after))
         report["grad_norm_nan"] = bool(torch.isnan(results[args.nan_step - 1].grad_norm))
