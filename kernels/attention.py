@@ -434,6 +434,8 @@ def scale_layout(scale_lens, device: torch.device) -> tuple[torch.Tensor, torch.
     sid = torch.repeat_interleave(torch.arange(len(scale_lens), dtype=torch.int32), lens)
     off = torch.zeros(len(scale_lens) + 1, dtype=torch.int32)
     off[1:] = torch.cumsum(lens, 0)
+    if torch.device(device).type == "cuda":  # pinned + non-blocking: no host sync on a new schedule
+        return sid.pin_memory().to(device, non_blocking=True), off.pin_memory().to(device, non_blocking=True)
     return sid.to(device), off.to(device)
 
 

@@ -43,6 +43,27 @@ def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> Sc
     return model
 
 
+def build_run_model_rank0(args, schedule: tuple[int, ...], tokenizer: nn.Module, info) -> tuple[ScaleAR, dict | None]:
+    """The run's model for a multi-rank start: with --init, only rank 0 reads the file and
+    holds the full fp32 weights (returned as a state dict, to be broadcast into the shards
+    by `parallel.load_full_state`); every other rank builds the model on the meta device
+    (no memory) from the config rank 0 broadcasts. Without --init, or on one rank, the
+    model of `build_run_model` (and None)."""
+    from . import parallel
+    from .models import ModelConfig
+    if not args.init or info.world_size == 1:
+        return build_run_model(args, schedule, tokenizer), None
+    full, config = None, None
+    if info.is_main:
+        full = build_run_model(args, schedule, tokenizer)
+        config = full.config.to_dict()
+    config = parallel.broadcast_object(config)
+    with torch.device("meta"):
+        model = ScaleAR(ModelConfig(**config))
+    check_model_fits_tokenizer(model, tokenizer, "--init")
+    return model, (full.state_dict() if full is not None else {})
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, position/level tables
     or the attention scale (VAR's no-decay set)."""
@@ -56,6 +77,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW at the objective's --lr (the trainer sets each step's rate), fused on CUDA."""
+    """AdamW at the objective's --lr (the trainer sets each step's rate), fused (CUDA and
+    CPU): one kernel, no per-parameter host reads of the step count, and `found_inf`
+    skips a non-finite step on the device."""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                             fused=device.type == "cuda")
+                             fused=True)

@@ -4,16 +4,24 @@ Layout under the run directory:
     checkpoints/step_00001000/      model + optimiser shards (DCP), trainer.json, rng/rank*.pt,
                                     and COMPLETE, written last
     checkpoints/.tmp-step_00001000/ a save in progress (ignored; removed by the next save)
-Every rank writes into the temp folder; after a barrier, rank 0 writes COMPLETE and renames
-the folder into place, so a kill -9 mid-save leaves the previous checkpoint loadable.
+Every rank writes into the temp folder; once all have written, rank 0 writes COMPLETE and
+renames the folder into place, so a kill -9 mid-save leaves the previous checkpoint loadable.
+
+Asynchronous saves (`async_=True`): the state is copied to CPU memory on the step (the
+only blocking part), then written by a background thread that talks over its own gloo
+group (never the training group, whose collectives it would interleave with); rank 0
+finalises (COMPLETE, rename, pruning) when the write is done. `PendingSave.wait()` joins
+it: the trainer calls it before the next save and before exiting.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import random
 import re
 import shutil
+import threading
 
 import numpy as np
 import torch
@@ -80,8 +88,55 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def save_checkpoint(ckpt_root: str, step: int, model, optimizer, trainer_state: dict, info, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+class PendingSave:
+    """A checkpoint being written: `wait()` returns its final path once it is complete
+    (COMPLETE written and renamed into place on rank 0); raises what the write raised."""
+
+    def __init__(self, final: str, future=None, finalize=None):
+        self.final, self._future, self._finalize = final, future, finalize
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        if future is None:
+            self._done.set()
+        else:
+            future.add_done_callback(self._on_written)
+
+    def _on_written(self, future) -> None:
+        try:
+            future.result()
+            if self._finalize is not None:
+                self._finalize()
+        except BaseException as e:  # surfaced by wait() on the main thread
+            self._error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"checkpoint {self.final} not written within {timeout} s")
+        if self._error is not None:
+            raise RuntimeError(f"writing checkpoint {self.final} failed") from self._error
+        return self.final
+
+
+_SAVE_GROUP = None
+
+
+def _save_group():
+    """A gloo group of all ranks for the background writer (created once, collectively)."""
+    global _SAVE_GROUP
+    import torch.distributed as dist
+    if _SAVE_GROUP is None and dist.is_initialized():
+        _SAVE_GROUP = dist.new_group(backend="gloo")
+    return _SAVE_GROUP
+
+
+def save_checkpoint(ckpt_root: str, step: int, model, optimizer, trainer_state: dict, info, keep_last: int,
+                    async_: bool = False) -> PendingSave:
+    """Collective: every rank calls it. Returns the save (already complete unless `async_`)."""
     final = os.path.join(ckpt_root, f"step_{step:08d}")
     tmp = os.path.join(ckpt_root, f".tmp-step_{step:08d}")
     if info.is_main:
@@ -91,23 +146,37 @@ def save_checkpoint(ckpt_root: str, step: int, model, optimizer, trainer_state: 
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     parallel.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{info.rank}.pt"))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    finalize = (lambda: _finalize(ckpt_root, tmp, final, step, trainer_state, keep_last)) if info.is_main else None
+    if async_:
+        # DCP gathers every rank's write result before its future resolves on rank 0, so
+        # rank 0 may finalise from its own future alone
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
+                                process_group=_save_group())
+        if not isinstance(future, concurrent.futures.Future):  # AsyncSaveResponse
+            future = future.upload_completion
+        return PendingSave(final, future, finalize)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     parallel.barrier()
-    if info.is_main:
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(trainer_state, f, indent=1)
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
-        if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        for _old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
+    if finalize is not None:
+        finalize()
     parallel.barrier()
-    return final
+    return PendingSave(final)
+
+
+def _finalize(ckpt_root: str, tmp: str, final: str, step: int, trainer_state: dict, keep_last: int) -> None:
+    """Rank 0, once every rank's shards are written: mark complete, move into place, prune."""
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(trainer_state, f, indent=1)
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        f.write(f"{step}\n")
+    if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for _old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -139,7 +208,8 @@ def load_checkpoint(path: str, model, optimizer, info) -> dict:
 
 
 def resolve_resume(resume: str, ckpt_root: str) -> str | None:
-    """'auto' -> the newest complete checkpoint (or None), 'none' -> None, else a path."""
+    """'auto' -> the newest complete checkpoint (or None), 'none' -> None, else a path.
+    Per process: under torchrun, resolve on rank 0 and broadcast (`resolve_resume_everywhere`)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -148,6 +218,22 @@ def resolve_resume(resume: str, ckpt_root: str) -> str | None:
     if not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
     return resume
+
+
+def resolve_resume_everywhere(resume: str, ckpt_root: str, info) -> str | None:
+    """Rank 0 decides which checkpoint to resume and every rank gets its answer: ranks that
+    list the folder at different moments (a save finishing, a slow network filesystem)
+    could otherwise resume different steps."""
+    path, error = None, None
+    if info.is_main:
+        try:
+            path = resolve_resume(resume, ckpt_root)
+        except FileNotFoundError as e:
+            error = str(e)
+    path, error = parallel.broadcast_object((path, error))
+    if error is not None:
+        raise FileNotFoundError(error)
+    return path
 
 
 def full_model_state(model) -> dict:

@@ -94,15 +94,29 @@ class SystemConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass "
                                                    "(less memory, more compute)")
     compile: bool = option(False, "torch.compile every block")
+    reshard: str = option("step", "FSDP communication per optimiser step: 'step' gathers each block once and "
+                                  "reduce-scatters its gradient once (weights + fp32 grads unsharded during the "
+                                  "step, as DDP); 'pass' reshards after every forward/backward (least memory, "
+                                  "~5 all-gathers + 2 reduce-scatters per block)", choices=("step", "pass"))
+    replicas: int = option(1, "HSDP: replicate over this many groups of ranks (one per node), shard within a "
+                              "group; 1 = shard over all ranks")
+    startup_timeout: float = option(1800.0, "collective timeout in seconds until the first step is done "
+                                           "(loading, compilation, warm-up)")
+    collective_timeout: float = option(300.0, "collective timeout in seconds after the first step (a hung rank "
+                                              "fails the run this soon)")
 
 
 @dataclass
 class CheckpointConfig:
-    ckpt_every: int = option(1000, "steps between sharded checkpoints (also loss plot + samples)")
+    ckpt_every: int = option(1000, "steps between sharded checkpoints")
     keep_last: int = option(3, "checkpoints kept")
     resume: str = option("auto", "auto (newest in --out), none, or a checkpoint directory")
-    export: bool = option(True, "with each checkpoint, a flat state dict the original FlexVAR/VAR code loads "
+    export: bool = option(True, "at the end of the run, a flat state dict the original FlexVAR/VAR code loads "
                                 "(export.pth)")
+    extras_every_ckpt: bool = option(False, "also write export.pth, the sample grid and loss.png with every "
+                                            "periodic checkpoint (default: only at the end; never on SIGTERM)")
+    async_save: bool = option(True, "write checkpoints in the background (torch.distributed.checkpoint "
+                                    "async_save); the next save and the exit wait for it")
     log_every: int = option(10, "steps between records in metrics.jsonl")
     num_samples: int = option(16, "images in each sample grid")
     sample_cfg: float = option(2.0, "guidance for the sample grids")
@@ -279,6 +293,10 @@ def validate(cfg: TrainConfig, preset: str) -> None:
         for name in names:
             if getattr(section_cfg, name) < 1:
                 raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(section_cfg, name)}")
+    if cfg.system.replicas < 1:
+        raise SystemExit(f"error: --replicas must be >= 1, got {cfg.system.replicas}")
+    if cfg.system.startup_timeout <= 0 or cfg.system.collective_timeout <= 0:
+        raise SystemExit("error: --startup-timeout and --collective-timeout must be > 0 seconds")
     for name in ("lr", "clip", "weight_decay") + (("pretrain_lr",) if optim.pretrain_lr is not None else ()):
         if getattr(optim, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0")

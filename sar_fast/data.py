@@ -529,7 +529,8 @@ def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     if not batch:
         raise ValueError("collate got an empty batch")
     items, labels = zip(*batch)
-    return torch.stack(items), torch.as_tensor([int(y) for y in labels], dtype=torch.int64)
+    # numpy reads the 0-d labels without a dispatched .item() per sample
+    return torch.stack(items), torch.from_numpy(np.array([np.asarray(y) for y in labels], dtype=np.int64))
 
 
 # ---------------------------------------------------------------------- the trainer's batches
@@ -615,11 +616,13 @@ class DataSource:
 def check_batch_ranges(labels: torch.Tensor, codes: torch.Tensor | None, num_classes: int, vocab: int) -> None:
     """On the host, before the batch moves to the device: labels in [0, num_classes) and
     cached codes in [0, vocab) (codes the tokenizer makes on the fly are valid by construction)."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"a batch holds labels in [{int(labels.min())}, {int(labels.max())}] but the model "
+    labels = labels.numpy()  # host tensors: numpy reads them without dispatching .item()
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"a batch holds labels in [{labels.min()}, {labels.max()}] but the model "
                          f"has {num_classes} classes")
-    if codes is not None and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab):
-        raise ValueError(f"a batch holds codes in [{int(codes.min())}, {int(codes.max())}] but the tokenizer "
+    codes = None if codes is None else codes.numpy()
+    if codes is not None and codes.size and (codes.min() < 0 or codes.max() >= vocab):
+        raise ValueError(f"a batch holds codes in [{codes.min()}, {codes.max()}] but the tokenizer "
                          f"has {vocab} codes (a cache from another tokenizer?)")
 
 
@@ -633,7 +636,22 @@ def select_scales(codes: torch.Tensor, cache_schedule: tuple[int, ...], schedule
     if quant_mode != "flexvar":
         raise ValueError(f"this cache holds VAR residual codes for {cache_schedule}; they cannot serve schedule "
                          f"{schedule} (train with --schedule matching the cache, without --random-schedules)")
-    return codes.index_select(1, schedule_token_index(cache_schedule, schedule).to(codes.device))
+    return codes.index_select(1, _device_token_index(tuple(cache_schedule), tuple(schedule), codes.device))
+
+
+_TOKEN_INDEX: dict = {}
+
+
+def _device_token_index(cache_schedule: tuple[int, ...], schedule: tuple[int, ...],
+                        device: torch.device) -> torch.Tensor:
+    """schedule_token_index on `device`, kept per schedule (random schedules number a few
+    thousand, each a few KB) and copied once, pinned and non-blocking."""
+    key = (cache_schedule, schedule, device)
+    if key not in _TOKEN_INDEX:
+        index = schedule_token_index(cache_schedule, schedule)
+        _TOKEN_INDEX[key] = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
+            else index.to(device)
+    return _TOKEN_INDEX[key]
 
 
 def check_cache_matches(manifest: dict, cfg: DataConfig, tokenizer) -> None:

@@ -142,13 +142,47 @@ def flops_per_token(depth: int, dim: int, vocab: int, mlp_ratio: float, mean_con
 
 
 def mean_visible_keys(schedule) -> float:
-    """Average number of keys a token sees under the block-causal mask."""
+    """Average number of keys a token sees under the block-causal mask (scale sides)."""
+    return mean_visible_keys_of_lengths([s * s for s in schedule])
+
+
+def mean_visible_keys_of_lengths(scale_lens) -> float:
+    """The same for scales given by their token counts."""
     total, seen, acc = 0, 0, 0
-    for s in schedule:
-        seen += s * s
-        acc += s * s * seen
-        total += s * s
-    return acc / total
+    for n in scale_lens:
+        seen += n
+        acc += n * seen
+        total += n
+    return acc / max(total, 1)
+
+
+class PassFlops:
+    """Model FLOPs of the passes a step really ran (TF, null-class prefix, student, ...),
+    counted from the tokens entering the first block: each call adds the forward FLOPs of
+    its B x L tokens, three times that when it builds a graph (forward + backward).
+    Recomputations of activation checkpointing (calls inside the backward) and calls while
+    not `enabled` (sampling) are not counted."""
+
+    def __init__(self, first_block: torch.nn.Module, model_config):
+        self.config, self.enabled = model_config, False
+        self.flops, self.tokens = 0.0, 0
+        first_block.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        if not self.enabled or torch._C._current_graph_task_id() != -1:
+            return
+        x, scale_lens = args[0], args[2] if len(args) > 2 else None
+        B, L = x.shape[0], x.shape[1]
+        c = self.config
+        keys = mean_visible_keys_of_lengths(scale_lens if scale_lens else (L,))
+        passes = 3.0 if torch.is_grad_enabled() else 1.0
+        self.flops += passes * flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio, keys) * B * L
+        self.tokens += B * L
+
+    def take(self) -> tuple[float, int]:
+        """(FLOPs, tokens) since the last take."""
+        out, self.flops, self.tokens = (self.flops, self.tokens), 0.0, 0
+        return out
 
 
 def step_record(step: int, objective: str, losses: torch.Tensor, grad_norm: torch.Tensor, lr: float,
@@ -178,13 +212,11 @@ class Throughput:
     def reset(self) -> None:
         self.start, self.images, self.tokens, self.flops = time.time(), 0, 0, 0.0
 
-    def add(self, schedule, images: int, passes: float) -> None:
-        """`images` of this rank trained on `schedule`; `passes`: forward-equivalents per token
-        (3 for forward + backward)."""
-        c, length = self.config, sum(s * s for s in schedule)
-        self.flops += passes * flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio,
-                                               mean_visible_keys(schedule)) * length * images
-        self.tokens += length * images
+    def add(self, images: int, flops: float, tokens: int) -> None:
+        """One step of this rank: its images, and the FLOPs and tokens of all its passes
+        (PassFlops.take())."""
+        self.flops += flops
+        self.tokens += tokens
         self.images += images
 
     def read(self) -> dict:
@@ -209,6 +241,21 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def nvml_handle(nvml, device: torch.device):
+    """The NVML handle of a CUDA device. NVML numbers all GPUs of the machine and ignores
+    CUDA_VISIBLE_DEVICES, so the local CUDA index is matched by UUID (else PCI bus id)."""
+    props = torch.cuda.get_device_properties(device.index or 0)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else "GPU-" + text)
+        except Exception:
+            pass
+    bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    return nvml.nvmlDeviceGetHandleByPciBusId(bus)
+
+
 class GpuMonitor:
     """Peak memory on a CUDA device; utilisation and memory in use through NVML
     (nvidia-ml-py), when present. Nothing on a CPU."""
@@ -221,7 +268,7 @@ class GpuMonitor:
             import pynvml
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.handle = nvml_handle(pynvml, device)
         except Exception:
             self.handle = None
 

@@ -3,7 +3,19 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR; multi-node runs use torchrun's own
 rendezvous. CUDA runs use NCCL, CPU runs gloo. The model is sharded with FSDP2
 (`fully_shard` per block, then the root) under a mixed-precision policy whose gradient
-reduction stays in fp32.
+reduction stays in fp32, on a flat mesh or, with --replicas R, an HSDP mesh (R replicas,
+each sharded over world/R ranks: one node each, so the all-gathers stay inside a node).
+
+Communication per optimiser step (the --reshard policy; a SAR step runs three forwards,
+TF, null-class prefix and student, and one backward through two of them):
+  'step': every FSDP unit is all-gathered once per step and kept through all forwards,
+          micro-batches and the backward; gradients accumulate unsharded and are
+          reduce-scattered once, after the last micro-batch (`begin_step` /
+          `reduce_gradients`). Costs the unsharded weights + fp32 gradients of the whole
+          model per rank (as DDP), saves ~4 all-gathers and 1 reduce-scatter per block.
+  'pass': FSDP's default: reshard after each forward and backward (least memory; the
+          blocks are gathered again for every pass, ~5 all-gathers + 2 reduce-scatters
+          per block per step).
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     """Join the process group torchrun describes (or run alone when launched by plain python)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -71,6 +83,27 @@ def shutdown(clean: bool = True) -> None:
     dist.destroy_process_group()
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """Shorten (or lengthen) the default group's timeout: the first step keeps the long
+    start-up one (compile, warm-up, loading), later steps fail fast on a hung rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        timeout = datetime.timedelta(seconds=seconds)
+        if hasattr(dist, "set_timeout"):
+            dist.set_timeout(timeout)
+        else:  # older torch
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+            _set_pg_timeout(timeout, None)
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (one decision, e.g. which checkpoint to resume)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -85,24 +118,42 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+RESHARD_POLICIES = ("step", "pass")
+
+
+def make_mesh(info: DistInfo, replicas: int = 1):
+    """A flat FSDP mesh, or an HSDP one: `replicas` groups (nodes) of world/replicas ranks;
+    parameters are sharded within a group and replicated across groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if replicas < 1 or info.world_size % replicas:
+        raise ValueError(f"--replicas {replicas} must be >= 1 and divide the {info.world_size} ranks")
+    if replicas == 1:
+        return init_device_mesh(info.device.type, (info.world_size,))
+    return init_device_mesh(info.device.type, (replicas, info.world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
                 activation_checkpointing: bool = False, compile_blocks: bool = False,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard: str = "pass", replicas: int = 1) -> nn.Module:
     """FSDP2: fully_shard every transformer block, then the root; optional activation
     checkpointing and torch.compile per block. Returns the (same) module, now sharded.
+    `reshard`: the communication policy (module docstring); the root is never resharded
+    after forward (its weights are needed again at once). `replicas` > 1: HSDP mesh.
 
     Also on a single process, so one code path serves 1..N ranks (a 1-rank mesh).
     The root's extra entry points (forward_student, generate) are registered as FSDP
     forward methods so they gather the root's weights like forward does.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised process group (run under torchrun)")
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if reshard not in RESHARD_POLICIES:
+        raise ValueError(f"reshard must be one of {RESHARD_POLICIES}, got {reshard!r}")
+    mesh = make_mesh(info, replicas)
     mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -111,11 +162,74 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
     for block in model.blocks:
         if compile_blocks:
             block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard == "pass")
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     for name in ("forward_student", "generate"):
         register_fsdp_forward_method(model, name)
+    model._sar_reshard_policy = reshard
+    if reshard == "step":
+        for unit in fsdp_units(model):
+            unit.set_reshard_after_backward(False, recurse=False)
     return model
+
+
+def fsdp_units(model: nn.Module) -> list:
+    """The FSDP-wrapped modules in module order: the root first, then the blocks."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def begin_step(model: nn.Module) -> None:
+    """Before a step's first forward. 'step' policy: no unit reduces its gradient in the
+    backward (they accumulate unsharded until `reduce_gradients`)."""
+    if getattr(model, "_sar_reshard_policy", "pass") == "step":
+        for unit in fsdp_units(model):
+            unit.set_requires_gradient_sync(False, recurse=False)
+
+
+def set_micro_batch(model: nn.Module, last: bool) -> None:
+    """'pass' policy: gradient sync only in the last micro-batch's backward (FSDP's no_sync)."""
+    if getattr(model, "_sar_reshard_policy", "pass") == "pass":
+        model.set_requires_gradient_sync(last)
+
+
+def reduce_gradients(model: nn.Module) -> None:
+    """After the step's last backward. 'step' policy: one reduce-scatter (and, under HSDP,
+    one all-reduce across replicas) per unit of the gradients accumulated over all passes
+    and micro-batches, then free the gathered weights so the next step gathers the
+    updated ones. FSDP2 has no public call for "reduce now": this drives its parameter
+    groups' own post-backward (the code path of a synced backward) once."""
+    if getattr(model, "_sar_reshard_policy", "pass") != "step":
+        return
+    units = fsdp_units(model)
+    groups = [g for unit in reversed(units) for g in unit._get_fsdp_state()._fsdp_param_groups]
+    for g in groups:
+        g.reduce_grads = g.all_reduce_grads = True  # what set_requires_gradient_sync(True) sets
+        g.post_backward()
+    for g in groups:
+        g.finalize_backward()
+    comm_ctx = units[0]._get_fsdp_state()._comm_ctx
+    for rs_state in comm_ctx.reduce_scatter_states:  # release the reduce-scatter inputs
+        if rs_state.event is not None:
+            torch.accelerator.current_stream().wait_event(rs_state.event)
+    comm_ctx.reduce_scatter_states.clear()
+    reshard_all(model)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every gathered weight (after a step, or after sampling under the 'step' policy)."""
+    for unit in fsdp_units(model):
+        unit.reshard()
+
+
+def load_full_state(model: nn.Module, full_state: dict, device: torch.device) -> None:
+    """Fill a model sharded on the meta device from rank 0's full state dict: storage is
+    allocated for this rank's shards only, and rank 0 broadcasts the weights into them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -13,6 +13,16 @@ The loop, in one sitting: build data (data.py) + tokenizer + model (build.py), s
 around it: log (logs.py), checkpoint (checkpointing.py), sample. Faults: a non-finite loss
 skips the step; --max-nonfinite in a row checkpoints and aborts; SIGTERM checkpoints and
 exits cleanly.
+
+No host sync in a step that is not logged: a non-finite step is skipped on the device (the
+fused AdamW's `found_inf`: parameters and optimiser state unchanged), and the host learns
+of it (and of a SIGTERM on any rank) one step late, from a pinned copy.
+
+SIGTERM: the signal is noticed by the end of the next step; then the trainer waits for an
+asynchronous save in flight and writes one checkpoint (no export, no samples), so the exit
+takes at most two steps + two checkpoint writes (tests/test_train.py measures the write of
+a d16-sized model). export.pth, the sample grid and loss.png are written at the end of the
+run (or with every checkpoint under --extras-every-ckpt).
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpointing, logs, parallel
-from .build import build_optimizer, build_run_model, build_tokenizer, param_groups
+from .build import build_optimizer, build_run_model_rank0, build_tokenizer, param_groups
 from .config import TrainConfig, parse_config
 from .data import DataSource
 from .models import ModelConfig, save_export
@@ -51,14 +61,15 @@ class StepResult:
     samples: int                       # images this rank trained on (all micro-batches)
     losses: torch.Tensor               # [3]: loss, TF (or SF) loss, CSF loss, averaged over ranks
     grad_norm: torch.Tensor            # before clipping; NaN when the step was skipped
-    stop: bool                         # some rank received SIGTERM
+    flags: torch.Tensor                # host [2]: step skipped (non-finite), some rank got SIGTERM
+    flags_ready: object                # CUDA event after which `flags` may be read (None: now)
     scale_stats: torch.Tensor | None   # [n, 3] of this rank (only when asked for)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.info = info = parallel.init_distributed(cfg.run.device)
+        self.info = info = parallel.init_distributed(cfg.run.device, cfg.system.startup_timeout)
         if not dist.is_initialized():  # plain `python -m sar_fast.train`: a 1-rank group
             dist.init_process_group("gloo" if info.device.type == "cpu" else "nccl",
                                     store=dist.HashStore(), rank=0, world_size=1)
@@ -73,13 +84,19 @@ class Trainer:
                              f"{optim.grad_accum} micro-batches over {info.world_size} ranks")
         self.local_batch = micro // info.world_size
         self.tok = build_tokenizer(cfg.data.vae, info.device)
-        model = build_run_model(cfg.model, cfg.data.schedule, self.tok)
+        model, full_state = build_run_model_rank0(cfg.model, cfg.data.schedule, self.tok, info)
         model.set_label_range_check(False)  # DataSource checks every batch on the host instead
         self.data = DataSource(cfg.data, cfg.run.seed, info, self.tok, self.local_batch, model.num_classes)
         self.model_config: ModelConfig = model.config
-        model.to(info.device)
+        if full_state is None:
+            model.to(info.device)
+        self.pass_flops = logs.PassFlops(model.blocks[0], model.config)
         self.model = parallel.shard_model(model, info, self.precision, cfg.system.activation_checkpointing,
-                                          cfg.system.compile)
+                                          cfg.system.compile, reshard=cfg.system.reshard,
+                                          replicas=cfg.system.replicas)
+        if full_state is not None:  # --init on several ranks: rank 0 read it, the shards get it
+            parallel.load_full_state(self.model, full_state, info.device)
+            del full_state
         self.optimizer = build_optimizer(self.model, optim, info.device)
         self.codebook = self.tok.codebook().detach().to(info.device, torch.float32)
         self.phi = self.tok.phi
@@ -89,6 +106,7 @@ class Trainer:
         self.ckpt_root = os.path.join(cfg.run.out, "checkpoints")
         self.state = LoopState()
         self._stop_signal: int | None = None
+        self._pending_save: checkpointing.PendingSave | None = None
 
     def lr_at(self, step: int) -> float:
         optim = self.cfg.optim
@@ -109,9 +127,11 @@ class Trainer:
         objective = self.objective_at(step)
         sums = torch.zeros(4, device=info.device)  # loss, tf, csf, nonfinite
         scale_stats, samples = None, 0
+        parallel.begin_step(self.model)
+        self.pass_flops.enabled = True
         for micro in range(accum):
             labels, codes, schedule = self.data.next(step)
-            self.model.set_requires_gradient_sync(micro == accum - 1)
+            parallel.set_micro_batch(self.model, last=micro == accum - 1)
             out = sar_step(self.model, labels, codes, schedule, self.codebook, objective, step=step, phi=self.phi)
             finite = torch.isfinite(out.loss)
             (torch.where(finite, out.loss, torch.zeros_like(out.loss)) / accum).backward()
@@ -123,20 +143,43 @@ class Trainer:
                 stats = out.scale_stats
                 scale_stats = stats if scale_stats is None or scale_stats.shape != stats.shape else scale_stats + stats
             samples += len(labels)
-        stop_flag = torch.tensor([float(self._stop_signal is not None)], device=info.device)
+        self.pass_flops.enabled = False
+        parallel.reduce_gradients(self.model)
+        # a fill on the device, not a host->device copy
+        stop_flag = torch.full((1,), float(self._stop_signal is not None), device=info.device)
         reduced = parallel.all_reduce_sum(torch.cat([sums, stop_flag]))
-        if bool(reduced[3] > 0):  # skip: no update from a step whose loss is not finite on some rank
-            self.optimizer.zero_grad(set_to_none=True)
+        skip = reduced[3] > 0  # no update from a step whose loss is not finite on some rank
+        grad_norm = parallel.clip_grad_norm(self.model, self.cfg.optim.clip)
+        self.optimizer.found_inf = skip.float()  # fused AdamW: the whole update is skipped on the device
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = torch.where(skip, torch.full_like(grad_norm, float("nan")), grad_norm)
+        flags, ready = self._to_host(torch.stack([skip, reduced[4] > 0]))
+        return StepResult(objective, schedule, samples, reduced[:3] / info.world_size, grad_norm, flags, ready,
+                          scale_stats)
+
+    def _to_host(self, t: torch.Tensor):
+        """A pinned, non-blocking copy to the host and the event that says it has landed."""
+        if t.device.type != "cuda":
+            return t.clone(), None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def settle(self, result: StepResult) -> bool:
+        """Bring a step's outcome to the host (waiting for that step only): update the
+        non-finite counters; True when some rank asked to stop."""
+        if result.flags_ready is not None:
+            result.flags_ready.synchronize()
+        skipped, stop = (bool(x) for x in result.flags.numpy())  # numpy: host memory, no dispatch
+        if skipped:
             self.state.nonfinite_total += 1
             self.state.nonfinite_streak += 1
-            grad_norm = torch.tensor(float("nan"))
         else:
-            grad_norm = parallel.clip_grad_norm(self.model, self.cfg.optim.clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_streak = 0
-        return StepResult(objective, schedule, samples, reduced[:3] / info.world_size, grad_norm,
-                          bool(reduced[4] > 0), scale_stats)
+        return stop
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -151,30 +194,47 @@ class Trainer:
         self.progress = logs.Progress(self.total_steps, self.state.step, enabled=info.is_main and every.progress)
         self.throughput = logs.Throughput(self.model_config, info.device, info.world_size)
         self.gpu = logs.GpuMonitor(info.device)
+        first_step, unsettled = self.state.step, None
         try:
             while self.state.step < self.total_steps:
                 step = self.state.step
-                logging = (step + 1) % every.log_every == 0 or step + 1 == self.total_steps
+                last = step + 1 == self.total_steps
+                logging = (step + 1) % every.log_every == 0 or last
                 result = self.train_step(step, with_stats=logging)
                 self.state.step += 1
-                # rough FLOPs: TF forward + backward, plus the same again for the SF pass
-                self.throughput.add(result.schedule, result.samples, 3.0 + 3.0 * (result.objective.objective != "tf"))
+                self.throughput.add(result.samples, *self.pass_flops.take())
+                # the host reads the previous step's flags (long done), the current one's
+                # only when it syncs anyway (logging) or must know (first and last step)
+                settle = [r for r in (unsettled, result) if r is not None]
+                unsettled = None if logging or last or step == first_step else settle.pop()
+                stops = [self.settle(r) for r in settle]  # settle all of them, then decide
+                stop = any(stops)
+                if step == first_step:  # compile and warm-up are over: fail fast from now on
+                    parallel.set_collective_timeout(cfg.system.collective_timeout)
                 if logging:
                     self.log(step, result)
                 if self.state.nonfinite_streak >= every.max_nonfinite:
-                    self.save()
+                    self.save(final=False)
                     raise RuntimeError(f"{self.state.nonfinite_streak} non-finite losses in a row at step "
                                        f"{self.state.step} (lr {self.lr_at(step):g}); checkpoint written to "
                                        f"{self.ckpt_root}. Lower --lr or check the data, then --resume auto.")
-                if result.stop:
-                    self.save()
+                if stop:
+                    if unsettled is not None:
+                        self.settle(unsettled)
+                    self.save(final=False, blocking=True)
                     if info.is_main:
                         print(f"[sar_fast] signal received: checkpointed at step {self.state.step}, exiting",
                               file=sys.stderr, flush=True)
                     return
-                if self.state.step % every.ckpt_every == 0 or self.state.step == self.total_steps:
-                    self.save()
+                if self.state.step == self.total_steps:
+                    self.save(final=True, blocking=True)
+                elif self.state.step % every.ckpt_every == 0:
+                    if unsettled is not None:  # the checkpoint's counters must be exact
+                        self.settle(unsettled)
+                        unsettled = None
+                    self.save(final=cfg.checkpoint.extras_every_ckpt)
         finally:
+            self.wait_for_save()
             self.progress.close()
             if self.metrics_log:
                 self.metrics_log.close()
@@ -195,21 +255,34 @@ class Trainer:
                 "data": self.data.state_dict(), "world_size": self.info.world_size,
                 "config": self.cfg.to_dict(), "model_config": self.model_config.to_dict()}
 
-    def save(self) -> None:
+    def wait_for_save(self) -> None:
+        if self._pending_save is not None:
+            pending, self._pending_save = self._pending_save, None
+            pending.wait()
+
+    def save(self, final: bool, blocking: bool = False) -> None:
+        """A sharded checkpoint (in the background unless `blocking` or --no-async-save);
+        with `final`, also the flat export, the sample grid and the loss plot."""
         out = self.cfg.run.out
-        path = checkpointing.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
-                                             self.trainer_state(), self.info, self.cfg.checkpoint.keep_last)
-        if self.cfg.checkpoint.export:
-            full = checkpointing.full_model_state(self.model)
+        self.wait_for_save()
+        pending = checkpointing.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                                                self.trainer_state(), self.info, self.cfg.checkpoint.keep_last,
+                                                async_=self.cfg.checkpoint.async_save and not blocking)
+        self._pending_save = pending
+        if final:
+            if self.cfg.checkpoint.export:
+                full = checkpointing.full_model_state(self.model)
+                if self.info.is_main:
+                    save_export(full, os.path.join(out, "export.pth"), config=self.model_config)
+            self.write_samples()
             if self.info.is_main:
-                save_export(full, os.path.join(out, "export.pth"), config=self.model_config)
-        self.write_samples()
+                logs.plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
         if self.info.is_main:
-            logs.plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
-            print(f"[sar_fast] step {self.state.step}: checkpoint {path}", file=sys.stderr, flush=True)
+            print(f"[sar_fast] step {self.state.step}: checkpoint {pending.final}"
+                  f"{' (writing in the background)' if not pending.done() else ''}", file=sys.stderr, flush=True)
 
     def resume(self) -> None:
-        path = checkpointing.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        path = checkpointing.resolve_resume_everywhere(self.cfg.checkpoint.resume, self.ckpt_root, self.info)
         if path is None:
             return
         state = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.info)
@@ -227,6 +300,7 @@ class Trainer:
         samples = self.model.generate(self.codebook, labels, self.cfg.data.schedule, cfg=opts.sample_cfg,
                                       cfg_ramp="linear", top_k=opts.sample_top_k, top_p=opts.sample_top_p,
                                       seed=self.cfg.run.seed, phi=self.phi)
+        parallel.reshard_all(self.model)  # the 'step' policy keeps gathered weights after a forward
         if self.info.is_main:
             grid = logs.image_grid(self.tok.decode(samples.codes), nrow=min(10, opts.num_samples))
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)

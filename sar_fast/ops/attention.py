@@ -59,7 +59,7 @@ def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 # --------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile; autograd registered below)
 # --------------------------------------------------------------------------------------
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=None)  # per schedule: FlexVAR's random schedules are a few thousand, each a few KB
 def _layout(scale_lens: tuple[int, ...], len_q: int, len_k: int, device: torch.device):
     """(q_sid, k_sid, q_off, k_off) int32 on `device`; no scale_lens = one scale, no mask."""
     kernels = backend.load_kernels(_KERNEL)
