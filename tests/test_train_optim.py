@@ -217,7 +217,8 @@ def test_cache_built_with_another_tokenizer_is_refused(code_cache, tmp_path):
     root, _, tok2 = code_cache
     res = _run(tmp_path / "run", "--cache", str(root / "codes"), "--vae", str(tok2), "--schedule", "1,2,4",
                "--objective", "tf", "--max-steps", "1", "--pretrain-steps", "0", ok=False, timeout=120)
-    assert res.returncode != 0 and "was built with another tokenizer" in res.stderr and "than --vae (sha256" in res.stderr
+    assert res.returncode != 0
+    assert "was built with another tokenizer" in res.stderr and "than --vae (sha256" in res.stderr
     assert res.stderr.count("error:") == 1  # said once, by rank 0, before any work
 
 

@@ -254,8 +254,8 @@ def test_nvml_follows_cuda_visible_devices(monkeypatch):
 
 # ------------------------------------------------------------------ 4. start-up
 def test_init_is_read_by_rank_zero_only(tmp_path):
-    """--init on 2 ranks: only rank 0 reads the file (the other builds on the meta device),
-    and the shards hold the file's weights."""
+    """--init on 2 ranks: only rank 0 reads the weights (the other builds on the meta device;
+    every rank's preflight only memory-maps the file), and the shards hold the file's weights."""
     from sar_fast.models import ScaleAR, preset_config, save_export
     model = ScaleAR(preset_config("flexvar-tiny", vocab_size=17, code_dim=1, schedule=(1, 2, 3, 4, 5, 6, 8),
                                   depth=2, embed_dim=32, num_heads=2))
@@ -267,7 +267,10 @@ def test_init_is_read_by_rank_zero_only(tmp_path):
         "import sar_fast.models.checkpoint as ck\n"
         "reads = []\n"
         "real = ck.read_checkpoint_file\n"
-        "ck.read_checkpoint_file = lambda *a, **k: (reads.append(a[0]), real(*a, **k))[1]\n"
+        # the preflight memory-maps the file on every rank (headers and shapes, not the weights):
+        # count the reads that load the weights
+        "ck.read_checkpoint_file = lambda *a, **k: ((None if k.get('mmap') else reads.append(a[0])), "
+        "real(*a, **k))[1]\n"
         "from sar_fast.train import Trainer, parse_config\n"
         f"t = Trainer(parse_config(['--out', {str(tmp_path / 'run')!r}, '--init', {str(tmp_path / 'init.pth')!r},"
         " '--batch-size', '8', '--workers', '0', '--max-steps', '1', '--resume', 'none']))\n"
