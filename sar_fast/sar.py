@@ -246,8 +246,9 @@ def _metrics(**values: torch.Tensor) -> dict[str, torch.Tensor]:
 def _teacher_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig) -> StepOutput:
     off = scale_offsets(schedule)
     w = token_weights(schedule, config.scale_weighting, codes.device)
-    loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
-                           head_fn=_tf_head(codes, w, config, [], off))
+    with _phase("sar.tf_forward"):
+        loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
+                               head_fn=_tf_head(codes, w, config, [], off))
     return _step_output(loss, _metrics(loss=loss, tf_loss=loss), stats, codes, schedule)
 
 
@@ -402,24 +403,26 @@ def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig
     B, V = labels.shape[0], model.vocab_size
     guided = _uses_guidance(config, official=True)
     labels2 = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
-    x_tf = inputs.tf(codes, schedule)
-    logits_full = model(labels2, x_tf.repeat(2, 1, 1) if guided else x_tf, schedule)
-    logits_tf = logits_full[:B]
-    w = token_weights(schedule, config.scale_weighting, codes.device)
-    per_tok = F.cross_entropy(logits_tf.reshape(-1, V).float(), codes.reshape(-1),
-                              label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
-    tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
-    with torch.no_grad():
+    with _phase("sar.tf_forward"):  # with the null class (2B rows) when guided
+        x_tf = inputs.tf(codes, schedule)
+        logits_full = model(labels2, x_tf.repeat(2, 1, 1) if guided else x_tf, schedule)
+        logits_tf = logits_full[:B]
+        w = token_weights(schedule, config.scale_weighting, codes.device)
+        per_tok = F.cross_entropy(logits_tf.reshape(-1, V).float(), codes.reshape(-1),
+                                  label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
+        tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
+    with torch.no_grad(), _phase("sar.sampling"):
         cond = {si: logits_tf[:, off[si]:off[si + 1]].float() for si in range(n)}
         uncond = {si: logits_full[B:, off[si]:off[si + 1]].float() for si in range(n)} if guided else None
         # mirror the public code: guidance only when cfg > 1, otherwise sample the conditional logits
         cfg = config if guided or config.sampling != "cfg" else SARConfig(**{**config.to_dict(), "sampling": "sample"})
         preds = _sample_official(cfg, cond, uncond, n, step, list(range(n)), ssr_codes)
     j = n - 2
-    x_sf = inputs.one_transition(codes, preds[j], schedule, j)
-    logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
-    csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
-                               label_smoothing=config.label_smoothing)
+    with _phase("sar.sf_forward"):
+        x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+        logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
+        csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
+                                   label_smoothing=config.label_smoothing)
     loss = tf_loss + config.gamma * csf_loss
     with torch.no_grad():
         ce = per_tok.detach().reshape(-1)
