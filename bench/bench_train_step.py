@@ -217,7 +217,9 @@ def main() -> None:
         got = {}
         for evt in prof.key_averages():
             if evt.key.startswith("sar.") and evt.key[4:] in PHASES:
-                us = getattr(evt, "device_time_total", 0) if device.type == "cuda" else evt.cpu_time_total
+                # GPU: the kernels' time inside the range (the host runs ahead of them)
+                us = (getattr(evt, "device_time_total", 0) or evt.cpu_time_total) if device.type == "cuda" \
+                    else evt.cpu_time_total
                 got[evt.key[4:]] = us / 1e6
         phase_times[name] = got
 

@@ -134,13 +134,13 @@ def draw_from_survivors(probs: torch.Tensor, token: torch.Tensor | None, keep: t
     R, K = probs.shape
     if uniforms.shape != (R,):
         raise ValueError(f"uniforms must be [{R}] (one per row), got shape {tuple(uniforms.shape)}")
-    weight = probs if keep is None else probs.masked_fill(~keep, 0.0)
-    cdf = weight.double().cumsum_(-1)  # fp64: a token of probability 1e-9 is drawn as often as it should be
+    weight = probs if keep is None else probs * keep
+    cdf = weight.cumsum(-1, dtype=torch.float64)  # fp64: a token of probability 1e-9 is drawn as often as it should be
     target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
     pick = torch.searchsorted(cdf, target, right=True)
     # u * total can round up to total: fall back on the last kept candidate, never a dropped one
-    last = (K - 1) if keep is None else keep.sum(-1, keepdim=True) - 1
-    pick = torch.minimum(pick, torch.as_tensor(last, device=pick.device)).squeeze(-1)
+    pick = pick.clamp_(max=K - 1) if keep is None else torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)
+    pick = pick.squeeze(-1)
     return pick if token is None else token.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
