@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one repeat: checks the bench runs")
     ap.add_argument("--model", default=None, help="GPU model preset (default flexvar-d16)")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved steps per objective (median taken)")
+    ap.add_argument("--repeats", "--steps", type=int, default=None, help="interleaved steps per objective (median taken)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     args = ap.parse_args()
