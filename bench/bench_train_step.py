@@ -258,10 +258,19 @@ def main() -> None:
         prof_total = sum(res["phases_s"].values())
         if prof_total:
             res["sampling_share"] = res["phases_s"].get("sampling", 0.0) / prof_total
+    # per-repeat ratios (the objectives of one repeat ran seconds apart): steadier than a
+    # ratio of medians when the machine's load drifts
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    for a, b in (("sar", "tf"), ("official", "tf"), ("official", "sar")):
+        if a in times and b in times:
+            results[f"{a}_over_{b}_paired"] = paired(a, b)
+            print(f"{a} / {b}: {paired(a, b):.2f}x (median of per-repeat ratios), "
+                  f"{statistics.median(times[a]) / statistics.median(times[b]):.2f}x (ratio of medians)")
     if "official" in results["cases"] and "sar" in results["cases"]:
         results["official_over_sar"] = results["cases"]["official"]["step_s"] / results["cases"]["sar"]["step_s"]
-        print(f"official / sar: {results['official_over_sar']:.2f}x;  sar sampling share of the profiled step: "
-              f"{100 * results['cases']['sar'].get('sampling_share', 0):.1f}%")
+    if "sar" in results["cases"]:
+        print(f"sar sampling share of the profiled step: {100 * results['cases']['sar'].get('sampling_share', 0):.1f}%")
     with open(os.path.join(args.out, "bench_train_step.json"), "w") as f:
         json.dump(results, f, indent=1)
 
