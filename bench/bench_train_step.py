@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, one repeat: checks the bench runs")
     ap.add_argument("--model", default=None, help="GPU model preset (default flexvar-d16)")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--repeats", "--steps", type=int, default=None, help="interleaved steps per objective (median taken)")
+    ap.add_argument("--repeats", "--steps", type=int, default=None,
+                    help="interleaved steps per objective (median taken)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     args = ap.parse_args()
@@ -210,7 +211,9 @@ def main() -> None:
 
     phase_times = {}
     for name in names:  # one profiled step each, for the phase split
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts) as prof:
             step(cfgs[name], 10_000)
             _sync(device)

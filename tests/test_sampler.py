@@ -156,7 +156,8 @@ def test_survivors_equal_the_filter_on_random_logits(V):
     g = torch.Generator().manual_seed(V)
     logits = torch.randn(64, V, generator=g) * torch.rand(64, 1, generator=g) * 4  # flat to peaked rows
     for top_k, top_p in CASES:
-        today = [set(torch.nonzero(r > float("-inf")).flatten().tolist()) for r in top_k_top_p_filter(logits, top_k, top_p)]
+        today = [set(torch.nonzero(r > float("-inf")).flatten().tolist())
+                 for r in top_k_top_p_filter(logits, top_k, top_p)]
         fast = _fast_kept(logits, top_k, top_p)
         naive = [_naive_kept(r, top_k, top_p) for r in logits.tolist()]
         assert fast == today == naive, (top_k, top_p)
