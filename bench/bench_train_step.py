@@ -1,18 +1,27 @@
-"""Time one training step (forward + backward + AdamW) per objective on one device.
+"""One training step (forward + backward + AdamW) per objective, next to a FLOP/byte model
+of what its work should cost, phase by phase.
 
-    python bench/bench_train_step.py --out DIR                  # GPU: d16 shapes, bf16 autocast
-    python bench/bench_train_step.py --out DIR --cpu            # CPU: the tiny preset's model
-    python bench/bench_train_step.py --out DIR --smoke          # CPU, a 1-block model, 1 step: seconds
+    python bench/bench_train_step.py --out DIR             # GPU: d16 shapes (batch 32), bf16 autocast
+    python bench/bench_train_step.py --out DIR --cpu       # CPU: depth 2, width 256, 4 heads, V 4096, batch 8
+    python bench/bench_train_step.py --out DIR --smoke     # seconds: a tiny model, 1 repeat
 
-Objectives compared in one run: tf (teacher forcing), sar (default SAR: last transition,
-CFG sampling), official (the public SAR step as written) and sar with all transitions.
-Reports img/s, the step-time ratio to TF, MFU (GPU) and peak memory; writes
-DIR/bench_train_step.json.
+Objectives: tf (teacher forcing), sar (default SAR: last transition, CFG sampling, top-k 900,
+top-p 0.96), official (the public SAR step as written), sar_all (all transitions). The
+objectives are interleaved (one step of each per repeat) and each step time is the median
+over repeats, so a busy machine slows every objective alike and the ratios hold.
+
+The phase table comes from one profiled step per objective (torch.profiler ranges that
+sar.py opens: sar.tf_forward, sar.null_prefix_forward, sar.sampling, sar.sf_forward; the
+bench adds backward and optimizer) beside the model's prediction: GEMM FLOPs at the rate a
+model-shaped matmul reaches here, plus bytes at the rate a large copy reaches here (both
+measured at start-up). A phase whose measured/predicted ratio stands out costs more than
+its work. Writes DIR/bench_train_step.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -21,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, time_ms  # noqa: E402
-from sar_fast import logs  # noqa: E402
+from _common import add_smoke_flag, median_ms, time_ms  # noqa: E402
 from sar_fast.models import build_model  # noqa: E402
-from sar_fast.sar import OFFICIAL, SARConfig, sar_step  # noqa: E402
-from sar_fast.schedules import STANDARD_SCHEDULE, total_length  # noqa: E402
+from sar_fast.sar import OFFICIAL, SARConfig, _needed_scales, sar_step  # noqa: E402
+from sar_fast.schedules import STANDARD_SCHEDULE, scale_offsets, total_length  # noqa: E402
 
 CASES = {
     "tf": dict(objective="tf"),
@@ -33,81 +41,227 @@ CASES = {
     "official": dict(OFFICIAL),
     "sar_all": dict(OFFICIAL, objective="sar", transitions="all"),
 }
+PHASES = ("tf_forward", "null_prefix_forward", "sampling", "sf_forward", "backward", "optimizer")
 
 
+# ------------------------------------------------------------------ the FLOP / byte model
+def _ctx_sum(sides) -> int:
+    """Sum over tokens of the keys each sees under the block-causal mask."""
+    seen = acc = 0
+    for s in sides:
+        seen += s * s
+        acc += s * s * seen
+    return acc
+
+
+def predict(cfg: SARConfig, mc, batch: int, schedule, param_count: int, logit_elem_bytes: int) -> dict[str, dict]:
+    """{phase: {"flops", "bytes"}} of one step: GEMM FLOPs of the blocks (qkv, proj, MLP;
+    attention scores and values against the visible keys) and of the head, backward = 2x
+    the forward GEMMs of every pass with autograd; bytes where the work is memory-bound:
+    dense logits (written, read by the loss, their gradient written and read), sampling's
+    passes over the vocabulary, AdamW's parameter and state traffic."""
+    D, C, V, r = mc.depth, mc.embed_dim, mc.vocab_size, mc.mlp_ratio
+    n, off, L = len(schedule), scale_offsets(schedule), total_length(schedule)
+    obj = cfg.objective
+
+    def blocks(rows, tokens, ctx):
+        return rows * D * (2 * tokens * (4 + 2 * r) * C * C + 4 * ctx * C)
+
+    def head(rows, tokens):
+        return rows * 2 * tokens * C * V
+
+    logit_bytes = 4 * logit_elem_bytes  # a dense [tokens, V] logits tensor: written, read, grad written, grad read
+    ph = {p: {"flops": 0.0, "bytes": 0.0} for p in PHASES}
+    ph["optimizer"]["bytes"] = param_count * 4 * 7  # AdamW: param, grad, 2 moments read; param, 2 moments written
+    ph["tf_forward"]["flops"] = blocks(batch, L, _ctx_sum(schedule)) + head(batch, L)
+    grad_fwd = ph["tf_forward"]["flops"]
+    if obj == "tf":
+        ph["backward"]["flops"] = 2 * grad_fwd
+        return ph
+    if obj == "official":
+        guided = cfg.sampling == "cfg" and cfg.cfg > 1.0
+        rows_tf = batch * (2 if guided else 1)
+        ph["tf_forward"]["flops"] = blocks(rows_tf, L, _ctx_sum(schedule)) + head(rows_tf, L)
+        ph["tf_forward"]["bytes"] = rows_tf * L * V * logit_bytes / 2  # logits written + read by CE
+        sampled_rows = batch * L  # every scale
+        # per row over V: fp32 copies and the guidance mix, the top-k mask, a full sort,
+        # softmax / cumsum / scatter / mask / softmax, the multinomial: ~40 passes of 4 bytes
+        ph["sampling"]["bytes"] = sampled_rows * V * (40 * 4 + 8 * math.log2(V))
+        side = schedule[-1]
+        sf = blocks(batch, 1 + side * side, 1 + side * side * (1 + side * side)) + head(batch, side * side)
+        ph["sf_forward"] = {"flops": sf, "bytes": batch * side * side * V * logit_bytes / 2}
+        ph["backward"] = {"flops": 2 * (ph["tf_forward"]["flops"] + sf),
+                          "bytes": (rows_tf * L + batch * side * side) * V * logit_bytes / 2}
+        return ph
+    js, needed = _needed_scales(cfg, n, 0)
+    need_tokens = sum(schedule[s] ** 2 for s in needed)
+    ph["tf_forward"]["flops"] += head(batch, need_tokens)  # the sampled scales' logits, no grad
+    if cfg.sampling == "cfg" and cfg.cfg > 0 and needed:
+        last = max(needed) + 1
+        ph["null_prefix_forward"]["flops"] = blocks(batch, off[last], _ctx_sum(schedule[:last])) + \
+            head(batch, need_tokens)
+    if cfg.sampling != "argmax":
+        # per row: read cond + uncond, write the mix, read it for top-k (4 passes of 4 bytes); the
+        # rest is over the k candidates
+        k = cfg.top_k if 0 < cfg.top_k < V else V
+        ph["sampling"]["bytes"] = batch * need_tokens * (16 * V + 40 * k)
+    if cfg.transitions == "all":
+        sf = blocks(batch, L, _ctx_sum(schedule)) + head(batch, L - 1)
+    else:
+        side = schedule[js[0] + 1]
+        sf = blocks(batch, 1 + side * side, 1 + side * side * (1 + side * side)) + head(batch, side * side)
+    ph["sf_forward"]["flops"] = sf
+    ph["backward"]["flops"] = 2 * (grad_fwd + sf)
+    return ph
+
+
+def calibrate(device: torch.device, dtype: torch.dtype, tokens: int, dim: int) -> tuple[float, float]:
+    """(GEMM FLOP/s of a model-shaped matmul, bytes/s of a large copy) on this device, now."""
+    a = torch.randn(tokens, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+    x = torch.empty(64 * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+
+    def rate(fn, work):
+        return work / (median_ms(fn, device.type, repeats=5, warmup=1) / 1e3)
+    return rate(lambda: a @ b, 2 * tokens * dim * 4 * dim), rate(lambda: y.copy_(x), 2 * x.numel() * 4)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ measurement
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cpu", action="store_true", help="tiny model on the CPU (the embedded default's size)")
-    ap.add_argument("--model", default=None, help="model preset (default flexvar-d16 on GPU)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cpu", action="store_true", help="the CPU shape of issue 17 (depth 2, width 256, V 4096)")
     add_smoke_flag(ap)
+    ap.add_argument("--model", default=None, help="GPU model preset (default flexvar-d16)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--repeats", "--steps", type=int, default=None,
+                    help="interleaved steps per objective (median taken)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if not (args.cpu or args.smoke) and not torch.cuda.is_available():
-        print("bench_train_step: no CUDA device; run with --cpu for the CPU numbers")
+    on_cpu = args.cpu or args.smoke
+    if not on_cpu and not torch.cuda.is_available():
+        print("bench_train_step: no CUDA device; run with --cpu (or --smoke) for the CPU numbers")
         return
-    device = torch.device("cpu" if args.cpu or args.smoke else "cuda")
+    device = torch.device("cpu" if on_cpu else "cuda")
     if args.smoke:
-        model = build_model("flexvar-tiny", depth=1, embed_dim=32, num_heads=2, vocab_size=17, code_dim=1,
-                            schedule=(1, 2, 3), cond_drop_rate=0.1)
-        schedule, batch, steps, amp = (1, 2, 3), 4, 1, None
-        args.warmup = 0
+        schedule = (1, 2, 3, 4, 6)
+        model = build_model("flexvar-tiny", depth=1, embed_dim=64, num_heads=2, vocab_size=257, code_dim=8,
+                            schedule=schedule, cond_drop_rate=0.1)
+        batch, repeats, amp, label = args.batch or 4, args.repeats or 1, None, "flexvar-tiny(1x64, V257)"
     elif args.cpu:
-        model = build_model("flexvar-tiny", depth=3, embed_dim=96, num_heads=4, vocab_size=17, code_dim=1,
-                            schedule=(1, 2, 3, 4, 6, 8), cond_drop_rate=0.1)
-        schedule, batch, steps, amp = (1, 2, 3, 4, 6, 8), args.batch or 64, args.steps or 5, None
+        schedule = STANDARD_SCHEDULE
+        model = build_model("flexvar-d16", depth=2, embed_dim=256, num_heads=4, vocab_size=4096, code_dim=32,
+                            schedule=schedule, cond_drop_rate=0.1)
+        batch, repeats, amp, label = args.batch or 8, args.repeats or 5, None, "flexvar(2x256, 4 heads, V4096)"
     else:
+        schedule = STANDARD_SCHEDULE
         model = build_model(args.model or "flexvar-d16", cond_drop_rate=0.1)
-        schedule, batch, steps, amp = STANDARD_SCHEDULE, args.batch or 32, args.steps or 10, torch.bfloat16
+        batch, repeats, amp, label = args.batch or 32, args.repeats or 10, torch.bfloat16, args.model or "flexvar-d16"
     model.to(device).train()
+    mc = model.config
     codebook = F.normalize(torch.randn(model.vocab_size, model.code_dim, device=device), dim=-1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     L = total_length(schedule)
-    mc = model.config
-    fwd_flops = logs.flops_per_token(mc.depth, mc.embed_dim, mc.vocab_size, mc.mlp_ratio,
-                                     logs.mean_visible_keys(schedule)) * L * batch
-    peak = logs.peak_flops(device)
-    model_name = args.model or ("flexvar-tiny(1x32, smoke)" if args.smoke
-                                else "flexvar-tiny(3x96)" if args.cpu else "flexvar-d16")
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "model": model_name,
-               "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch, "schedule": schedule,
-               "cases": {}}
-    for name, kw in CASES.items():
-        cfg = SARConfig(**{**kw, "top_k": min(kw.get("top_k", 0), model.vocab_size)})
-        labels = torch.randint(0, mc.num_classes, (batch,), device=device)
-        codes = torch.randint(0, model.vocab_size, (batch, L), device=device)
+    names = [c for c in args.cases.split(",") if c]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        raise SystemExit(f"--cases: unknown {sorted(unknown)}; choose from {list(CASES)}")
+    cfgs = {name: SARConfig(**{**CASES[name], "top_k": min(CASES[name].get("top_k", 0), model.vocab_size)})
+            for name in names}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    labels = torch.randint(0, mc.num_classes, (batch,), generator=gen).to(device)
+    codes = torch.randint(0, model.vocab_size, (batch, L), generator=gen).to(device)
 
-        def step(i: int) -> None:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = sar_step(model, labels, codes, schedule, codebook, cfg, step=i)
+    def step(cfg: SARConfig, i: int) -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = sar_step(model, labels, codes, schedule, codebook, cfg, step=i)
+        with torch.profiler.record_function("sar.backward"):
             out.loss.backward()
+        with torch.profiler.record_function("sar.optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        calls = iter(range(10**9))  # the step index, for schedules that depend on it
+    calls = iter(range(10**9))  # the step index, for objectives whose draws depend on it
+    # interleaved rounds: a load spike hits every objective alike
+    times = {name: [ms / 1e3 for ms in got] for name, got in time_ms(
+        {name: (lambda cfg=cfgs[name]: step(cfg, next(calls))) for name in names},
+        device.type, repeats=repeats, warmup=args.warmup).items()}
+
+    phase_times = {}
+    for name in names:  # one profiled step each, for the phase split
+        acts = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = time_ms({name: lambda: step(next(calls))}, device.type, steps, args.warmup)[name]
-        dt = statistics.mean(times) / 1e3
-        # model FLOPs actually needed: TF fwd+bwd (3x), SF pass fwd+bwd on its tokens, null-class fwd
-        res = {"step_s": dt, "img_per_s": batch / dt}
-        if peak:
-            res["mfu_tf_equivalent"] = 3 * fwd_flops / dt / peak
-        if device.type == "cuda":
-            res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        results["cases"][name] = res
-        print(f"{name:10s} {dt * 1e3:9.1f} ms/step  {batch / dt:8.1f} img/s", flush=True)
-    tf = results["cases"]["tf"]["step_s"]
-    for res in results["cases"].values():
-        res["time_vs_tf"] = res["step_s"] / tf
-    results["official_over_sar"] = results["cases"]["official"]["step_s"] / results["cases"]["sar"]["step_s"]
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            step(cfgs[name], 10_000)
+            _sync(device)
+        got = {}
+        for evt in prof.key_averages():
+            if evt.key.startswith("sar.") and evt.key[4:] in PHASES:
+                # GPU: the kernels' time inside the range (the host runs ahead of them)
+                us = (getattr(evt, "device_time_total", 0) or evt.cpu_time_total) if device.type == "cuda" \
+                    else evt.cpu_time_total
+                got[evt.key[4:]] = us / 1e6
+        phase_times[name] = got
+
+    gemm_rate, byte_rate = calibrate(device, amp or torch.float32, batch * L, mc.embed_dim)
+    params = sum(p.numel() for p in model.parameters())
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "model": label, "params_M": params / 1e6, "batch": batch,
+               "schedule": list(schedule), "repeats": repeats, "gemm_flop_s": gemm_rate, "copy_byte_s": byte_rate,
+               "cases": {}}
+    pred_step = {}
+    for name in names:
+        pred = predict(cfgs[name], mc, batch, schedule, params, 2 if amp else 4)
+        pred_s = {p: v["flops"] / gemm_rate + v["bytes"] / byte_rate for p, v in pred.items()}
+        pred_step[name] = sum(pred_s.values())
+        med = statistics.median(times[name])
+        results["cases"][name] = {"step_s": med, "step_s_all": times[name], "img_per_s": batch / med,
+                                  "phases_s": phase_times[name], "predicted_phases_s": pred_s,
+                                  "predicted_step_s": pred_step[name], "predicted": pred}
+    base = results["cases"].get("tf")
+    print(f"\n{label}, batch {batch}, L {L}, {device}, {torch.get_num_threads()} threads; "
+          f"calibrated GEMM {gemm_rate / 1e9:.1f} GFLOP/s, copy {byte_rate / 1e9:.1f} GB/s; "
+          f"median of {repeats} interleaved steps")
+    print(f"{'objective':10s} {'s/step':>8s} {'vs tf':>6s} {'model':>6s} | " +
+          " | ".join(f"{p[:12]:>12s}" for p in PHASES) + "   (measured s / model s; profiled step)")
+    for name, res in results["cases"].items():
+        if base:
+            res["time_vs_tf"] = res["step_s"] / base["step_s"]
+            res["predicted_vs_tf"] = res["predicted_step_s"] / base["predicted_step_s"]
+        cells = []
+        for p in PHASES:
+            m, q = res["phases_s"].get(p), res["predicted_phases_s"][p]
+            cells.append(f"{'-' if m is None else f'{m:.3f}':>5s}/{q:.3f}".rjust(12) if m is not None or q else
+                         f"{'':>12s}")
+        print(f"{name:10s} {res['step_s']:8.3f} {res.get('time_vs_tf', float('nan')):6.2f} "
+              f"{res.get('predicted_vs_tf', float('nan')):6.2f} | " + " | ".join(cells))
+        prof_total = sum(res["phases_s"].values())
+        if prof_total:
+            res["sampling_share"] = res["phases_s"].get("sampling", 0.0) / prof_total
+    # per-repeat ratios (the objectives of one repeat ran seconds apart): steadier than a
+    # ratio of medians when the machine's load drifts
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    for a, b in (("sar", "tf"), ("official", "tf"), ("official", "sar")):
+        if a in times and b in times:
+            results[f"{a}_over_{b}_paired"] = paired(a, b)
+            print(f"{a} / {b}: {paired(a, b):.2f}x (median of per-repeat ratios), "
+                  f"{statistics.median(times[a]) / statistics.median(times[b]):.2f}x (ratio of medians)")
+    if "official" in results["cases"] and "sar" in results["cases"]:
+        results["official_over_sar"] = results["cases"]["official"]["step_s"] / results["cases"]["sar"]["step_s"]
+    if "sar" in results["cases"]:
+        print(f"sar sampling share of the profiled step: {100 * results['cases']['sar'].get('sampling_share', 0):.1f}%")
     with open(os.path.join(args.out, "bench_train_step.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(json.dumps({k: v for k, v in results.items() if k != "cases"}, indent=1))
 
 
 if __name__ == "__main__":

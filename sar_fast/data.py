@@ -492,6 +492,12 @@ class ResumableDistributedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.position:])
 
+    def global_positions(self, start: int, count: int) -> torch.Tensor:
+        """int64 [count]: where this rank's positions start..start+count-1 of the epoch sit
+        in the epoch's global order (rank r holds global positions r, r + W, r + 2W, ...).
+        The same sample has the same global position on any number of ranks."""
+        return torch.arange(start, start + count, dtype=torch.int64) * self.world_size + self.rank
+
     def __len__(self) -> int:
         """What the next `__iter__` yields: the rest of the current epoch."""
         return self.num_samples - self.position
@@ -555,6 +561,7 @@ class DataSource:
         if self.sampler.num_samples < local_batch:
             raise SystemExit(f"error: {len(self.dataset)} samples cannot fill a per-rank batch of {local_batch}")
         self._iter = None
+        self.rows: torch.Tensor | None = None  # global rows of the batch `next` returned last
 
     @property
     def skipped_images(self) -> int:
@@ -582,6 +589,9 @@ class DataSource:
             self.sampler.set_epoch(self.sampler.epoch + 1)
             self._iter = self._loader()
         x, labels = next(self._iter)
+        # each row's position in the epoch's global order: the key of its randomness
+        # (SSR draws), so it does not depend on the number of ranks or micro-batches
+        self.rows = self.sampler.global_positions(self.sampler.position, self.local_batch).to(self.info.device)
         self.sampler.advance(self.local_batch)
         check_batch_ranges(labels, x if self.cache_schedule is not None else None, self.num_classes,
                            self.tok.vocab_size)

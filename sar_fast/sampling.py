@@ -1,5 +1,7 @@
 """Sampling helpers shared by generation (models/generate.py) and SAR's rollout (sar.py):
-the classifier-free-guidance weight of each scale and top-k / top-p draws. A leaf module:
+the classifier-free-guidance weight of each scale, top-k / top-p draws (over the whole
+vocabulary as the public code, or over the k candidates only) and uniforms keyed by the
+sample (seed, step, stream, global row) rather than by the rank. A leaf module:
 it imports only torch, so anything may use it.
 
 Guidance mixes the conditional and null-class logits as (1 + t) * cond - t * uncond, with
@@ -33,26 +35,19 @@ def guidance_weight(ramp: str, cfg: float, si: int, num_scales: int) -> float:
     raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {ramp!r}")
 
 
-def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None,
-                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """One draw per row of logits [..., V] after top-k / nucleus filtering -> int64 [...].
-
-    top_k > 0 keeps the k largest logits (ties at the k-th are kept); 0 < top_p < 1 drops
-    the least likely tokens whose total probability stays within 1 - top_p, so the kept
-    set is the smallest whose mass reaches top_p. top_k == 1 is greedy (argmax).
-    `uniforms` ([...], values in [0, 1)) replaces the generator: row r takes the token where
-    the cumulative probability first exceeds uniforms[r] (inverse CDF), so each row's draw
-    depends on its own noise only, never on the batch it is in.
-    """
+def _check_top_k_top_p(top_k: int, top_p: float) -> None:
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    shape, V = logits.shape[:-1], logits.shape[-1]
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """fp32 logits [R, V] with every token that top-k / nucleus filtering drops set to -inf
+    (the filter of `sample_top_k_top_p`, which VAR, FlexVAR and SAR's public code use)."""
+    _check_top_k_top_p(top_k, top_p)
+    V = logits.shape[-1]
     flat = logits.reshape(-1, V).float()
-    if top_k == 1:
-        return flat.argmax(-1).view(shape)
     if 0 < top_k < V:
         kth = flat.topk(top_k, dim=-1).values[:, -1:]
         flat = flat.masked_fill(flat < kth, float("-inf"))
@@ -63,7 +58,30 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         drop_sorted[:, -1] = False  # always keep the most likely token
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         flat = flat.masked_fill(drop, float("-inf"))
-    probs = flat.softmax(-1)
+    return flat
+
+
+def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                       generator: torch.Generator | None = None,
+                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row of logits [..., V] after top-k / nucleus filtering -> int64 [...].
+
+    top_k > 0 keeps the k largest logits (ties at the k-th are kept); 0 < top_p < 1 drops
+    the least likely tokens whose total probability stays within 1 - top_p, so the kept
+    set is the smallest whose mass reaches top_p. top_k == 1 is greedy (argmax).
+
+    Sorts and draws over the whole vocabulary (multinomial): the public code's draw, kept
+    draw for draw by the `official` objective and by generation. `sample_survivors` draws
+    from the same distribution touching the vocabulary once per row.
+    `uniforms` ([...], values in [0, 1)) replaces the generator: row r takes the token where
+    the cumulative probability first exceeds uniforms[r] (inverse CDF), so each row's draw
+    depends on its own noise only, never on the batch it is in (sar_fast.evaluate).
+    """
+    _check_top_k_top_p(top_k, top_p)
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    if top_k == 1:
+        return logits.reshape(-1, V).float().argmax(-1).view(shape)
+    probs = top_k_top_p_filter(logits, top_k, top_p).softmax(-1)
     if uniforms is not None:
         if uniforms.shape != shape:
             raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), "
@@ -74,3 +92,162 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         idx = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)
         return idx.view(shape)
     return torch.multinomial(probs, 1, generator=generator).view(shape)
+
+
+# ------------------------------------------------------------------ draws over the survivors
+def top_k_top_p_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0):
+    """The candidates of a top-k / top-p draw from fp32 logits [R, V], in one pass over V.
+
+    Returns (probs [R, K] fp32, token [R, K] int64 or None, keep [R, K] bool or None):
+    probs are the softmax over the K candidates, most likely first when `token` is given
+    (token = their vocabulary ids; None means the candidates are the whole vocabulary in
+    order, K = V, nothing to sort); keep (None: all) is a prefix of each row: the
+    candidates that nucleus filtering keeps.
+
+    Candidates: torch.topk's k (one pass over V; already sorted), or, with top_k == 0 and
+    a nucleus, the sorted vocabulary. The nucleus rule is `top_k_top_p_filter`'s, applied
+    to the k candidates only: a token is kept when its probability plus that of every less
+    likely candidate exceeds 1 - top_p; the most likely one always is.
+
+    Ties at the k-th logit: the filter keeps every token equal to the k-th largest (k + t
+    tokens), this keeps exactly k, which of the tied ones being torch.topk's choice. The
+    two differ only on rows where the k-th logit is tied with a token outside the top k:
+    there the t extra tied tokens (each no more likely than the k-th) are never drawn,
+    and their mass is missing from the softmax that the nucleus is cut on, so the nucleus
+    may end one candidate earlier. With fp32 logits such rows are rare; with bf16 logits
+    common, the mass at stake at most t times the k-th probability (tested both ways).
+    Among equal logits only the count kept matters (equal probabilities).
+    """
+    _check_top_k_top_p(top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
+    flat = logits.float()
+    V = flat.shape[-1]
+    nucleus = 0.0 < top_p < 1.0
+    token = None
+    if 0 < top_k < V:
+        flat, token = flat.topk(top_k, dim=-1)  # sorted, descending
+    elif nucleus:
+        flat, token = flat.sort(dim=-1, descending=True)
+    probs = flat.softmax(-1)
+    keep = None
+    if nucleus:
+        # tail mass of each candidate: itself + every less likely one (an ascending cumsum
+        # over K, as the filter's over V, whose extra terms are exact zeros)
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        keep = tail > 1.0 - top_p
+        keep[:, 0] = True
+    return probs, token, keep
+
+
+def draw_from_survivors(probs: torch.Tensor, token: torch.Tensor | None, keep: torch.Tensor | None,
+                        uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw -> int64 [R]: row r takes the first candidate whose cumulative
+    (kept) probability exceeds uniforms[r] * the kept total (uniforms in [0, 1), [R])."""
+    R, K = probs.shape
+    if uniforms.shape != (R,):
+        raise ValueError(f"uniforms must be [{R}] (one per row), got shape {tuple(uniforms.shape)}")
+    weight = probs if keep is None else probs * keep
+    cdf = weight.cumsum(-1, dtype=torch.float64)  # fp64: a token of probability 1e-9 is drawn as often as it should be
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
+    pick = torch.searchsorted(cdf, target, right=True)
+    # u * total can round up to total: fall back on the last kept candidate, never a dropped one
+    pick = pick.clamp_(max=K - 1) if keep is None else torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)
+    pick = pick.squeeze(-1)
+    return pick if token is None else token.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                     uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     uncond: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
+    """`sample_top_k_top_p`'s distribution, drawn over the top-k candidates only (one
+    topk over V per row; the nucleus cumsum, the softmax and the draw over k): int64 [...].
+
+    uncond (same shape as logits) mixes classifier-free guidance first, in fp32:
+    (1 + guidance) * logits - guidance * uncond. uniforms [...] in [0, 1): the draws'
+    randomness (e.g. `sample_keyed_uniform`), so a caller or a test can fix it; without
+    them, torch.rand with `generator`. top_k == 1 is greedy. Ties at the k-th: see
+    `top_k_top_p_survivors`.
+    """
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, V).float()
+    if uncond is not None:
+        if uncond.shape != logits.shape:
+            raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, got {tuple(uncond.shape)}")
+        flat = torch.lerp(uncond.reshape(-1, V).float(), flat, 1.0 + guidance)  # (1+t)*cond - t*uncond
+    if top_k == 1:
+        _check_top_k_top_p(top_k, top_p)
+        return flat.argmax(-1).view(shape)
+    probs, token, keep = top_k_top_p_survivors(flat, top_k, top_p)
+    if uniforms is None:
+        uniforms = torch.rand(flat.shape[0], generator=generator, device=flat.device, dtype=torch.float64)
+    elif uniforms.shape != shape:
+        raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row), got {tuple(uniforms.shape)}")
+    return draw_from_survivors(probs, token, keep, uniforms.reshape(-1)).view(shape)
+
+
+# ------------------------------------------------------------------ randomness keyed by the sample
+_M32 = 0xFFFFFFFF
+# streams of sample_keyed_uniform used inside the package (a stream may also be a tuple)
+STREAM_SSR = 1            # SSR draws: stream (STREAM_SSR, scale index)
+STREAM_LABEL_DROPOUT = 2  # the model's class-label dropout
+STREAM_DROP_PATH = 3      # drop-path: (STREAM_DROP_PATH, block index)
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x in [0, 2**32) without overflowing int64 (torch tensors or ints)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """A 32-bit integer hash with full avalanche (Wellons' 'lowbias32'); tensors or ints."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _key(*values: int) -> int:
+    h = 0x9E3779B9
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            raise ValueError(f"sample_keyed_uniform: seed, step and stream must be ints in [0, 2**63), got {v!r}")
+        h = _mix32(_mix32(h ^ (v & _M32)) ^ (v >> 32))
+    return h
+
+
+def sample_keyed_uniform(seed: int, step: int, stream: int | tuple[int, ...],
+                         global_rows: torch.Tensor | slice, shape: tuple[int, ...] = (),
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """Uniforms in [0, 1), float64 [R, *shape], a pure function of (seed, step, stream,
+    global row, element): the randomness of a sample, not of the rank or micro-batch that
+    holds it, so a run gives the same draws on any number of ranks and accumulation steps.
+
+    global_rows: int64 tensor [R] (any values >= 0) or a slice (start, stop; step 1) of
+    global row indices (the trainer's: the row's position in the epoch's global order,
+    see DataSource.next). stream: an int or a tuple of ints naming the use (STREAM_*,
+    plus e.g. a scale or block index). A counter-based hash (no generator state): row r
+    costs the same whether or not the other rows are drawn.
+    """
+    if isinstance(global_rows, slice):
+        if global_rows.step not in (None, 1) or global_rows.start is None or global_rows.stop is None:
+            raise ValueError(f"global_rows slice must be start:stop with step 1, got {global_rows}")
+        rows = torch.arange(global_rows.start, global_rows.stop, device=device, dtype=torch.int64)
+    elif isinstance(global_rows, torch.Tensor) and global_rows.dim() == 1 and not global_rows.is_floating_point():
+        rows = global_rows.to(device if device is not None else global_rows.device, torch.int64)
+    else:
+        raise ValueError(f"global_rows must be a 1-d integer tensor or a slice, got {global_rows!r}")
+    stream = stream if isinstance(stream, tuple) else (stream,)
+    k0 = _key(seed, step, *stream)
+    k1, k2 = _mix32(k0 ^ 0x68E31DA4), _mix32(k0 ^ 0xB5297A4D)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    row_hash = _mix32(_mix32((rows & _M32) ^ k0) ^ (rows >> 32))                      # [R]
+    elem = torch.arange(numel, device=rows.device, dtype=torch.int64)
+    a = _mix32(row_hash.unsqueeze(1) ^ _mix32(elem ^ k1).unsqueeze(0))                   # [R, numel]
+    b = _mix32(a ^ k2)
+    u = ((a >> 5) * 67108864 + (b >> 6)).double() * 2.0**-53  # 53 random bits
+    return u.view(rows.shape[0], *shape)

@@ -15,8 +15,13 @@ One training step on a batch (labels, ground-truth codes of every scale):
 
 `objective='official'` reproduces the public SAR step as written (TF on a 2B batch with
 the null class and autograd through all of it, every scale sampled, dense logits); the
-default path computes the same loss and gradients without that waste (tested). Sampling
-draws from a generator seeded per (seed, step, scale), so both paths draw identically.
+default path computes the same loss and gradients without that waste (tested with the
+same SSR codes injected in both, and under argmax sampling). Their draws differ: `official`
+keeps the public code's multinomial over the whole vocabulary from a generator seeded per
+(seed, step, scale), draw for draw; the default draws from the same distribution over the
+top-k candidates only (sampling.sample_survivors), with uniforms keyed by (seed, step,
+global row, scale) (sampling.sample_keyed_uniform), so a sample's draw does not depend on
+the number of ranks or micro-batches.
 
 Naive student forcing (the paper's Table 3 ablations) is here too: 'sf_full' (train on a
 full autoregressive rollout), 'sf_alternate' (TF and sf_full on alternate steps),
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from . import ops
 from .models.blocks import apply_head
 from .ops.reference import Phi
-from .sampling import guidance_weight, sample_top_k_top_p
+from .sampling import STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_survivors, sample_top_k_top_p
 from .schedules import scale_offsets, validate_schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
@@ -179,24 +184,33 @@ def _check_batch(labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int,
 
 
 def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codebook: torch.Tensor,
-             config: SARConfig, step: int = 0, phi: Phi | None = None) -> StepOutput:
+             config: SARConfig, step: int = 0, phi: Phi | None = None, rows: torch.Tensor | None = None,
+             ssr_codes: dict[int, torch.Tensor] | None = None) -> StepOutput:
     """Loss (and metrics) of one training step; the caller runs backward and the optimiser.
 
     model: a ScaleAR (possibly FSDP-wrapped; `forward_student` and `generate` must then be
     registered as FSDP forward methods). codes [B, L]: ground-truth codes of every scale
     of `schedule`; codebook [V, Cv]: the embedding the inputs are built from (FlexVAR: the
     L2-normalised VQ codebook; VAR: the raw one with `phi`, its shared convs).
+    rows [B]: each row's global index (the trainer's: its position in the epoch's global
+    order), which keys SSR's draws; default 0..B-1. ssr_codes {scale: codes [B, s^2]}:
+    use these instead of sampling those scales (a seam for tests and oracles).
     """
     schedule = validate_schedule(schedule)
     _check_batch(labels, codes, schedule)
+    if rows is None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+    elif rows.shape != labels.shape or rows.is_floating_point():
+        raise ValueError(f"rows must be integer [{labels.shape[0]}] (one global index per row), got "
+                         f"{rows.dtype} {tuple(rows.shape)}")
     inputs = _Inputs(model.arch, codebook, phi)
     obj = config.objective
     if obj == "tf" or (obj == "sf_alternate" and step % 2 == 0):
         return _teacher_forcing(model, labels, codes, schedule, inputs, config)
     if obj == "official":
-        return _official(model, labels, codes, schedule, inputs, config, step)
+        return _official(model, labels, codes, schedule, inputs, config, step, ssr_codes)
     if obj == "sar":
-        return _sar(model, labels, codes, schedule, inputs, config, step)
+        return _sar(model, labels, codes, schedule, inputs, config, step, rows, ssr_codes)
     return _naive_student_forcing(model, labels, codes, schedule, inputs, config, step)
 
 
@@ -234,8 +248,9 @@ def _metrics(**values: torch.Tensor) -> dict[str, torch.Tensor]:
 def _teacher_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig) -> StepOutput:
     off = scale_offsets(schedule)
     w = token_weights(schedule, config.scale_weighting, codes.device)
-    loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
-                           head_fn=_tf_head(codes, w, config, [], off))
+    with _phase("sar.tf_forward"):
+        loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
+                               head_fn=_tf_head(codes, w, config, [], off))
     return _step_output(loss, _metrics(loss=loss, tf_loss=loss), stats, codes, schedule)
 
 
@@ -251,10 +266,43 @@ def _needed_scales(config: SARConfig, n: int, step: int) -> tuple[list[int], lis
     return js, needed
 
 
+def _phase(name: str):
+    """A profiler range around a phase of the step (bench/bench_train_step.py reads them);
+    about a microsecond when no profiler is recording."""
+    return torch.profiler.record_function(name)
+
+
 def _sample(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, torch.Tensor] | None,
-            n: int, step: int, scales: list[int]) -> dict[int, torch.Tensor]:
+            n: int, step: int, scales: list[int], rows: torch.Tensor,
+            ssr_codes: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """SSR draws of the default objective: CFG mixing, top-k / top-p and the draw over the k
+    candidates only, with uniforms keyed by (seed, step, global row, scale)."""
     preds = {}
     for si in scales:
+        if ssr_codes is not None and si in ssr_codes:
+            preds[si] = ssr_codes[si]
+            continue
+        logits = cond[si]
+        if config.sampling == "argmax":
+            preds[si] = logits.argmax(-1)
+            continue
+        t = guidance_weight("sar", config.cfg, si, n) if uncond is not None else 0.0
+        uniforms = sample_keyed_uniform(config.seed, step, (STREAM_SSR, si), rows, logits.shape[1:-1], logits.device)
+        preds[si] = sample_survivors(logits, config.top_k, config.top_p, uniforms=uniforms,
+                                     uncond=None if uncond is None else uncond[si], guidance=t)
+    return preds
+
+
+def _sample_official(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, torch.Tensor] | None,
+                     n: int, step: int, scales: list[int],
+                     ssr_codes: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """The public code's draws: multinomial over the whole (filtered) vocabulary, one
+    generator per (seed, step, scale) shared by all rows (so keyed by the rank's batch)."""
+    preds = {}
+    for si in scales:
+        if ssr_codes is not None and si in ssr_codes:
+            preds[si] = ssr_codes[si]
+            continue
         logits = cond[si]
         if config.sampling == "argmax":
             preds[si] = logits.argmax(-1)
@@ -273,25 +321,30 @@ def _uses_guidance(config: SARConfig, official: bool) -> bool:
     return config.cfg > 1.0 if official else config.cfg > 0.0  # the public code guides only above 1
 
 
-def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int) -> StepOutput:
+def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int, rows: torch.Tensor,
+         ssr_codes: dict[int, torch.Tensor] | None) -> StepOutput:
     n, off = len(schedule), scale_offsets(schedule)
     device = codes.device
     js, needed = _needed_scales(config, n, step)
     logit_scales = sorted(set(needed) | ({j + 1 for j in js} if config.csf_target == "soft" else set()))
     w = token_weights(schedule, config.scale_weighting, device)
-    x_tf = inputs.tf(codes, schedule)
-    tf_loss, stats, tf_logits = model(labels, x_tf, schedule, head_fn=_tf_head(codes, w, config, logit_scales, off))
+    with _phase("sar.tf_forward"):
+        x_tf = inputs.tf(codes, schedule)
+        tf_loss, stats, tf_logits = model(labels, x_tf, schedule,
+                                          head_fn=_tf_head(codes, w, config, logit_scales, off))
 
     uncond = None
-    if _uses_guidance(config, official=False) and needed:
+    injected = ssr_codes is not None and all(si in ssr_codes for si in needed)
+    if _uses_guidance(config, official=False) and needed and not injected:
         last = max(needed) + 1  # the null-class pass only needs the prefix up to the last sampled scale
-        with torch.no_grad():
+        with torch.no_grad(), _phase("sar.null_prefix_forward"):
             null = torch.full_like(labels, model.num_classes)
             uncond = model(null, x_tf[:, :off[last] - 1], schedule[:last], head_fn=_logits_head(needed, off))
-    with torch.no_grad():
-        preds = _sample(config, tf_logits, uncond, n, step, needed)
+    with torch.no_grad(), _phase("sar.sampling"):
+        preds = _sample(config, tf_logits, uncond, n, step, needed, rows, ssr_codes)
 
-    csf_loss = _csf(model, labels, codes, schedule, inputs, config, js, preds, tf_logits)
+    with _phase("sar.sf_forward"):
+        csf_loss = _csf(model, labels, codes, schedule, inputs, config, js, preds, tf_logits)
     loss = tf_loss + config.gamma * csf_loss
     return _step_output(loss, _metrics(loss=loss, tf_loss=tf_loss, csf_loss=csf_loss), stats, codes, schedule)
 
@@ -345,30 +398,33 @@ def _csf(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, js:
 
 
 # ------------------------------------------------------------------------------------------
-def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int) -> StepOutput:
+def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int,
+              ssr_codes: dict[int, torch.Tensor] | None) -> StepOutput:
     """The public SAR step as written: dense logits, 2B TF batch with autograd, all scales sampled."""
     n, off = len(schedule), scale_offsets(schedule)
     B, V = labels.shape[0], model.vocab_size
     guided = _uses_guidance(config, official=True)
     labels2 = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
-    x_tf = inputs.tf(codes, schedule)
-    logits_full = model(labels2, x_tf.repeat(2, 1, 1) if guided else x_tf, schedule)
-    logits_tf = logits_full[:B]
-    w = token_weights(schedule, config.scale_weighting, codes.device)
-    per_tok = F.cross_entropy(logits_tf.reshape(-1, V).float(), codes.reshape(-1),
-                              label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
-    tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
-    with torch.no_grad():
+    with _phase("sar.tf_forward"):  # with the null class (2B rows) when guided
+        x_tf = inputs.tf(codes, schedule)
+        logits_full = model(labels2, x_tf.repeat(2, 1, 1) if guided else x_tf, schedule)
+        logits_tf = logits_full[:B]
+        w = token_weights(schedule, config.scale_weighting, codes.device)
+        per_tok = F.cross_entropy(logits_tf.reshape(-1, V).float(), codes.reshape(-1),
+                                  label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
+        tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
+    with torch.no_grad(), _phase("sar.sampling"):
         cond = {si: logits_tf[:, off[si]:off[si + 1]].float() for si in range(n)}
         uncond = {si: logits_full[B:, off[si]:off[si + 1]].float() for si in range(n)} if guided else None
         # mirror the public code: guidance only when cfg > 1, otherwise sample the conditional logits
         cfg = config if guided or config.sampling != "cfg" else SARConfig(**{**config.to_dict(), "sampling": "sample"})
-        preds = _sample(cfg, cond, uncond, n, step, list(range(n)))
+        preds = _sample_official(cfg, cond, uncond, n, step, list(range(n)), ssr_codes)
     j = n - 2
-    x_sf = inputs.one_transition(codes, preds[j], schedule, j)
-    logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
-    csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
-                               label_smoothing=config.label_smoothing)
+    with _phase("sar.sf_forward"):
+        x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+        logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
+        csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
+                                   label_smoothing=config.label_smoothing)
     loss = tf_loss + config.gamma * csf_loss
     with torch.no_grad():
         ce = per_tok.detach().reshape(-1)

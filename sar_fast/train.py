@@ -132,7 +132,8 @@ class Trainer:
         for micro in range(accum):
             labels, codes, schedule = self.data.next(step)
             parallel.set_micro_batch(self.model, last=micro == accum - 1)
-            out = sar_step(self.model, labels, codes, schedule, self.codebook, objective, step=step, phi=self.phi)
+            out = sar_step(self.model, labels, codes, schedule, self.codebook, objective, step=step, phi=self.phi,
+                           rows=self.data.rows)
             finite = torch.isfinite(out.loss)
             (torch.where(finite, out.loss, torch.zeros_like(out.loss)) / accum).backward()
             m = out.metrics

@@ -68,21 +68,28 @@ def test_unknown_flag_and_help():
     assert res.returncode == 0 and "--transitions" in res.stdout and "--pretrain-steps" in res.stdout
 
 
-SAR_ARGMAX = ["--pretrain-steps", "2", "--max-steps", "2", "--objective", "sar", "--transitions", "all",
-              "--sampling", "argmax", "--gamma", "0.5", "--cond-drop", "0", "--ckpt-every", "2"]
+# CFG sampling of every scale (top-p 0.96 over the 17 codes): the SSR draws are keyed by each
+# sample's global row, so 1 rank, 2 ranks and 2 ranks x 2 micro-batches draw the same codes
+# (keyed by the rank's batch, as generators per (step, scale) were, they would not).
+SAR_CFG = ["--pretrain-steps", "2", "--max-steps", "2", "--objective", "sar", "--transitions", "all",
+           "--sampling", "cfg", "--cfg", "1.5", "--gamma", "0.5", "--cond-drop", "0", "--ckpt-every", "2"]
 
 
 def test_one_rank_equals_two_ranks(tmp_path):
-    _train(1, tmp_path / "r1", *SAR_ARGMAX)
-    _train(2, tmp_path / "r2", *SAR_ARGMAX)
-    m1, m2 = _metrics(tmp_path / "r1"), _metrics(tmp_path / "r2")
+    _train(1, tmp_path / "r1", *SAR_CFG)
+    _train(2, tmp_path / "r2", *SAR_CFG)
+    _train(2, tmp_path / "r2a", *SAR_CFG, "--grad-accum", "2", "--num-samples", "0")
+    m1, m2, m2a = _metrics(tmp_path / "r1"), _metrics(tmp_path / "r2"), _metrics(tmp_path / "r2a")
     assert [r["objective"] for r in m1] == ["tf", "tf", "sar", "sar"]
-    for a, b in zip(m1, m2):
+    assert m1[-1]["csf_loss"] > 0
+    for a, b, c in zip(m1, m2, m2a):
         for key in ("loss", "tf_loss", "csf_loss"):
             if a[key] is not None:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
-    p1, p2 = _params(tmp_path / "r1"), _params(tmp_path / "r2")
+                assert abs(a[key] - c[key]) < 1e-5, (a["step"], key, a[key], c[key], "grad-accum")
+    p1, p2, p2a = _params(tmp_path / "r1"), _params(tmp_path / "r2"), _params(tmp_path / "r2a")
     assert max((p1[k] - p2[k]).abs().max().item() for k in p1) < 1e-5
+    assert max((p1[k] - p2a[k]).abs().max().item() for k in p1) < 1e-5
     # everything the run promises is on disk
     run = tmp_path / "r2"
     for name in ("loss.png", "samples.png", "config.json", "export.pth"):
