@@ -10,7 +10,11 @@ exactly when both sides consume the same stream:
 - every scale `si` of step `step` draws from its own generator seeded
   (seed * 1_000_003 + step) * 1_009 + si; a full rollout (the sf_* objectives) uses the
   stream of si = n;
-- transitions='random' picks j = random.Random(seed * 7_919 + step).randrange(n - 1).
+- transitions='random' picks j = random.Random(seed * 7_919 + step).randrange(n - 1);
+- the default `sar` objective's SSR draws take their noise from
+  sar_fast.sampling.sample_keyed_uniform (seed, step, (STREAM_SSR, scale), global row):
+  the noise is an input here (its hash is tested against a plain-integer reference in
+  test_sampler.py); what is restated is the draw it feeds (draw_inverse_cdf).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import random
 
 import torch
 import torch.nn.functional as F
+
+from sar_fast.sampling import STREAM_SSR, sample_keyed_uniform
 
 FLEXVAR_TRAINED = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
 
@@ -187,6 +193,30 @@ def draw(logits: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Ten
     return torch.multinomial(probs, 1, generator=generator).view(shape)
 
 
+def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """The default `sar` objective's draw, per row by a loop: the kept tokens (kept_tokens),
+    most likely first when a top-k or nucleus filter is on (vocabulary order otherwise),
+    and the first whose cumulative renormalised probability (float64) exceeds u."""
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    rows, us = logits.reshape(-1, V).double(), uniforms.reshape(-1).double()
+    if top_k == 1:
+        return rows.argmax(-1).view(shape)
+    filtered = (0 < top_k < V) or 0.0 < top_p < 1.0
+    out = []
+    for r in range(rows.shape[0]):
+        kept = kept_tokens(rows[r], top_k, top_p)
+        order = sorted(kept, key=lambda v: (-float(rows[r, v]), v)) if filtered else sorted(kept)
+        w = torch.stack([rows[r, v] for v in order]).softmax(0)
+        mass, pick = 0.0, order[-1]
+        for v, p in zip(order, w.tolist()):
+            mass += p
+            if mass > float(us[r]):
+                pick = v
+                break
+        out.append(pick)
+    return torch.tensor(out, dtype=torch.int64).view(shape)
+
+
 # ------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, book, labels, schedule, cfg: float, cfg_ramp: str, top_k: int, top_p: float,
@@ -273,7 +303,12 @@ def sar_loss(model, labels, codes, schedule, book, config, step: int = 0, phi=No
                 continue
             if guided:
                 logits = mix(logits, uncond[si], ramp("sar", config.cfg, si, n))
-            sampled.append(draw(logits, config.top_k, config.top_p, stream(config.seed, step, si)))
+            if obj == "official":  # the public code: multinomial, one generator per (seed, step, scale)
+                sampled.append(draw(logits, config.top_k, config.top_p, stream(config.seed, step, si)))
+            else:  # sar: inverse CDF with noise keyed by (seed, step, global row, scale); rows 0..B-1 here
+                u = sample_keyed_uniform(config.seed, step, (STREAM_SSR, si), torch.arange(logits.shape[0]),
+                                         logits.shape[1:-1])
+                sampled.append(draw_inverse_cdf(logits, config.top_k, config.top_p, u))
 
     def csf_term(student_logits, si):
         if config.csf_target == "sampled":
