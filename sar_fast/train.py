@@ -32,6 +32,7 @@ from .build import build_optimizer, build_run_model, build_tokenizer, param_grou
 from .config import TrainConfig, parse_config
 from .data import DataSource
 from .models import ModelConfig, save_export
+from .rng import SampleKey, local_rows
 from .sar import SARConfig, sar_step
 
 __all__ = ["Trainer", "main", "param_groups", "parse_config"]
@@ -112,6 +113,9 @@ class Trainer:
         for micro in range(accum):
             labels, codes, schedule = self.data.next(step)
             self.model.set_requires_gradient_sync(micro == accum - 1)
+            # label dropout / drop-path keyed by the samples' global rows: the same on any number of ranks
+            rows = local_rows(micro, len(labels), info.rank, info.world_size, info.device)
+            self.model.set_sample_key(SampleKey(self.cfg.run.seed, step, rows))
             out = sar_step(self.model, labels, codes, schedule, self.codebook, objective, step=step, phi=self.phi)
             finite = torch.isfinite(out.loss)
             (torch.where(finite, out.loss, torch.zeros_like(out.loss)) / accum).backward()
