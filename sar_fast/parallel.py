@@ -3,7 +3,7 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR; multi-node runs use torchrun's own
 rendezvous. CUDA runs use NCCL, CPU runs gloo. The model is sharded with FSDP2
 (`fully_shard` per block, then the root) under a mixed-precision policy whose gradient
-reduction stays in fp32.
+reduction stays in fp32 and that leaves the forward inputs' dtypes alone (see shard_model).
 """
 from __future__ import annotations
 
@@ -103,7 +103,10 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised process group (run under torchrun)")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
+    # cast_forward_inputs off: the fp32 residual stream reaches the blocks in fp32 and stays
+    # fp32 (as in the original models under autocast); the blocks cast GEMM operands to bf16
+    mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(model.blocks):

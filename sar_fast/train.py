@@ -67,6 +67,8 @@ class Trainer:
         random.seed(cfg.run.seed)
         precision = cfg.system.precision
         self.precision = precision if precision != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
+        if info.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 GEMMs (and the fused loss's)
         optim = cfg.optim
         micro = optim.batch_size // optim.grad_accum
         if optim.batch_size % optim.grad_accum or micro % info.world_size:

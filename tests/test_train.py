@@ -93,6 +93,7 @@ def test_one_rank_equals_two_ranks(tmp_path):
 
 
 NOISY = ["--depth", "2", "--cond-drop", "0.5", "--drop-path", "0.5", "--pretrain-steps", "1", "--max-steps", "2",
+         "--lr", "1e-3", "--pretrain-lr", "1e-3",
          "--objective", "sar", "--transitions", "all", "--sampling", "argmax", "--gamma", "0.5",
          "--ckpt-every", "100", "--num-samples", "0"]
 
