@@ -91,6 +91,11 @@ class SystemConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass "
                                                    "(less memory, more compute)")
     compile: bool = option(False, "torch.compile every block")
+    estimate_memory: bool = option(False, "print the per-rank peak memory of one step of this config on "
+                                          "--estimate-ranks GPUs (fake tensors: no GPU, data or checkpoint needed) "
+                                          "and exit")
+    estimate_ranks: int = option(8, "ranks --estimate-memory assumes")
+    gpu_memory: float = option(79.2, "GiB per GPU --estimate-memory checks against (79.2: an 80 GB H100; 139.8: H200)")
 
 
 @dataclass
@@ -256,6 +261,10 @@ def validate(cfg: TrainConfig, preset: str) -> None:
             raise SystemExit(f"error: {flag} {path}: no such {'directory' if kind == 'dir' else 'file'}")
 
     data, optim, ckpt = cfg.data, cfg.optim, cfg.checkpoint
+    if cfg.system.estimate_memory:  # shapes only: no files needed
+        if cfg.system.estimate_ranks < 1 or cfg.system.gpu_memory <= 0:
+            raise SystemExit("error: --estimate-ranks must be >= 1 and --gpu-memory > 0")
+        return
     need_path("--init", cfg.model.init, "file")
     need_path("--data", data.folder, "dir")
     need_path("--cache", data.cache, "dir")

@@ -241,7 +241,13 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    trainer = Trainer(parse_config(argv))
+    cfg = parse_config(argv)
+    if cfg.system.estimate_memory:  # before any process group: the estimate makes a fake one
+        if int(os.environ.get("RANK", "0")) == 0:
+            from .memory import report
+            print(report(cfg, cfg.system.estimate_ranks, cfg.system.gpu_memory), flush=True)
+        return
+    trainer = Trainer(cfg)
     try:
         trainer.run()
     except BaseException:

@@ -107,11 +107,12 @@ def test_label_dropout_and_drop_path_do_not_depend_on_ranks_or_accumulation(tmp_
     m1, p1 = _metrics(tmp_path / "r1"), _params(tmp_path / "r1")
     for name in runs:
         m, p = _metrics(tmp_path / name), _params(tmp_path / name)
+        diff = max((p1[k] - p[k]).abs().max().item() for k in p1)
+        assert diff < 1e-5, (name, diff)  # per-rank noise: ~6e-4 after 3 steps
         for a, b in zip(m1, m):
             for key in ("loss", "tf_loss", "csf_loss"):
                 if a[key] is not None:
                     assert abs(a[key] - b[key]) < 1e-5, (name, a["step"], key, a[key], b[key])
-        assert max((p1[k] - p[k]).abs().max().item() for k in p1) < 1e-5, name
     # the noise is on: another seed changes the losses
     _train(1, tmp_path / "seed", *NOISY, "--seed", "1")
     assert _metrics(tmp_path / "seed")[0]["loss"] != m1[0]["loss"]

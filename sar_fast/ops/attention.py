@@ -15,6 +15,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 
 from . import backend, reference
 from ._checks import check_tensor
@@ -50,7 +52,7 @@ def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
         if forced:
             raise ValueError(f"{op}: the Triton kernel takes head dims {HEAD_DIMS} (last dim of q), got {D}")
         return False
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
+    if q.dtype == torch.bfloat16 and not q.is_cuda and not is_fake(q):  # fakes (memory estimates) never run
         raise TypeError(f"{op}: q has dtype bfloat16, which Triton's interpreter cannot run on CPU; "
                         f"use float32 or float16, or the 'reference' backend")
     return True
@@ -67,13 +69,15 @@ class ScaleLayout(NamedTuple):
     off: torch.Tensor
 
 
-@lru_cache(maxsize=128)
-def _cached_layout(scale_lens: tuple[int, ...], device: torch.device) -> ScaleLayout:
-    lens = torch.tensor(scale_lens, dtype=torch.int32)
-    sid = torch.repeat_interleave(torch.arange(len(scale_lens), dtype=torch.int32), lens)
-    off = torch.zeros(len(scale_lens) + 1, dtype=torch.int32)
-    off[1:] = torch.cumsum(lens, 0)
-    return ScaleLayout(sid.to(device), off.to(device))
+def _build_layout(scale_lens: tuple[int, ...], device: torch.device) -> ScaleLayout:
+    sid = [i for i, n in enumerate(scale_lens) for _ in range(n)]
+    off = [0]
+    for n in scale_lens:
+        off.append(off[-1] + n)
+    return ScaleLayout(torch.tensor(sid, dtype=torch.int32).to(device), torch.tensor(off, dtype=torch.int32).to(device))
+
+
+_cached_layout = lru_cache(maxsize=128)(_build_layout)
 
 
 def scale_layout(scale_lens: Sequence[int], device: torch.device | str) -> ScaleLayout:
@@ -81,6 +85,8 @@ def scale_layout(scale_lens: Sequence[int], device: torch.device | str) -> Scale
     lens = tuple(int(n) for n in scale_lens)
     if not lens or min(lens) < 1:
         raise ValueError(f"scale_lens must be positive token counts, got {lens}")
+    if detect_fake_mode() is not None:  # fake tensors (memory estimates) must not enter the cache
+        return _build_layout(lens, torch.device(device))
     return _cached_layout(lens, torch.device(device))
 
 

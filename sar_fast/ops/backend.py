@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV = "SAR_FAST_BACKEND"
@@ -84,7 +85,8 @@ def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
     if not triton_installed():
         raise BackendError(f"{op}: backend 'triton' was requested but triton is not installed "
                            f"(pip install triton; Linux only)")
-    if not on_cuda and not interpreter_enabled():
+    fake = any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor))  # memory estimates: no kernel runs
+    if not on_cuda and not fake and not interpreter_enabled():
         raise BackendError(f"{op}: backend 'triton' on CPU tensors needs Triton's interpreter: "
                            f"set TRITON_INTERPRET=1 before the first import of triton")
     return "triton"
