@@ -151,11 +151,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "checkpoint": dict(ckpt_every=150, keep_last=2, log_every=10, num_samples=20, sample_cfg=1.5),
     },
 }
+# Micro-batches per step so that one step fits an 80 GB GPU with 10% headroom on 8 GPUs
+# (96 samples x 680 tokens per GPU; `python -m sar_fast.memory` / --estimate-memory, table in
+# bench/RESULTS.md): accumulation rather than activation checkpointing while a micro-batch
+# keeps >= 16 samples per GPU. A 141 GB GPU needs about half as many (--grad-accum).
+GRAD_ACCUM_8X80GB = {16: 2, 20: 3, 24: 4, 30: 6}
 for _d in (16, 20, 24, 30):  # SAR on a user's checkpoint with the public SAR code's settings
     for _arch, _extra in (("flexvar", dict(random_schedules=True)), ("var", {})):
         PRESETS[f"{_arch}-d{_d}"] = {
             "run": dict(out=f"runs/sar-{_arch}-d{_d}"), "model": dict(name=f"{_arch}-d{_d}"), "data": _extra,
-            "objective": dict(OFFICIAL, objective="sar"), "optim": dict(batch_size=768, epochs=10)}
+            "objective": dict(OFFICIAL, objective="sar"),
+            "optim": dict(batch_size=768, epochs=10, grad_accum=GRAD_ACCUM_8X80GB[_d])}
 
 
 # ------------------------------------------------------------------------------- generation

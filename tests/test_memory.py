@@ -22,7 +22,7 @@ def test_fake_estimate_matches_a_real_cpu_step():
     cfg = parse_config(SMALL)
     fake = memory.estimate(cfg, world_size=1)
     real = memory.estimate(cfg, world_size=1, fake=False)
-    assert abs(fake.peak_gib - real.peak_gib) <= 0.1 * real.peak_gib, (fake, real)
+    assert abs(fake.peak_gib - real.peak_gib) <= 0.02 * real.peak_gib, (fake, real)  # measured: 0.01%
 
 
 def test_estimate_follows_batch_ranks_and_checkpointing():
