@@ -16,7 +16,6 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import is_fake
 
 from . import backend, reference
 from ._checks import check_tensor
@@ -52,7 +51,7 @@ def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
         if forced:
             raise ValueError(f"{op}: the Triton kernel takes head dims {HEAD_DIMS} (last dim of q), got {D}")
         return False
-    if q.dtype == torch.bfloat16 and not q.is_cuda and not is_fake(q):  # fakes (memory estimates) never run
+    if q.dtype == torch.bfloat16 and not q.is_cuda and not backend.any_fake(q):
         raise TypeError(f"{op}: q has dtype bfloat16, which Triton's interpreter cannot run on CPU; "
                         f"use float32 or float16, or the 'reference' backend")
     return True
@@ -85,7 +84,9 @@ def scale_layout(scale_lens: Sequence[int], device: torch.device | str) -> Scale
     lens = tuple(int(n) for n in scale_lens)
     if not lens or min(lens) < 1:
         raise ValueError(f"scale_lens must be positive token counts, got {lens}")
-    if detect_fake_mode() is not None:  # fake tensors (memory estimates) must not enter the cache
+    # traced by torch.compile (the layout becomes graph constants) or fake (memory estimates):
+    # built afresh, never cached
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
         return _build_layout(lens, torch.device(device))
     return _cached_layout(lens, torch.device(device))
 

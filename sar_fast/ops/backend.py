@@ -66,6 +66,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def any_fake(*tensors) -> bool:
+    """Fake tensors (sar_fast.memory's estimates) never run a kernel: any backend takes them."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
 def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
     """'triton' or 'reference' for this call of `op` on `tensors`.
 
@@ -85,8 +92,7 @@ def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
     if not triton_installed():
         raise BackendError(f"{op}: backend 'triton' was requested but triton is not installed "
                            f"(pip install triton; Linux only)")
-    fake = any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor))  # memory estimates: no kernel runs
-    if not on_cuda and not fake and not interpreter_enabled():
+    if not on_cuda and not interpreter_enabled() and not any_fake(*tensors):
         raise BackendError(f"{op}: backend 'triton' on CPU tensors needs Triton's interpreter: "
                            f"set TRITON_INTERPRET=1 before the first import of triton")
     return "triton"
