@@ -272,7 +272,12 @@ def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _dot_precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 else "tf32"  # fp32 must not silently drop to tf32
+    """bf16/fp16 operands: tensor cores (fp32 accumulation); the mode is ignored for them.
+    fp32 operands: TF32 tensor cores only where torch allows them for fp32 GEMMs
+    (torch.set_float32_matmul_precision("high"), as the trainer sets), else exact fp32."""
+    if t.dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -104,6 +104,11 @@ class SystemConfig:
                                            "(loading, compilation, warm-up)")
     collective_timeout: float = option(300.0, "collective timeout in seconds after the first step (a hung rank "
                                               "fails the run this soon)")
+    estimate_memory: bool = option(False, "print the per-rank peak memory of one step of this config on "
+                                          "--estimate-ranks GPUs (fake tensors: no GPU, data or checkpoint needed) "
+                                          "and exit")
+    estimate_ranks: int = option(8, "ranks --estimate-memory assumes")
+    gpu_memory: float = option(79.2, "GiB per GPU --estimate-memory checks against (79.2: an 80 GB H100; 139.8: H200)")
 
 
 @dataclass
@@ -163,11 +168,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "checkpoint": dict(ckpt_every=150, keep_last=2, log_every=10, num_samples=20, sample_cfg=1.5),
     },
 }
+# Micro-batches per step so that one step fits an 80 GB GPU with 10% headroom on 8 GPUs
+# (96 samples x 680 tokens per GPU; `python -m sar_fast.memory` / --estimate-memory, table in
+# bench/RESULTS.md): accumulation rather than activation checkpointing while a micro-batch
+# keeps >= 16 samples per GPU. A 141 GB GPU needs about half as many (--grad-accum).
+GRAD_ACCUM_8X80GB = {16: 2, 20: 3, 24: 4, 30: 6}
 for _d in (16, 20, 24, 30):  # SAR on a user's checkpoint with the public SAR code's settings
     for _arch, _extra in (("flexvar", dict(random_schedules=True)), ("var", {})):
         PRESETS[f"{_arch}-d{_d}"] = {
             "run": dict(out=f"runs/sar-{_arch}-d{_d}"), "model": dict(name=f"{_arch}-d{_d}"), "data": _extra,
-            "objective": dict(OFFICIAL, objective="sar"), "optim": dict(batch_size=768, epochs=10)}
+            "objective": dict(OFFICIAL, objective="sar"),
+            "optim": dict(batch_size=768, epochs=10, grad_accum=GRAD_ACCUM_8X80GB[_d])}
 
 
 # ------------------------------------------------------------------------------- generation
@@ -273,6 +284,10 @@ def validate(cfg: TrainConfig, preset: str) -> None:
             raise SystemExit(f"error: {flag} {path}: no such {'directory' if kind == 'dir' else 'file'}")
 
     data, optim, ckpt = cfg.data, cfg.optim, cfg.checkpoint
+    if cfg.system.estimate_memory:  # shapes only: no files needed
+        if cfg.system.estimate_ranks < 1 or cfg.system.gpu_memory <= 0:
+            raise SystemExit("error: --estimate-ranks must be >= 1 and --gpu-memory > 0")
+        return
     need_path("--init", cfg.model.init, "file")
     need_path("--data", data.folder, "dir")
     need_path("--cache", data.cache, "dir")

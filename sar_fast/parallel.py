@@ -154,7 +154,10 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
     if reshard not in RESHARD_POLICIES:
         raise ValueError(f"reshard must be one of {RESHARD_POLICIES}, got {reshard!r}")
     mesh = make_mesh(info, replicas)
-    mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
+    # cast_forward_inputs off: the fp32 residual stream reaches the blocks in fp32 and stays
+    # fp32 (as in the original models under autocast); the blocks cast GEMM operands to bf16
+    mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
         for i, block in enumerate(model.blocks):

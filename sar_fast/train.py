@@ -42,6 +42,7 @@ from .build import build_optimizer, build_run_model_rank0, build_tokenizer, para
 from .config import TrainConfig, parse_config
 from .data import DataSource
 from .models import ModelConfig, save_export
+from .rng import SampleKey
 from .sar import SARConfig, sar_step
 
 __all__ = ["Trainer", "main", "param_groups", "parse_config"]
@@ -77,6 +78,8 @@ class Trainer:
         random.seed(cfg.run.seed)
         precision = cfg.system.precision
         self.precision = precision if precision != "auto" else ("bf16" if info.device.type == "cuda" else "fp32")
+        if info.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 GEMMs (and the fused loss's)
         optim = cfg.optim
         micro = optim.batch_size // optim.grad_accum
         if optim.batch_size % optim.grad_accum or micro % info.world_size:
@@ -132,8 +135,12 @@ class Trainer:
         for micro in range(accum):
             labels, codes, schedule = self.data.next(step)
             parallel.set_micro_batch(self.model, last=micro == accum - 1)
+            # every draw of the step (label dropout, drop-path, SSR) keyed by the samples' global
+            # rows (data.DataSource.rows): the same on any number of ranks or micro-batches
+            rows = self.data.rows
+            self.model.set_sample_key(SampleKey(self.cfg.run.seed, step, rows))
             out = sar_step(self.model, labels, codes, schedule, self.codebook, objective, step=step, phi=self.phi,
-                           rows=self.data.rows)
+                           rows=rows)
             finite = torch.isfinite(out.loss)
             (torch.where(finite, out.loss, torch.zeros_like(out.loss)) / accum).backward()
             m = out.metrics
@@ -310,7 +317,13 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    trainer = Trainer(parse_config(argv))
+    cfg = parse_config(argv)
+    if cfg.system.estimate_memory:  # before any process group: the estimate makes a fake one
+        if int(os.environ.get("RANK", "0")) == 0:
+            from .memory import report
+            print(report(cfg, cfg.system.estimate_ranks, cfg.system.gpu_memory), flush=True)
+        return
+    trainer = Trainer(cfg)
     try:
         trainer.run()
     except BaseException:

@@ -206,7 +206,8 @@ def test_torch_compile_fullgraph_and_opcheck():
     scale_lens = [1, 4, 9]
     q, k, v = qkv(1, 2, 14, 16)
     with ops.use_backend("kernel"):
-        torch.library.opcheck(_attention_fwd, (q, k, v, scale_lens, 0.25, 3))
+        lay = ops.scale_layout(scale_lens, q.device)
+        torch.library.opcheck(_attention_fwd, (q, k, v, lay.sid, lay.sid, lay.off, lay.off, 0.25, 3, False))
         loss_fn = torch.compile(lambda q, k, v: ops.scale_causal_attention(q, k, v, scale_lens).square().sum(),
                                 backend="aot_eager", fullgraph=True)
         loss_fn(q, k, v).backward()

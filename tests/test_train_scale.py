@@ -96,14 +96,13 @@ def test_layouts_are_cached_by_schedule():
     """Random schedules do not evict each other's attention layouts (today's cache held 128)."""
     from sar_fast.ops import attention
     from sar_fast.schedules import random_flexvar_schedule
-    attention._layout.cache_clear()
+    attention._cached_layout.cache_clear()
     rng = random.Random(0)
     scheds = list(dict.fromkeys(random_flexvar_schedule(rng) for _ in range(400)))
     assert len(scheds) > 200
     for s in scheds + scheds:
-        lens = tuple(x * x for x in s)
-        attention._layout(lens, sum(lens), sum(lens), torch.device("cpu"))
-    assert attention._layout.cache_info().misses == len(scheds)
+        attention.scale_layout(tuple(x * x for x in s), "cpu")
+    assert attention._cached_layout.cache_info().misses == len(scheds)
 
 
 # ------------------------------------------------------------------ 3. checkpoints

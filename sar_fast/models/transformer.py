@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+from ..rng import STREAM_DROP_PATH, STREAM_LABEL_DROP, SampleKey, keyed_uniform
 from ..schedules import STANDARD_SCHEDULE, scale_lengths, total_length, validate_schedule
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, apply_head
 from .generate import generate
@@ -119,6 +121,7 @@ class ScaleAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
         self._check_label_range = True
+        self._sample_key: SampleKey | None = None
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -155,6 +158,30 @@ class ScaleAR(nn.Module):
         batch on the host before it reaches the device turns it off."""
         self._check_label_range = bool(enabled)
         return self
+
+    def set_sample_key(self, key: SampleKey | None) -> ScaleAR:
+        """Key the training noise (label dropout, drop-path) of the next forwards by
+        (seed, step, global row) instead of the global RNG, so a sample draws the same on
+        any number of ranks and micro-batches (sar_fast.rng). Every forward of a step (TF,
+        null class, student) sees the same key: a row's label is dropped in all of them.
+        A batch of k * len(rows) rows (e.g. conditional + null class stacked) repeats the
+        rows. None: draw from the global RNG (library use, tests)."""
+        if key is not None and (key.rows.dim() != 1 or key.rows.is_floating_point()):
+            raise ValueError(f"SampleKey.rows must be an int tensor [B], got {tuple(key.rows.shape)} {key.rows.dtype}")
+        self._sample_key = key
+        return self
+
+    def _uniforms(self, B: int, streams: Sequence[int], device: torch.device) -> torch.Tensor:
+        """[B, len(streams)] uniforms: keyed by the sample key when one is set."""
+        key = self._sample_key
+        if key is None:
+            return torch.rand(B, len(streams), device=device)
+        rows = key.rows.to(device)
+        if B % rows.shape[0]:
+            raise ValueError(f"the sample key has {rows.shape[0]} rows but the batch {B}: set_sample_key "
+                             f"with the rows of this batch")
+        rows = rows.repeat(B // rows.shape[0])
+        return torch.stack([keyed_uniform(key.seed, key.step, s, rows) for s in streams], dim=1)
 
     def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
         if schedule is None:
@@ -207,7 +234,8 @@ class ScaleAR(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                              f"got [{int(label_B.min())}, {int(label_B.max())}]")
         if self.training and self.config.cond_drop_rate > 0:
-            drop = torch.rand(label_B.shape[0], device=label_B.device) < self.config.cond_drop_rate
+            u = self._uniforms(label_B.shape[0], (STREAM_LABEL_DROP,), label_B.device)[:, 0]
+            drop = u < self.config.cond_drop_rate
             label_B = torch.where(drop, torch.full_like(label_B, self.num_classes), label_B)
         return self.class_emb(label_B.long())
 
@@ -219,16 +247,24 @@ class ScaleAR(nn.Module):
             raise ValueError(f"{name} must have shape ({B}, {length}, {self.code_dim}), got {tuple(x.shape)}")
 
     # ------------------------------------------------------------------ forward
-    def trunk(self, x_BLC: torch.Tensor, cond: torch.Tensor, scale_lens: Sequence[int]) -> torch.Tensor:
+    def trunk(self, x_BLC: torch.Tensor, cond: torch.Tensor,
+              scale_lens: Sequence[int] | ops.ScaleLayout) -> torch.Tensor:
         """Blocks + AdaLN-before-head: the hidden states [B, L, C] the head maps to logits
-        (what the fused head+CE loss takes)."""
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond, scale_lens)
+        (what the fused head+CE loss takes). The schedule reaches the blocks as a layout
+        of tensors, so compiled blocks do not recompile for each schedule."""
+        layout = scale_lens if isinstance(scale_lens, ops.ScaleLayout) else ops.scale_layout(scale_lens, x_BLC.device)
+        B = x_BLC.shape[0]
+        for i, block in enumerate(self.blocks):
+            drop = None
+            if self.training and self.config.drop_path_rate > 0 and block.drop_path > 0:
+                streams = (STREAM_DROP_PATH + 2 * i, STREAM_DROP_PATH + 2 * i + 1)
+                drop = block.drop_path_scales(self._uniforms(B, streams, x_BLC.device))
+            x_BLC = block(x_BLC, cond, layout, None, drop)
         return self.head_nm(x_BLC, cond)
 
     def _output(self, hidden: torch.Tensor, return_hidden: bool, head_fn: HeadFn | None):
-        if head_fn is not None:
-            return head_fn(hidden, self.head)
+        if head_fn is not None:  # the fused losses get operands in the head's dtype (bf16 GEMM, fp32 loss)
+            return head_fn(hidden.to(self.head.weight.dtype), self.head)
         return hidden if return_hidden else apply_head(self.head, hidden)
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from . import backend, reference
 from ._checks import check_tensor
@@ -50,7 +51,7 @@ def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
         if forced:
             raise ValueError(f"{op}: the Triton kernel takes head dims {HEAD_DIMS} (last dim of q), got {D}")
         return False
-    if q.dtype == torch.bfloat16 and not q.is_cuda:
+    if q.dtype == torch.bfloat16 and not q.is_cuda and not backend.any_fake(q):
         raise TypeError(f"{op}: q has dtype bfloat16, which Triton's interpreter cannot run on CPU; "
                         f"use float32 or float16, or the 'reference' backend")
     return True
@@ -59,16 +60,46 @@ def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 # --------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile; autograd registered below)
 # --------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)  # per schedule: FlexVAR's random schedules are a few thousand, each a few KB
-def _layout(scale_lens: tuple[int, ...], len_q: int, len_k: int, device: torch.device):
-    """(q_sid, k_sid, q_off, k_off) int32 on `device`; no scale_lens = one scale, no mask."""
-    kernels = backend.load_kernels(_KERNEL)
-    if scale_lens:
-        sid, off = kernels.scale_layout(scale_lens, device)
-        return sid, sid, off, off
-    q_sid, q_off = kernels.scale_layout((len_q,), device)
-    k_sid, k_off = kernels.scale_layout((len_k,), device)
-    return q_sid, k_sid, q_off, k_off
+class ScaleLayout(NamedTuple):
+    """A schedule as tensors: sid [L] int32 (scale of each token) and off [n + 1] int32
+    (first token of each scale). Passed instead of Python ints, it lets torch.compile see
+    one graph for every schedule (ints would be guarded on and recompile per schedule)."""
+    sid: torch.Tensor
+    off: torch.Tensor
+
+
+def _int32_on(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int32)
+    # pinned + non-blocking: a new schedule costs no host sync
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _build_layout(scale_lens: tuple[int, ...], device: torch.device) -> ScaleLayout:
+    sid = [i for i, n in enumerate(scale_lens) for _ in range(n)]
+    off = [0]
+    for n in scale_lens:
+        off.append(off[-1] + n)
+    return ScaleLayout(_int32_on(sid, device), _int32_on(off, device))
+
+
+# per schedule: FlexVAR's random schedules are a few thousand, each a few KB
+_cached_layout = lru_cache(maxsize=None)(_build_layout)
+
+
+def scale_layout(scale_lens: Sequence[int], device: torch.device | str) -> ScaleLayout:
+    """The layout of tokens grouped into scales of `scale_lens` tokens (cached per schedule)."""
+    lens = tuple(int(n) for n in scale_lens)
+    if not lens or min(lens) < 1:
+        raise ValueError(f"scale_lens must be positive token counts, got {lens}")
+    # traced by torch.compile (the layout becomes graph constants) or fake (memory estimates):
+    # built afresh, never cached
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return _build_layout(lens, torch.device(device))
+    return _cached_layout(lens, torch.device(device))
+
+
+# the kernels clamp the window to the number of scales: this means "no window" for any schedule
+_NO_WINDOW = 1 << 20
 
 
 def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
@@ -76,50 +107,49 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("sar_fast::scale_attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lens: list[int],
-                   softmax_scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, base-2 log-sum-exp). Empty scale_lens: every query sees every key (KV cache)."""
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tensor, k_sid: torch.Tensor,
+                   q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float, window: int, cached: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, base-2 log-sum-exp). cached: every query sees every key (KV cache)."""
     q, k, v = (_last_dim_dense(t) for t in (q, k, v))
-    q_sid, k_sid, _, k_off = _layout(tuple(scale_lens), q.shape[2], k.shape[2], q.device)
-    return backend.load_kernels(_KERNEL).forward(q, k, v, q_sid, k_sid, k_off, softmax_scale,
-                                                 window, cached=not scale_lens)
+    return backend.load_kernels(_KERNEL).forward(q, k, v, q_sid, k_sid, k_off, softmax_scale, window, cached=cached)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale_lens, softmax_scale, window):
+def _(q, k, v, q_sid, k_sid, q_off, k_off, softmax_scale, window, cached):
     B, H, L, D = q.shape
     return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, H, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("sar_fast::scale_attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor, lse: torch.Tensor, scale_lens: list[int], softmax_scale: float,
+                   out: torch.Tensor, lse: torch.Tensor, q_sid: torch.Tensor, k_sid: torch.Tensor,
+                   q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float,
                    window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_last_dim_dense(t) for t in (grad_out, q, k, v, out))
-    layout = _layout(tuple(scale_lens), q.shape[2], k.shape[2], q.device)
-    return backend.load_kernels(_KERNEL).backward(grad_out, q, k, v, out, lse.contiguous(), *layout,
-                                                  softmax_scale, window)
+    return backend.load_kernels(_KERNEL).backward(grad_out, q, k, v, out, lse.contiguous(), q_sid, k_sid,
+                                                  q_off, k_off, softmax_scale, window)
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, scale_lens, softmax_scale, window):
+def _(grad_out, q, k, v, out, lse, q_sid, k_sid, q_off, k_off, softmax_scale, window):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale_lens, softmax_scale, window = inputs
+    q, k, v, q_sid, k_sid, q_off, k_off, softmax_scale, window, cached = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale_lens, ctx.softmax_scale, ctx.window = scale_lens, softmax_scale, window
+    ctx.save_for_backward(q, k, v, out, lse, q_sid, k_sid, q_off, k_off)
+    ctx.softmax_scale, ctx.window = softmax_scale, window
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale_lens, ctx.softmax_scale,
+    q, k, v, out, lse, q_sid, k_sid, q_off, k_off = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, q_sid, k_sid, q_off, k_off, ctx.softmax_scale,
                                 ctx.window)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -128,18 +158,17 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
-def _window_mask(scale_lens: tuple[int, ...], window: int, device: torch.device) -> torch.Tensor:
-    sid = torch.repeat_interleave(torch.arange(len(scale_lens), device=device),
-                                  torch.tensor(scale_lens, device=device))
+def _window_mask(sid: torch.Tensor, window: int | None) -> torch.Tensor:
     gap = sid[:, None] - sid[None, :]
-    return (gap >= 0) & (gap <= window)
+    return (gap >= 0) if window is None else (gap >= 0) & (gap <= window)
 
 
 def scale_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale_lens: Sequence[int], softmax_scale: float | None = None,
+                           scale_lens: Sequence[int] | ScaleLayout, softmax_scale: float | None = None,
                            window: int | None = None) -> torch.Tensor:
-    """q, k, v [B, H, L, D] -> [B, H, L, D]; scale_lens = tokens per scale, summing to L.
-
+    """q, k, v [B, H, L, D] -> [B, H, L, D]; scale_lens = tokens per scale, summing to L, or
+    their `scale_layout` (tensors: what a compiled model passes, so that a new schedule
+    does not recompile it).
     A token of scale s attends to the tokens of scales <= s, or with `window` = w only to
     those of scales s-w..s (w = 0: its own scale only). softmax_scale defaults to 1/sqrt(D)
     (VAR/FlexVAR with attn_l2_norm pass 1.0 and a pre-scaled q). The Triton path returns a
@@ -147,24 +176,33 @@ def scale_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     costs no copy.
     """
     _check_qkv(q, k, v, same_len=True)
-    lens = tuple(int(n) for n in scale_lens)
-    if not lens or min(lens) < 1:
-        raise ValueError(f"scale_lens must be positive token counts, got {lens}")
-    if sum(lens) != q.shape[2]:
-        raise ValueError(f"scale_lens sum to {sum(lens)} but q has L={q.shape[2]} tokens")
+    if isinstance(scale_lens, ScaleLayout):
+        layout, lens = scale_lens, None
+        if layout.sid.dim() != 1 or layout.sid.shape[0] != q.shape[2] or layout.sid.device != q.device:
+            raise ValueError(f"scale_lens: a ScaleLayout of {q.shape[2]} tokens on {q.device} was expected, got "
+                             f"sid {tuple(layout.sid.shape)} on {layout.sid.device}")
+    else:
+        lens = tuple(int(n) for n in scale_lens)
+        if not lens or min(lens) < 1:
+            raise ValueError(f"scale_lens must be positive token counts, got {lens}")
+        if sum(lens) != q.shape[2]:
+            raise ValueError(f"scale_lens sum to {sum(lens)} but q has L={q.shape[2]} tokens")
+        layout = None
     _check_softmax_scale(softmax_scale)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"window must be None or an int >= 0 (scales looked back), got {window!r}")
-    if window is not None and window >= len(lens) - 1:
+    if window is not None and lens is not None and window >= len(lens) - 1:
         window = None  # looks back past the first scale: the plain block-causal mask
     if _use_triton("scale_causal_attention", q, k, v):
+        layout = layout if layout is not None else scale_layout(lens, q.device)
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        out, _ = _attention_fwd(q, k, v, list(lens), scale, len(lens) if window is None else window)
+        out, _ = _attention_fwd(q, k, v, layout.sid, layout.sid, layout.off, layout.off, scale,
+                                _NO_WINDOW if window is None else window, False)
         return out
-    if window is None:
+    if layout is None and window is None:
         return reference.scale_causal_attention(q, k, v, lens, softmax_scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(lens, window, q.device),
-                                          scale=softmax_scale)
+    sid = layout.sid if layout is not None else scale_layout(lens, q.device).sid
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(sid, window), scale=softmax_scale)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -175,6 +213,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_softmax_scale(softmax_scale)
     if _use_triton("cached_attention", q, k, v):
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        out, _ = _attention_fwd(q, k, v, [], scale, 1)
+        q_layout, k_layout = scale_layout((q.shape[2],), q.device), scale_layout((k.shape[2],), q.device)
+        out, _ = _attention_fwd(q, k, v, q_layout.sid, k_layout.sid, q_layout.off, k_layout.off, scale, 1, True)
         return out
     return reference.cached_attention(q, k, v, softmax_scale)

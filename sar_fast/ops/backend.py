@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 BACKENDS = ("auto", "kernel", "reference")
 _DEPRECATED = {"triton": "kernel"}
@@ -76,6 +77,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def any_fake(*tensors) -> bool:
+    """Fake tensors (sar_fast.memory's estimates) never run a kernel: any backend takes them."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
 def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
     """'kernel' or 'reference' for this call of `op` (a Triton op) on `tensors`.
 
@@ -95,7 +103,7 @@ def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
     if not triton_installed():
         raise BackendError(f"{op}: backend 'kernel' was requested but triton is not installed "
                            f"(pip install triton; Linux only)")
-    if not on_cuda and not interpreter_enabled():
+    if not on_cuda and not interpreter_enabled() and not any_fake(*tensors):
         raise BackendError(f"{op}: backend 'kernel' on CPU tensors needs Triton's interpreter: "
                            f"set TRITON_INTERPRET=1 before the first import of triton")
     return "kernel"
