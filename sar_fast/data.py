@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .embedded import DIGITS_NUM_CLASSES, DIGITS_SCHEDULE, EMBEDDED, digits_to_images, load_digits_dataset
-from .config import DataConfig
 from .parallel import DistInfo
 from .schedules import random_flexvar_schedule, scale_offsets, validate_schedule
 
@@ -543,7 +542,8 @@ def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
 class DataSource:
     """Batches of (labels, codes [B, L], schedule) for the local rank, resumable."""
 
-    def __init__(self, cfg: DataConfig, seed: int, info: DistInfo, tokenizer, local_batch: int, num_classes: int):
+    # cfg: the run's config.DataConfig (not imported: config validates through this module)
+    def __init__(self, cfg, seed: int, info: DistInfo, tokenizer, local_batch: int, num_classes: int):
         self.cfg, self.seed, self.info, self.tok, self.local_batch = cfg, seed, info, tokenizer, local_batch
         self.num_classes = num_classes
         if cfg.cache:
@@ -664,7 +664,7 @@ def _device_token_index(cache_schedule: tuple[int, ...], schedule: tuple[int, ..
     return _TOKEN_INDEX[key]
 
 
-def check_cache_matches(manifest: dict, cfg: DataConfig, tokenizer) -> None:
+def check_cache_matches(manifest: dict, cfg, tokenizer) -> None:  # cfg: config.DataConfig
     """Refuse codes made by another tokenizer than --vae (they would train silently wrong)."""
     if cfg.vae != EMBEDDED and manifest.get("tokenizer_sha256") != file_sha256(cfg.vae):
         raise SystemExit(f"error: --cache {cfg.cache} was built with tokenizer {manifest.get('tokenizer_path')} "
