@@ -171,16 +171,22 @@ class PassFlops:
     def _count(self, module, args) -> None:
         if not self.enabled or torch._C._current_graph_task_id() != -1:
             return
-        x, scale_lens = args[0], args[2] if len(args) > 2 else None
+        x, layout = args[0], args[2] if len(args) > 2 else None
         B, L = x.shape[0], x.shape[1]
         c = self.config
-        keys = mean_visible_keys_of_lengths(scale_lens if scale_lens else (L,))
+        off = getattr(layout, "off", None)  # an ops.ScaleLayout: scale offsets [n + 1] on the device
+        if off is not None:  # kept a tensor (no host sync); read on logged steps only
+            off = off.double()
+            keys = ((off[1:] - off[:-1]) * off[1:]).sum() / off[-1].clamp(min=1)
+        else:
+            keys = mean_visible_keys_of_lengths(layout if layout else (L,))
         passes = 3.0 if torch.is_grad_enabled() else 1.0
         self.flops += passes * flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio, keys) * B * L
         self.tokens += B * L
 
-    def take(self) -> tuple[float, int]:
-        """(FLOPs, tokens) since the last take."""
+    def take(self) -> tuple[float | torch.Tensor, int]:
+        """(FLOPs, tokens) since the last take; the FLOPs may be a device scalar (Throughput
+        converts it when it is read, on a logged step)."""
         out, self.flops, self.tokens = (self.flops, self.tokens), 0.0, 0
         return out
 
@@ -222,7 +228,7 @@ class Throughput:
     def read(self) -> dict:
         dt = max(time.time() - self.start, 1e-9)
         rates = {"img_per_s": self.images * self.world_size / dt, "tokens_per_s": self.tokens * self.world_size / dt,
-                 "mfu": (self.flops / dt / self.peak) if self.peak else None}
+                 "mfu": (float(self.flops) / dt / self.peak) if self.peak else None}
         self.reset()
         return rates
 
