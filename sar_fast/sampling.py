@@ -190,8 +190,7 @@ def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
 _M32 = 0xFFFFFFFF
 # streams of sample_keyed_uniform used inside the package (a stream may also be a tuple)
 STREAM_SSR = 1            # SSR draws: stream (STREAM_SSR, scale index)
-STREAM_LABEL_DROPOUT = 2  # the model's class-label dropout
-STREAM_DROP_PATH = 3      # drop-path: (STREAM_DROP_PATH, block index)
+STREAM_MODEL = 2          # the model's label dropout and drop-path: (STREAM_MODEL, rng.STREAM_*)
 
 
 def _mul32(x, c: int):

@@ -4,13 +4,7 @@ import pytest
 import torch
 
 from sar_fast.models import ScaleAR, preset_config
-from sar_fast.rng import SampleKey, _mix32, _mix32_host, fold_key, keyed_uniform
-
-
-def test_device_mixer_equals_the_host_one():
-    xs = torch.cat((torch.randint(0, 2**32, (1000,), dtype=torch.int64),
-                    torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])))
-    assert _mix32(xs).tolist() == [_mix32_host(int(x)) for x in xs]
+from sar_fast.rng import SampleKey, keyed_uniform
 
 
 def test_keyed_uniform_is_a_function_of_the_key_and_row():
@@ -29,11 +23,11 @@ def test_keyed_uniform_is_a_function_of_the_key_and_row():
         assert (other == u).float().mean() < 1e-3
         assert abs(torch.corrcoef(torch.stack((u, other)))[0, 1]) < 0.01
     assert abs(torch.corrcoef(torch.stack((u[:-1], u[1:])))[0, 1]) < 0.01
-    assert fold_key(1, 2, 3) != fold_key(1, 3, 2)
+    assert not torch.equal(keyed_uniform(1, 2, 3, rows[:100]), keyed_uniform(1, 3, 2, rows[:100]))
 
 
 def test_bad_keys_are_refused():
-    with pytest.raises(ValueError, match="ints >= 0"):
+    with pytest.raises(ValueError, match="must be ints in"):
         keyed_uniform(-1, 0, 0, torch.arange(3))
     with pytest.raises(TypeError, match="rows must be an integer tensor"):
         keyed_uniform(0, 0, 0, torch.rand(3))
