@@ -95,7 +95,7 @@ class StudySize:
 
 # Sized to fit 60 minutes on 2 quiet CPU cores (docs/study.md has the arithmetic).
 FULL = StudySize(depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=800, base_chunk=100, base_lr=1e-3,
-                 base_warmup=20, arm_steps=60, arm_lr=3e-4, arm_warmup=5, seeds=5, samples_per_class=30)
+                 base_warmup=20, arm_steps=100, arm_lr=3e-4, arm_warmup=5, seeds=5, samples_per_class=30)
 # A pipeline check, not a result: a model too small and runs too short to mean anything.
 QUICK = StudySize(depth=1, embed_dim=32, num_heads=2, batch_size=16, base_steps=8, base_chunk=4, base_lr=1e-3,
                   base_warmup=2, arm_steps=2, arm_lr=3e-4, arm_warmup=1, seeds=2, samples_per_class=2)
@@ -243,6 +243,7 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
     result = {"arm": arm, "seed": seed, "key": size.key(), "objective": cfg.objective.to_dict(),
               "steps": size.arm_steps, "train_s": train_s, "eval_s": time.perf_counter() - start, **metrics}
+    os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
     _write_json(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
     return result

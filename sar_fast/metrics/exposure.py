@@ -79,8 +79,8 @@ def exposure_gap(model, labels: torch.Tensor, codes: torch.Tensor, schedule, cod
     """The exposure gap of every scale s >= 1 (see the module's docstring).
 
     prediction: 'argmax' of the teacher-forced logits of scale s-1, or 'sample' (one draw
-    per token from their softmax, with `generator`). All n-1 swapped inputs run as one
-    batch of (n-1)*B sequences; the model should be in eval mode (no label dropout).
+    per token from their softmax, with `generator`). One forward per scale s on the prefix
+    of scales <= s; the model should be in eval mode (no label dropout).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -99,18 +99,17 @@ def exposure_gap(model, labels: torch.Tensor, codes: torch.Tensor, schedule, cod
             probs = scale_logits.softmax(-1).reshape(-1, scale_logits.shape[-1])
             preds.append(torch.multinomial(probs, 1, generator=generator).view(B, -1))
 
-    # variant s: ground-truth inputs except scale s's, rebuilt with scale s-1 predicted
-    variants = []
+    # variant s: ground-truth inputs except scale s's, rebuilt with scale s-1 predicted; the
+    # block-causal mask lets scale s see scales <= s only, so the prefix up to s suffices
+    ce_own = []
     for s in range(1, n):
         mixed = codes.clone()
         mixed[:, off[s - 1]:off[s]] = preds[s - 1]
-        x = x_gt.clone()
-        x[:, off[s] - 1:off[s + 1] - 1] = _inputs(model, mixed, schedule, codebook, phi)[:, off[s] - 1:off[s + 1] - 1]
-        variants.append(x)
-    own_logits = model(labels.repeat(n - 1), torch.cat(variants), schedule)
-    ce_own_tok = _per_token_ce(own_logits, codes.repeat(n - 1, 1)).view(n - 1, B, -1)
-
-    ce_own = torch.stack([ce_own_tok[s - 1, :, off[s]:off[s + 1]].mean() for s in range(1, n)])
+        x = x_gt[:, :off[s + 1] - 1].clone()
+        x[:, off[s] - 1:] = _inputs(model, mixed, schedule, codebook, phi)[:, off[s] - 1:off[s + 1] - 1]
+        own_logits = model(labels, x, schedule[:s + 1])[:, off[s]:]
+        ce_own.append(_per_token_ce(own_logits, codes[:, off[s]:off[s + 1]]).mean())
+    ce_own = torch.stack(ce_own)
     ce_gt = torch.stack([ce_gt_tok[:, off[s]:off[s + 1]].mean() for s in range(1, n)])
     tokens = torch.tensor([float(side * side) for side in schedule[1:]], dtype=torch.float64)
     return ExposureGap(ce_own - ce_gt, ce_own, ce_gt, tokens, preds)
