@@ -289,11 +289,14 @@ def summarize(results: list[dict], seed: int = 0) -> dict:
     return rows
 
 
+FEW_SEEDS = f"not resolved (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"
+
+
 def _verdict_from(direction: str | None, wanted: str) -> str:
     if direction is None:
         return "not resolved at this scale"
-    if direction == "missing":
-        return "not run"
+    if direction in ("missing", "few"):
+        return "not run" if direction == "missing" else FEW_SEEDS
     return "reproduced" if direction == wanted else "contradicted"
 
 
@@ -310,7 +313,10 @@ def verdicts(rows: dict, seed: int = 0, results: list[dict] | None = None) -> li
     out = []
 
     def direction(arm: str, metric: str = "frechet") -> str | None:
-        return rows.get(arm, {}).get("vs_tf", {}).get(metric, {}).get("direction", "missing")
+        diff = rows.get(arm, {}).get("vs_tf", {}).get(metric)
+        if diff is None:
+            return "missing"
+        return "few" if diff["n"] < MIN_SEEDS_FOR_VERDICT else diff["direction"]
 
     for arm in SF_ARMS:
         if "vs_tf" in rows.get(arm, {}):
@@ -334,7 +340,8 @@ def verdicts(rows: dict, seed: int = 0, results: list[dict] | None = None) -> li
                 parts.append((name, d))
         if parts:
             dirs = [_better("frechet", d) for _, d in parts]
-            verdict = "reproduced" if all(x == "better" for x in dirs) else \
+            verdict = FEW_SEEDS if any(d["n"] < MIN_SEEDS_FOR_VERDICT for _, d in parts) else \
+                "reproduced" if all(x == "better" for x in dirs) else \
                 "contradicted" if any(x == "worse" for x in dirs) else "not resolved at this scale"
             out.append({"claim": "CFG sampling of the rollout inputs is the best variant", "arm": best,
                         "evidence": "Fréchet distance of cfg minus " + ", ".join(
@@ -342,7 +349,9 @@ def verdicts(rows: dict, seed: int = 0, results: list[dict] | None = None) -> li
                         "verdict": verdict, "intervals": {n: d for n, d in parts}})
     for arm in sar_arms:
         gain, gap = direction(arm), direction(arm, "gap_sample")
-        if gain != "better":
+        if gain == "few":
+            verdict = FEW_SEEDS
+        elif gain != "better":
             verdict = "not resolved at this scale (no quality gain over tf to attribute)" if gain is None else \
                 "not resolved at this scale (SAR is worse than tf here)"
         else:

@@ -58,7 +58,8 @@ def test_verdicts_follow_the_intervals():
 def test_no_verdict_below_five_seeds_or_without_a_gain():
     results = _results({"sf_full": +1.0, "sar_published": +1.0}, seeds=4)
     claims = study.verdicts(study.summarize(results), results=results)
-    assert _verdict(claims, "naive", "sf_full") == "not resolved at this scale"
+    assert _verdict(claims, "naive", "sf_full") == "not resolved (fewer than 5 seeds)"
+    assert _verdict(claims, "the gain", "sar_published") == "not resolved (fewer than 5 seeds)"
     results = _results({"sar_published": +1.0})
     claims = study.verdicts(study.summarize(results), results=results)
     assert _verdict(claims, "SAR improves", "sar_published") == "contradicted"
