@@ -230,6 +230,11 @@ def result_path(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "results", f"{arm}__seed{seed}.json")
 
 
+def base_sha256(out: str) -> str:
+    from .data import file_sha256
+    return file_sha256(os.path.join(out, "base", "export.pth"))
+
+
 def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) -> dict:
     """Train arm `arm` with seed `seed` from the base, evaluate, write its JSON; returns it."""
     torch.set_num_threads(threads)
@@ -241,8 +246,8 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     train_s = _train(cfg)
     start = time.perf_counter()
     metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
-    result = {"arm": arm, "seed": seed, "key": size.key(), "objective": cfg.objective.to_dict(),
-              "steps": size.arm_steps, "train_s": train_s, "eval_s": time.perf_counter() - start, **metrics}
+    result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
+              "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s, "eval_s": time.perf_counter() - start, **metrics}
     os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
     _write_json(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
@@ -469,29 +474,34 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     torch.set_num_threads(args.threads * args.workers)  # the base is one run: give it every core
     base = run_base(args.out, size)
-    todo, done = [], 0
-    for arm in names:
-        for s in range(1, size.seeds + 1):
+    todo, done, base_id = [], 0, base_sha256(args.out)
+    for s in range(1, size.seeds + 1):  # seed-major: an interrupted study leaves whole seeds to compare
+        for arm in names:
             r = _read_json(result_path(args.out, arm, s))
-            if r is not None and r.get("key") != size.key():
-                raise SystemExit(f"error: {result_path(args.out, arm, s)} is from a study of another size; "
-                                 "use another --out")
+            if r is not None and (r.get("key"), r.get("base_sha256")) != (size.key(), base_id):
+                raise SystemExit(f"error: {result_path(args.out, arm, s)} is from a study of another size or "
+                                 "another base; use another --out")
             if r is None:
                 todo.append((arm, s))
             else:
                 done += 1
     print(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
           f"{len(todo)} to run on {args.workers} workers", file=sys.stderr, flush=True)
-    arms_start = time.perf_counter()
+    arms_start, failed = time.perf_counter(), []
     ctx = multiprocessing.get_context("spawn")  # fresh processes: no forked torch threads or process group
     with futures.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init,
                                      initargs=(args.threads,)) as pool:
         jobs = {pool.submit(run_arm, args.out, size, arm, s, args.threads): (arm, s) for arm, s in todo}
         for k, job in enumerate(futures.as_completed(jobs), 1):
             arm, s = jobs[job]
-            r = job.result()
             elapsed = time.perf_counter() - arms_start
             eta = elapsed / k * (len(todo) - k)
+            try:
+                r = job.result()
+            except Exception as e:  # keep going: the other runs' results are worth having
+                failed.append((arm, s, repr(e)))
+                print(f"[study] {k}/{len(todo)} {arm} seed {s} FAILED: {e!r}", file=sys.stderr, flush=True)
+                continue
             print(f"[study] {k}/{len(todo)} {arm} seed {s}: Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, "
                   f"gap {r['gap_sample']:+.4f} (train {r['train_s']:.0f}s); elapsed {elapsed / 60:.1f} min, "
                   f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
@@ -500,6 +510,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(open(os.path.join(args.out, "study.md")).read())
     print(f"[study] {len(names)} arms x {size.seeds} seeds in {summary['wall_s'] / 60:.1f} min; "
           f"wrote {args.out}/study.md, study.json, study.png", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} (arm, seed) runs failed (the table leaves them out; rerun the "
+                         f"same command to retry them): " + "; ".join(f"{a} seed {s}: {e}" for a, s, e in failed))
     return summary
 
 
