@@ -247,7 +247,8 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     start = time.perf_counter()
     metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
-              "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s, "eval_s": time.perf_counter() - start, **metrics}
+              "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s,
+              "eval_s": time.perf_counter() - start, **metrics}
     os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
     _write_json(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
