@@ -73,8 +73,8 @@ def arms() -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class StudySize:
-    """Everything that sizes the study (part of every result's key: results of another size
-    are never mixed in)."""
+    """Everything that sizes the study. All but `seeds` make every result's key (results of
+    another size are never mixed in; more seeds extend a study)."""
     depth: int
     embed_dim: int
     num_heads: int
@@ -90,7 +90,8 @@ class StudySize:
     samples_per_class: int
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Sized to fit 60 minutes on 2 quiet CPU cores (docs/study.md has the arithmetic).
@@ -447,10 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="study directory (base/, results/, study.md/.json/.png); a rerun "
                                                 "with the same directory skips the finished (arm, seed) runs")
-    p.add_argument("--quick", action="store_true", help="a pipeline check (~2 minutes): tiny model, a few steps, "
-                                                        "2 seeds; its numbers mean nothing")
+    p.add_argument("--quick", action="store_true", help="a pipeline check (about a minute on 2 quiet cores): "
+                                                        "tiny model, a few steps, 2 seeds; its numbers mean nothing")
     p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (" + ", ".join(arms()) + ")")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 5, --quick 2)")
+    p.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="seeds per arm (default: 5, --quick 2)")
     p.add_argument("--workers", type=int, default=2, help="(arm, seed) runs in parallel, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     return p
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     size = QUICK if args.quick else FULL
-    if args.seeds is not None:
+    if "seeds" in vars(args):
         if args.seeds < 2:
             raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
         size = dataclasses.replace(size, seeds=args.seeds)
