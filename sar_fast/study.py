@@ -197,7 +197,11 @@ def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ the base
-def run_base(out: str, size: StudySize, log=print) -> dict:
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_base(out: str, size: StudySize, log=_log) -> dict:
     """Teacher forcing from scratch in chunks of base_chunk steps, held-out NLL after each,
     until the NLL improves by less than 1% over a chunk (or base_steps). Resumable: the
     trainer resumes its own checkpoint, and the curve is kept in base/curve.json."""
