@@ -101,13 +101,14 @@ def test_one_rank_equals_two_ranks(tmp_path):
 
 NOISY = ["--depth", "2", "--cond-drop", "0.5", "--drop-path", "0.5", "--pretrain-steps", "1", "--max-steps", "2",
          "--lr", "1e-3", "--pretrain-lr", "1e-3",
-         "--objective", "sar", "--transitions", "all", "--sampling", "argmax", "--gamma", "0.5",
+         "--objective", "sar", "--transitions", "all", "--sampling", "cfg", "--gamma", "0.5",
          "--ckpt-every", "100", "--num-samples", "0"]
 
 
 def test_label_dropout_and_drop_path_do_not_depend_on_ranks_or_accumulation(tmp_path):
-    """1 == 2 == 4 ranks == 2 ranks x 2 micro-batches with label dropout and drop-path on:
-    the noise is keyed by (seed, step, global row), not drawn per rank."""
+    """1 == 2 == 4 ranks == 2 ranks x 2 micro-batches with label dropout, drop-path and CFG
+    sampling of every transition on: all noise is keyed by (seed, step, global row), not
+    drawn per rank."""
     runs = {"r1": (1,), "r2": (2,), "r4": (4,), "r2a2": (2, "--grad-accum", "2")}
     for name, (nproc, *extra) in runs.items():
         _train(nproc, tmp_path / name, *NOISY, *extra)
