@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import __version__, logs
+from .data import file_sha256
 from .embedded import DIGITS_SCHEDULE, EMBEDDED
 from .models.generate import generate
 from .sampling import CFG_RAMPS
@@ -126,14 +127,6 @@ def image_uniforms(seed: int, cls: int, index: int, num_tokens: int) -> torch.Te
     """The sampling noise of one image: [num_tokens] uniforms in [0, 1) (float64, CPU)."""
     gen = torch.Generator().manual_seed(image_seed(seed, cls, index))
     return torch.rand(num_tokens, generator=gen, dtype=torch.float64)
-
-
-def file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_path(out: str, shard: int) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..data import file_sha256
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -82,14 +84,6 @@ def _list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_image_folder(folder: str, side: int) -> np.ndarray:
     """uint8 [N, side, side, 3]: every image of `folder` (recursively, sorted), RGB, centre
     cropped to a square and resized (bicubic) to side x side when it is not already."""
@@ -143,7 +137,7 @@ class InceptionMetrics:
         if not self.cache_dir:
             return None
         if self._weights_key is None:
-            self._weights_key = _file_sha256(self.weights_path)[:16]
+            self._weights_key = file_sha256(self.weights_path)[:16]
         digest = hashlib.sha256(f"{self._weights_key}|{side}".encode())
         files = _list_images(reference) if os.path.isdir(reference) else [reference]
         for f in files:
