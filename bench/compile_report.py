@@ -198,10 +198,14 @@ def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, C
         for D in head_dims:
             H = C // D
 
+            # the custom ops with the arguments scale_causal_attention / cached_attention pass
             def attention(dt=dt, D=D, H=H):
                 q, k, v = (torch.empty(B, H, L, D, dtype=dt) for _ in range(3))
-                out, lse = att._attention_fwd(q, k, v, lens, D ** -0.5, len(lens))
-                att._attention_bwd(torch.empty_like(q), q, k, v, out, lse, lens, D ** -0.5, len(lens))
+                lay = att.scale_layout(lens, q.device)
+                out, lse = att._attention_fwd(q, k, v, lay.sid, lay.sid, lay.off, lay.off, D ** -0.5,
+                                              att._NO_WINDOW, False)
+                att._attention_bwd(torch.empty_like(q), q, k, v, out, lse, lay.sid, lay.sid, lay.off, lay.off,
+                                   D ** -0.5, att._NO_WINDOW)
 
             def cached(dt=dt, D=D, H=H):  # sampling: each scale's queries against the cache so far
                 seen = 0
@@ -209,7 +213,8 @@ def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, C
                     seen += n
                     q = torch.empty(B, H, n, D, dtype=dt)
                     k, v = (torch.empty(B, H, seen, D, dtype=dt) for _ in range(2))
-                    att._attention_fwd(q, k, v, [], D ** -0.5, 1)
+                    ql, kl = att.scale_layout((n,), q.device), att.scale_layout((seen,), q.device)
+                    att._attention_fwd(q, k, v, ql.sid, kl.sid, ql.off, kl.off, D ** -0.5, 1, True)
 
             cases += [(f"scale_causal_attention fwd+bwd {name} D{D}", attention),
                       (f"cached_attention {name} D{D}", cached)]
