@@ -196,16 +196,32 @@ def report(cfg, world_size: int, gpu_gib: float) -> str:
             f"{HEADROOM:.0%} headroom")
 
 
-if __name__ == "__main__":  # python -m sar_fast.memory: the presets' table
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """python -m sar_fast.memory [PRESET ...]: the presets' memory table (markdown)."""
+    import argparse
 
     from .config import PRESETS, resolve
-    presets = sys.argv[1:] or [p for p in PRESETS if p != "tiny"]
+    choices = [p for p in PRESETS if p != "tiny"]
+    parser = argparse.ArgumentParser(
+        prog="python -m sar_fast.memory",
+        description="Per-rank peak memory of one training step of each preset on 8 GPUs of each size "
+                    f"({', '.join(f'{k} GB' for k in GPU_GIB)}), and the cheapest micro-batch / activation "
+                    "checkpointing setting that fits with 10% headroom. Fake tensors: no GPU needed.")
+    parser.add_argument("presets", nargs="*", metavar="PRESET",
+                        help=f"presets to estimate (default: all of {', '.join(choices)})")
+    args = parser.parse_args(argv)
+    for name in args.presets:
+        if name not in choices:
+            parser.error(f"unknown preset {name!r}; choose from {', '.join(choices)}")
     print("| preset | GPU | AC | micro x accum | peak GiB | + overhead | limit (90%) |")
     print("|---|---|---|---|---|---|---|")
-    for name in presets:
+    for name in args.presets or choices:
         for sold, gib in GPU_GIB.items():
             e = fit(resolve(PRESETS[name], {}), 8, gib)
             print(f"| {name} | 8 x {sold} GB | {'on' if e.activation_checkpointing else 'off'} | "
                   f"{e.micro_batch} x {e.grad_accum} | {e.peak_gib:.1f} | {e.total_gib:.1f} | {0.9 * gib:.1f} |",
                   flush=True)
+
+
+if __name__ == "__main__":
+    main()
