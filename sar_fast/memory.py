@@ -93,7 +93,7 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     L = sum(s * s for s in schedule)
     if not fake and (world_size != 1 or precision != "fp32"):
         raise ValueError("a real CPU measurement runs 1 rank in fp32 (the interpreter has no bf16)")
-    with _fake_world(world_size, fake), ops.use_backend("triton"), _sm_count():
+    with _fake_world(world_size, fake), ops.use_backend("kernel"), _sm_count():
         with torch.device("meta"):  # no values needed: shard on meta, then fake CUDA storage
             model = ScaleAR(mcfg)
         info = parallel.DistInfo(0, world_size, 0, device)
