@@ -340,7 +340,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
 def _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, window,
               qk_scale, start, stop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ [BLOCK_M, D] of one query tile over the key tiles [start, stop)."""
+    """Accumulate dQ [BLOCK_M, D] of one query tile over the key tiles [start, stop).
+    The K/V tile loads repeat _fwd_tiles' on purpose: the loop bodies differ right after
+    them, and a shared helper returning both tiles costs registers in this hot loop."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(start, stop, BLOCK_N):

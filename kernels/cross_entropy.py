@@ -157,7 +157,8 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
                        N, V, C, stride_h, stride_w, stride_t, v_per_split, inv_temp,
                        TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per row: student and teacher online log-sum-exp and cross = sum_j e^(t_j - m_t) (t_j - s_j)."""
+    """Per row: student and teacher online log-sum-exp and cross = sum_j e^(t_j - m_t) (t_j - s_j).
+    Its signature and tiling mirror _ce_forward_kernel's (same GEMM tiles, other reductions)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

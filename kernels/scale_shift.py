@@ -158,7 +158,8 @@ def _candidate_outputs(i, ok, n_in, n_out):
 def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, C, rows_out,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Adjoint in gather form: each source pixel sums the output pixels whose taps reach it
-    (no atomics, deterministic), with weights recomputed exactly as the forward does."""
+    (no atomics, deterministic), with weights recomputed exactly as the forward does (hence
+    the forward's tile lookup and indexing prologue, repeated)."""
     j, first = _find_tile(meta_ptr, num_t, BLOCK_P, False)
     b = tl.program_id(1).to(tl.int64)
     row = meta_ptr + j * META_WIDTH

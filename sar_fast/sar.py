@@ -297,7 +297,8 @@ def _sample_official(config: SARConfig, cond: dict[int, torch.Tensor], uncond: d
                      n: int, step: int, scales: list[int],
                      ssr_codes: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
     """The public code's draws: multinomial over the whole (filtered) vocabulary, one
-    generator per (seed, step, scale) shared by all rows (so keyed by the rank's batch)."""
+    generator per (seed, step, scale) shared by all rows (so keyed by the rank's batch).
+    Kept apart from `_sample` (same loop shape) so the official path stays draw for draw."""
     preds = {}
     for si in scales:
         if ssr_codes is not None and si in ssr_codes:

@@ -116,7 +116,7 @@ def split(t: torch.Tensor, schedule) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------- sampling
-def ramp(kind: str, cfg: float, si: int, n: int) -> float:
+def ramp(kind: str, cfg: float, si: int, n: int) -> float:  # restates sampling.guidance_weight on purpose
     last = max(n - 1, 1)
     if kind == "linear":
         return cfg * si / last

@@ -9,6 +9,8 @@ from sar_fast.models import build_model
 from sar_fast.sampler import CFG_RAMPS, generate, guidance_weight, sample_top_k_top_p
 
 
+# test_sampler.py builds its models the same way at a fixed schedule; this one takes the
+# schedule (FlexVAR's special branches need sides beyond 16)
 def _random_model(arch, schedule):
     torch.manual_seed(0)
     model = build_model(f"{arch}-tiny", schedule=schedule)

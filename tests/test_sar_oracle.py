@@ -4,26 +4,13 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import oracles
-from sar_fast.models import build_model
 from sar_fast.sar import SARConfig, sar_step
 
-SCHED = (1, 2, 3, 5)
+from test_sar import SCHED, _setup  # noqa: E402 - the objective tests' one model/batch setup
+
 N = len(SCHED)
-
-
-def _setup(arch, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(f"{arch}-tiny", cond_drop_rate=0.0, schedule=SCHED)
-    for p in model.parameters():  # random weights so that every path matters
-        p.data.normal_(0, 0.1)
-    book = F.normalize(torch.randn(64, 8), dim=-1)
-    codes = torch.randint(0, 64, (3, 39))
-    labels = torch.tensor([1, 2, 3])
-    phi = (lambda h, i, n: 0.7 * h + 0.1 * i) if arch == "var" else None
-    return model, book, codes, labels, phi
 
 
 def _grads(model, loss):

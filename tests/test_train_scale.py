@@ -285,6 +285,8 @@ def test_init_is_read_by_rank_zero_only(tmp_path):
     assert r0 == [1, True] and r1 == [0, True]
 
 
+# Like the tests above, this one writes a small torchrun program of its own: each program
+# sets up the process group the same way and then probes one behaviour.
 def test_collective_timeout_shortens_after_the_first_step(tmp_path):
     """The long --startup-timeout until step 1 is done, --collective-timeout afterwards."""
     script = tmp_path / "timeout.py"
