@@ -188,6 +188,7 @@ def main() -> int:
                  "(plain mean); times are medians of CUDA-event intervals",
         "loss_checks": checks, "summary": summary, "results": results,
     }
+    # the report epilogue has bench_attention's shape: each bench its own payload and file name
     path = os.path.join(args.out, "bench_cross_entropy.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
