@@ -491,11 +491,12 @@ class ResumableDistributedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.position:])
 
-    def global_positions(self, start: int, count: int) -> torch.Tensor:
-        """int64 [count]: where this rank's positions start..start+count-1 of the epoch sit
-        in the epoch's global order (rank r holds global positions r, r + W, r + 2W, ...).
-        The same sample has the same global position on any number of ranks."""
-        return torch.arange(start, start + count, dtype=torch.int64) * self.world_size + self.rank
+    def global_positions(self, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int64 [count] on `device`: where this rank's positions start..start+count-1 of the
+        epoch sit in the epoch's global order (rank r holds global positions r, r + W, ...).
+        The same sample has the same global position on any number of ranks. Built on the
+        device (an arange): no host-to-device copy per batch."""
+        return torch.arange(start, start + count, dtype=torch.int64, device=device) * self.world_size + self.rank
 
     def __len__(self) -> int:
         """What the next `__iter__` yields: the rest of the current epoch."""
@@ -591,7 +592,7 @@ class DataSource:
         x, labels = next(self._iter)
         # each row's position in the epoch's global order: the key of its randomness
         # (SSR draws), so it does not depend on the number of ranks or micro-batches
-        self.rows = self.sampler.global_positions(self.sampler.position, self.local_batch).to(self.info.device)
+        self.rows = self.sampler.global_positions(self.sampler.position, self.local_batch, self.info.device)
         self.sampler.advance(self.local_batch)
         check_batch_ranges(labels, x if self.cache_schedule is not None else None, self.num_classes,
                            self.tok.vocab_size)
