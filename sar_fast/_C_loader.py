@@ -78,6 +78,12 @@ def _register_fake_kernels() -> None:
         return codes, h
 
 
+    @torch.library.register_fake("sar_fast::sample_survivors")
+    def _sample_survivors_fake(logits: torch.Tensor, uncond: torch.Tensor | None, guidance: float, top_k: int,
+                               top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+        return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
 def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """ATen's suggest_memory_format (what the C++ op uses to lay out h)."""
     from torch._prims_common import suggest_memory_format
@@ -116,6 +122,15 @@ def msq_var_step(rest: torch.Tensor, f_hat: torch.Tensor | None, codebook: torch
     """
     _extension_for("msq_var_step", rest.device)
     return torch.ops.sar_fast.msq_var_step(rest, f_hat, codebook, int(side), bool(normalize), bool(upsample))
+
+
+def sample_survivors(logits: torch.Tensor, uncond: torch.Tensor | None, guidance: float, top_k: int,
+                     top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of CPU logits [R, V] (int64 [R]): guidance mixing, top-k, top-p and
+    the inverse-CDF draw with uniforms [R] (float64) fused per row (csrc/sample_cpu.cpp);
+    the distribution of sar_fast.sampling.sample_survivors. The C++ side validates."""
+    _extension_for("sample_survivors", logits.device)
+    return torch.ops.sar_fast.sample_survivors(logits, uncond, float(guidance), int(top_k), float(top_p), uniforms)
 
 
 def cpu_isas() -> list[str]:

@@ -19,7 +19,7 @@ default path computes the same loss and gradients without that waste (tested wit
 same SSR codes injected in both, and under argmax sampling). Their draws differ: `official`
 keeps the public code's multinomial over the whole vocabulary from a generator seeded per
 (seed, step, scale), draw for draw; the default draws from the same distribution over the
-top-k candidates only (sampling.sample_survivors), with uniforms keyed by (seed, step,
+top-k candidates only (ops.sample_survivors: fused in C++ on CPU), with uniforms keyed by (seed, step,
 global row, scale) (sampling.sample_keyed_uniform), so a sample's draw does not depend on
 the number of ranks or micro-batches.
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from . import ops
 from .models.blocks import apply_head
 from .ops.reference import Phi
-from .sampling import STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_survivors, sample_top_k_top_p
+from .sampling import STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_top_k_top_p
 from .schedules import scale_offsets, validate_schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
@@ -288,8 +288,8 @@ def _sample(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, 
             continue
         t = guidance_weight("sar", config.cfg, si, n) if uncond is not None else 0.0
         uniforms = sample_keyed_uniform(config.seed, step, (STREAM_SSR, si), rows, logits.shape[1:-1], logits.device)
-        preds[si] = sample_survivors(logits, config.top_k, config.top_p, uniforms=uniforms,
-                                     uncond=None if uncond is None else uncond[si], guidance=t)
+        preds[si] = ops.sample_survivors(logits, config.top_k, config.top_p, uniforms,
+                                         uncond=None if uncond is None else uncond[si], guidance=t)
     return preds
 
 

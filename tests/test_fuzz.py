@@ -1,5 +1,5 @@
 """Property-based fuzzing of every public op (sar_fast.ops) and of the C++ extension's
-operators (torch.ops.sar_fast.msq_*): random shapes, dtypes, strides, empty sizes,
+operators (torch.ops.sar_fast.msq_*, sample_survivors): random shapes, dtypes, strides, empty sizes,
 out-of-range codes, NaN/Inf. Every call either matches the independent reference or raises
 a Python exception (TypeError/ValueError/BackendError/RuntimeError) whose message names the
 offending argument; a crash, hang or silently wrong result fails.
@@ -353,6 +353,49 @@ def test_fuzz_resize_pos_table_and_transition_rows(data):
         # token rows of each chosen transition's block, back to back
         assert all(a < b for a, b in rows) and all(b == c for (_, b), (c, _) in zip(rows, rows[1:]))
         assert not rows or rows[0][0] == 0
+
+
+# ------------------------------------------------------------------ the fused SSR draw
+@fuzz
+@given(st.data())
+def test_fuzz_sample_survivors(data):
+    """ops.sample_survivors and torch.ops.sar_fast.sample_survivors: a token of the row's kept
+    set (the PyTorch path's, for finite rows), or a named refusal; never out of range."""
+    _extension()
+    from sar_fast.sampling import sample_survivors as torch_path
+    draw = data.draw
+    valid = draw(st.booleans())
+    R, V = draw(st.integers(0, 6)), draw(st.integers(1, 70))
+    dims = [R, V] if valid else draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16] if valid else
+                                 [torch.float32, torch.float64, torch.int64, torch.bfloat16]))
+    logits = (torch.randn(dims) * 4 if dtype != torch.int64 else torch.randint(0, 4, dims)).to(dtype)
+    logits = layout(poison(logits, draw(st.sampled_from(["finite", "finite", "nan", "inf", "-inf"])), draw),
+                    draw(st.sampled_from(["contiguous", "transposed", "wide"])))
+    rows = logits.shape[0] if logits.dim() == 2 else R
+    uniforms = torch.rand(rows if valid else draw(st.integers(0, 7)),
+                          dtype=torch.float64 if valid else draw(st.sampled_from([torch.float64, torch.float32])))
+    uncond = draw(st.sampled_from([None, "same"] if valid else [None, "same", "wrong"]))
+    uncond = {None: None, "same": torch.randn(logits.shape).to(logits.dtype) if logits.is_floating_point() else None,
+              "wrong": torch.randn(2, 3)}[uncond]
+    guidance = draw(st.floats(-2, 4)) if valid else draw(st.sampled_from([0.0, 1.0, float("inf"), float("nan")]))
+    top_k = draw(st.integers(0, V + 2)) if valid else draw(st.integers(-2, V + 2))
+    top_p = draw(st.floats(0, 1)) if valid else draw(st.sampled_from([0.0, 0.5, 1.0, -0.1, 1.5, float("nan")]))
+    try:
+        got = torch.ops.sar_fast.sample_survivors(logits, uncond, guidance, top_k, top_p, uniforms)
+    except ERRORS as e:
+        expect_named_error(e, "logits", "uncond", "uniforms", "top_k", "top_p", "guidance", "vocab")
+        return
+    assert logits.dim() == 2 and got.shape == (logits.shape[0],) and got.dtype == torch.int64
+    if got.numel():
+        assert int(got.min()) >= 0 and int(got.max()) < logits.shape[1]
+    finite = logits.is_floating_point() and bool(torch.isfinite(logits).all()) and (
+        uncond is None or bool(torch.isfinite(uncond).all()))
+    if finite and top_k != 1 and logits.shape[0]:
+        want = torch_path(logits, top_k, top_p, uniforms=uniforms, uncond=uncond, guidance=guidance)
+        mixed = logits.float() if uncond is None else torch.lerp(uncond.float(), logits.float(), 1 + guidance)
+        torch.testing.assert_close(mixed.gather(1, got[:, None]), mixed.gather(1, want[:, None]), atol=0, rtol=0)
+        event("compared")
 
 
 # ------------------------------------------------------------------ 64-bit offsets

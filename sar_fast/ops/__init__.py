@@ -7,11 +7,12 @@ from .attention import ScaleLayout, cached_attention, scale_causal_attention, sc
 from .backend import BACKENDS, BackendError, get_backend, set_backend, use_backend
 from .cross_entropy import fused_linear_cross_entropy, fused_linear_kl_div
 from .quantize import msq_decode, msq_encode
+from .sample import sample_survivors
 from .scale_shift import resize_pos_table, scale_shift, ssr_inputs, transition_rows
 
 __all__ = [
     "BACKENDS", "BackendError", "get_backend", "set_backend", "use_backend",
     "scale_shift", "ssr_inputs", "transition_rows", "resize_pos_table", "scale_causal_attention", "cached_attention",
     "ScaleLayout", "scale_layout",
-    "fused_linear_cross_entropy", "fused_linear_kl_div", "msq_encode", "msq_decode", "reference",
+    "fused_linear_cross_entropy", "fused_linear_kl_div", "msq_encode", "msq_decode", "sample_survivors", "reference",
 ]
