@@ -23,6 +23,10 @@ from .backend import BackendError, any_fake, get_backend
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the op's; float64 logits take the reference
 
 
+def _describe(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def use_extension(logits: torch.Tensor) -> bool:
     """True when sample_survivors on `logits` runs the extension's fused op under the current backend."""
     backend = get_backend()
@@ -55,11 +59,9 @@ def sample_survivors(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
         return reference_sample_survivors(logits, top_k, top_p, uniforms=uniforms, uncond=uncond, guidance=guidance)
     shape, V = logits.shape[:-1], logits.shape[-1]
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != shape:
-        raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), "
-                         f"got {tuple(uniforms.shape) if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__}")
+        raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), got {_describe(uniforms)}")
     if uncond is not None and (not isinstance(uncond, torch.Tensor) or uncond.shape != logits.shape):
-        raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, "
-                         f"got {tuple(uncond.shape) if isinstance(uncond, torch.Tensor) else type(uncond).__name__}")
+        raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, got {_describe(uncond)}")
     flat, flat_uncond = logits.reshape(-1, V), None
     if uncond is not None:
         flat_uncond = uncond.reshape(-1, V)
