@@ -37,6 +37,7 @@ class Estimate:
     micro_batch: int           # per-rank samples in one micro-batch
     grad_accum: int
     activation_checkpointing: bool
+    reshard: str = "step"      # the FSDP communication policy (--reshard) the step ran with
 
     @property
     def total_gib(self) -> float:
@@ -66,9 +67,12 @@ def _fake_world(world_size: int, fake: bool = True):
 
 def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
              activation_checkpointing: bool | None = None, schedule: tuple[int, ...] | None = None,
-             fake: bool = True) -> Estimate:
+             fake: bool = True, reshard: str | None = None) -> Estimate:
     """Peak memory per rank of one step of `cfg` (a sar_fast.config.TrainConfig) on
-    `world_size` GPUs; grad_accum / activation_checkpointing override the config's.
+    `world_size` GPUs; grad_accum / activation_checkpointing / reshard override the config's.
+    The step is driven as Trainer.train_step drives it (parallel.begin_step,
+    set_micro_batch, reduce_gradients), so the 'step' policy's unsharded weights and
+    gradients are counted where they are alive.
     fake=False runs the same step for real on the CPU (1 rank, Triton's interpreter, fp32
     parameters only): the measurement the fake estimate is tested against."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -80,6 +84,7 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
 
     accum = cfg.optim.grad_accum if grad_accum is None else grad_accum
     ac = cfg.system.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    reshard = cfg.system.reshard if reshard is None else reshard
     if cfg.optim.batch_size % (accum * world_size):
         raise ValueError(f"batch size {cfg.optim.batch_size} does not split into {accum} micro-batches "
                          f"over {world_size} ranks")
@@ -97,7 +102,7 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
         with torch.device("meta"):  # no values needed: shard on meta, then fake CUDA storage
             model = ScaleAR(mcfg)
         info = parallel.DistInfo(0, world_size, 0, device)
-        model = parallel.shard_model(model, info, precision, ac, compile_blocks=False)
+        model = parallel.shard_model(model, info, precision, ac, compile_blocks=False, reshard=reshard)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         fake_mode.__enter__()
         model.to_empty(device=device)
@@ -116,10 +121,12 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
         tracker.track_external(model, optimizer)
         step_module = _Step(model, cfg.objective)
         with tracker:
+            parallel.begin_step(model)
             for m in range(accum):
-                model.set_requires_gradient_sync(m == accum - 1)
+                parallel.set_micro_batch(model, last=m == accum - 1)
                 tracker.reset_mod_stats()
                 step_module(labels, codes, schedule, codebook, 0).backward()
+            parallel.reduce_gradients(model)
             optimizer.step()
             peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
         n_params = sum(p.numel() for p in model.parameters())
@@ -133,7 +140,7 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     workspace = kern._chunk_rows(micro * L, mcfg.vocab_size, itemsize) * mcfg.vocab_size * itemsize if fake else 0
     return Estimate(peak_gib=(peak + workspace) / GIB, params_gib=4 * n_params / world_size / GIB,
                     optimizer_gib=8 * n_params / world_size / GIB, micro_batch=micro, grad_accum=accum,
-                    activation_checkpointing=ac)
+                    activation_checkpointing=ac, reshard=reshard)
 
 
 class _Step(torch.nn.Module):
@@ -168,18 +175,22 @@ _ESTIMATES: dict = {}
 
 
 def fit(cfg, world_size: int = 8, gpu_gib: float = 80.0) -> Estimate:
-    """The cheapest (activation checkpointing, grad_accum) that fits `gpu_gib` with the
-    headroom: recompute costs ~1/3 more compute, more micro-batches cost per-step all-gathers
-    and smaller GEMMs; so no checkpointing with the fewest micro-batches down to 16 samples
-    per rank, else checkpointing with the fewest micro-batches."""
+    """The cheapest (reshard policy, activation checkpointing, grad_accum) that fits `gpu_gib`
+    with the headroom. Recompute costs ~1/3 more compute; more micro-batches cost smaller
+    GEMMs (and, under 'pass', an all-gather per block each); 'pass' costs ~4 more
+    all-gathers per block per step. So: 'step' without checkpointing, fewest micro-batches
+    down to 16 samples per rank; then 'pass' the same; then checkpointing ('step', 'pass')."""
     per_rank = cfg.optim.batch_size // world_size
-    candidates = [(False, a) for a in GRAD_ACCUMS if per_rank % a == 0 and per_rank // a >= 16] + \
-                 [(True, a) for a in GRAD_ACCUMS if per_rank % a == 0]
+    plain = [a for a in GRAD_ACCUMS if per_rank % a == 0 and per_rank // a >= 16]
+    every = [a for a in GRAD_ACCUMS if per_rank % a == 0]
+    candidates = [(rs, False, a) for rs in ("step", "pass") for a in plain] + \
+                 [(rs, True, a) for rs in ("step", "pass") for a in every]
     last = None
-    for ac, accum in candidates:
-        key = (repr(cfg), world_size, ac, accum)
+    for reshard, ac, accum in candidates:
+        key = (repr(cfg), world_size, reshard, ac, accum)
         if key not in _ESTIMATES:
-            _ESTIMATES[key] = estimate(cfg, world_size, grad_accum=accum, activation_checkpointing=ac)
+            _ESTIMATES[key] = estimate(cfg, world_size, grad_accum=accum, activation_checkpointing=ac,
+                                       reshard=reshard)
         last = _ESTIMATES[key]
         if last.fits(gpu_gib):
             return last
@@ -190,7 +201,8 @@ def report(cfg, world_size: int, gpu_gib: float) -> str:
     est = estimate(cfg, world_size)
     verdict = "fits" if est.fits(gpu_gib) else "DOES NOT FIT"
     return (f"[sar_fast] memory estimate, {world_size} ranks: micro-batch {est.micro_batch} x {est.grad_accum} "
-            f"accumulation, activation checkpointing {'on' if est.activation_checkpointing else 'off'}: "
+            f"accumulation, activation checkpointing {'on' if est.activation_checkpointing else 'off'}, "
+            f"--reshard {est.reshard}: "
             f"tracked peak {est.peak_gib:.1f} GiB (parameters {est.params_gib:.2f}, AdamW {est.optimizer_gib:.2f}) "
             f"+ {OVERHEAD_GIB} GiB CUDA/NCCL = {est.total_gib:.1f} GiB per rank; {verdict} {gpu_gib:g} GiB with "
             f"{HEADROOM:.0%} headroom")
@@ -213,12 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.presets:
         if name not in choices:
             parser.error(f"unknown preset {name!r}; choose from {', '.join(choices)}")
-    print("| preset | GPU | AC | micro x accum | peak GiB | + overhead | limit (90%) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | GPU | reshard | AC | micro x accum | peak GiB | + overhead | limit (90%) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.presets or choices:
         for sold, gib in GPU_GIB.items():
             e = fit(resolve(PRESETS[name], {}), 8, gib)
-            print(f"| {name} | 8 x {sold} GB | {'on' if e.activation_checkpointing else 'off'} | "
+            print(f"| {name} | 8 x {sold} GB | {e.reshard} | {'on' if e.activation_checkpointing else 'off'} | "
                   f"{e.micro_batch} x {e.grad_accum} | {e.peak_gib:.1f} | {e.total_gib:.1f} | {0.9 * gib:.1f} |",
                   flush=True)
 
