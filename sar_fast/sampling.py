@@ -191,6 +191,7 @@ _M32 = 0xFFFFFFFF
 # streams of sample_keyed_uniform used inside the package (a stream may also be a tuple)
 STREAM_SSR = 1            # SSR draws: stream (STREAM_SSR, scale index)
 STREAM_MODEL = 2          # the model's label dropout and drop-path: (STREAM_MODEL, rng.STREAM_*)
+STREAM_ROLLOUT = 3        # naive student forcing's rollouts (sf_*): one uniform per token of a row
 
 
 def _mul32(x, c: int):

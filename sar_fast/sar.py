@@ -27,7 +27,8 @@ Naive student forcing (the paper's Table 3 ablations) is here too: 'sf_full' (tr
 full autoregressive rollout), 'sf_alternate' (TF and sf_full on alternate steps),
 'sf_interleave' (odd scales' inputs from the rollout, even ones ground truth) and
 'sf_hybrid' (the first hybrid_k scales teacher-forced, the rest from the rollout); each
-is one pass with ground-truth targets.
+is one pass with ground-truth targets, on a rollout whose draws are keyed by (seed, step,
+global row, token) like SSR's.
 
 No distributed code here: the trainer wraps the model (FSDP2) and calls `sar_step`.
 """
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from . import ops
 from .models.blocks import apply_head
 from .ops.reference import Phi
-from .sampling import STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_top_k_top_p
+from .sampling import STREAM_ROLLOUT, STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_top_k_top_p
 from .schedules import scale_offsets, validate_schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
@@ -211,7 +212,7 @@ def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codeboo
         return _official(model, labels, codes, schedule, inputs, config, step, ssr_codes)
     if obj == "sar":
         return _sar(model, labels, codes, schedule, inputs, config, step, rows, ssr_codes)
-    return _naive_student_forcing(model, labels, codes, schedule, inputs, config, step)
+    return _naive_student_forcing(model, labels, codes, schedule, inputs, config, step, rows)
 
 
 # ------------------------------------------------------------------------------------------
@@ -435,15 +436,18 @@ def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig
 
 # ------------------------------------------------------------------------------------------
 def _naive_student_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig,
-                           step: int) -> StepOutput:
-    """One pass on inputs from the model's own full rollout (all or some scales), GT targets."""
+                           step: int, rows: torch.Tensor) -> StepOutput:
+    """One pass on inputs from the model's own full rollout (all or some scales), GT targets.
+    The rollout's draws are keyed by (seed, step, global row, token), like SSR's."""
     n, off = len(schedule), scale_offsets(schedule)
     guided = _uses_guidance(config, official=False)
+    greedy = config.sampling == "argmax"
     with torch.no_grad():
-        gen = _scale_generator(config.seed, step, n, codes.device)
+        uniforms = None if greedy else sample_keyed_uniform(config.seed, step, STREAM_ROLLOUT, rows,
+                                                            (codes.shape[1],), codes.device)
         rollout = model.generate(inputs.codebook, labels, schedule, cfg=config.cfg if guided else 0.0,
-                                 cfg_ramp="sar", top_k=1 if config.sampling == "argmax" else config.top_k,
-                                 top_p=config.top_p, generator=gen, phi=inputs.phi)
+                                 cfg_ramp="sar", top_k=1 if greedy else config.top_k,
+                                 top_p=config.top_p, phi=inputs.phi, uniforms=uniforms)
     if config.objective == "sf_interleave":
         use_rollout = [i % 2 == 1 for i in range(n)]
     elif config.objective == "sf_hybrid":

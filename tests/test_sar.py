@@ -106,6 +106,31 @@ MODES = [dict(objective="tf")] + [
     dict(objective="sar", transitions="all", scale_weighting="scale", label_smoothing=0.1)]
 
 
+@pytest.mark.parametrize("objective", ["sf_full", "sf_hybrid"])
+def test_student_forcing_rollouts_are_keyed_by_global_row(monkeypatch, objective):
+    """A row's rollout depends on its global index, not on the batch it is in (what made
+    1 rank == 2 ranks fail for sf_*: one generator per (step, scale) for the whole batch)."""
+    import sar_fast.models.transformer as tr
+    model, book, codes, labels, phi = _setup("flexvar")
+    cfg = SARConfig(objective=objective, sampling="cfg", cfg=1.5, top_k=30, top_p=0.9, hybrid_k=2)
+    generate = tr.ScaleAR.generate
+    seen = []
+
+    def spy(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        seen.append(torch.cat(out.codes, dim=1))
+        return out
+    monkeypatch.setattr(tr.ScaleAR, "generate", spy)
+
+    def rollout(rows, part=slice(None)):
+        seen.clear()
+        sar_step(model, labels[part], codes[part], SCHED, book, cfg, step=1, phi=phi, rows=torch.tensor(rows))
+        return seen[0]
+    full = rollout([10, 11, 12])
+    assert torch.equal(rollout([11, 12], slice(1, None)), full[1:])
+    assert not torch.equal(rollout([20, 21, 22]), full)
+
+
 @pytest.mark.parametrize("arch", ["flexvar", "var"])
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{v}" for v in m.values()))
 def test_every_mode_is_finite_and_trains(arch, mode):
