@@ -16,7 +16,9 @@ taps i0-1 .. i0+2 clamped to [0, n_in-1] with Keys' weights (A = -0.75); rows ar
 interpolated first, then the four row results. Arithmetic is fp32.
 
 Programs: axis 0 walks the tiles of all transitions (BLOCK_P pixels each, found by a short
-scan of the table, so the tiling needs no extra table per block size), axis 1 the batch.
+scan of the table, so the tiling needs no extra table per block size), axis 1 the batch,
+axis 2 blocks of BLOCK_C channels (at most MAX_BLOCK_C: a wide map, C = 1024, would
+otherwise hold 1024 channels per pixel in registers and spill).
 The launchers take plain tensors; validation and autograd live in sar_fast.ops.scale_shift.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ META_SB, META_SC, META_SY, META_SX = tl.constexpr(4), tl.constexpr(5), tl.conste
 META_WIDTH = tl.constexpr(8)
 
 CUBIC_A = tl.constexpr(-0.75)  # PyTorch's bicubic coefficient
+MAX_BLOCK_C = 128  # channels per program: 8 outputs per thread at BLOCK_P 16 and 8 warps
 
 
 @triton.jit
@@ -108,7 +111,7 @@ def _scale_shift_fwd_kernel(out_ptr, src_ptr, codes_ptr, meta_ptr, num_t, C,
 
     p = first.to(tl.int32) + tl.arange(0, BLOCK_P)
     p_ok = p < n_out * n_out
-    c = tl.arange(0, BLOCK_C)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = p_ok[:, None] & (c < C)[None, :]
     iy0, ty = _source_coord(p // n_out, n_in, n_out)
     ix0, tx = _source_coord(p % n_out, n_in, n_out)
@@ -174,7 +177,7 @@ def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, C, rows
 
     q = first.to(tl.int32) + tl.arange(0, BLOCK_P)
     q_ok = q < n_in * n_in
-    c = tl.arange(0, BLOCK_C)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     iy = q // n_in
     ix = q % n_in
@@ -203,11 +206,16 @@ def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, C, rows
 # ----------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------
+def block_channels(C: int) -> int:
+    """BLOCK_C: every channel in one program up to MAX_BLOCK_C, else blocks of it."""
+    return min(triton.next_power_of_2(C), MAX_BLOCK_C)
+
+
 def default_config(C: int) -> tuple[int, int]:
     """(BLOCK_P, num_warps): 8 outputs per thread. The 16 tap loads are all in flight at
     once, so registers grow with outputs per thread: 8 compiles to ~115 registers on sm_90
     (16 to ~194, 32 spills); the bench's sweep measures the alternatives."""
-    block_c = triton.next_power_of_2(C)
+    block_c = block_channels(C)
     block_p = max(16, min(64, 2048 // block_c))
     return block_p, max(1, min(8, block_p * block_c // 256))
 
@@ -228,14 +236,15 @@ def launch_forward(out: torch.Tensor, src: torch.Tensor, codes: torch.Tensor | N
     B = out.shape[0]
     dflt_p, dflt_w = default_config(C)
     block_p = block_p or dflt_p
-    grid = (num_tiles(out_sides, block_p), B)
+    block_c = block_channels(C)
+    grid = (num_tiles(out_sides, block_p), B, triton.cdiv(C, block_c))
     if grid[0] == 0 or B == 0:
         return
     gather = codes is not None
     _scale_shift_fwd_kernel[grid](
         out, src, codes if gather else src, meta, meta.shape[0], C,
         out.shape[1], codes.stride(0) if gather else 0, src.stride(0) if gather else 0,
-        GATHER=gather, BLOCK_P=block_p, BLOCK_C=triton.next_power_of_2(C),
+        GATHER=gather, BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=num_warps or dflt_w)
 
 
@@ -247,10 +256,11 @@ def launch_backward(grad_src: torch.Tensor, grad_out: torch.Tensor, meta: torch.
     B = grad_out.shape[0]
     dflt_p, dflt_w = default_config(C)
     block_p = block_p or dflt_p
-    grid = (num_tiles(in_sides, block_p), B)
+    block_c = block_channels(C)
+    grid = (num_tiles(in_sides, block_p), B, triton.cdiv(C, block_c))
     if grid[0] == 0 or B == 0:
         return
     _scale_shift_bwd_kernel[grid](
         grad_src, grad_out, meta, meta.shape[0], C, grad_out.shape[1],
-        BLOCK_P=block_p, BLOCK_C=triton.next_power_of_2(C),
+        BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=num_warps or dflt_w)

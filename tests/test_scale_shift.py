@@ -302,3 +302,30 @@ def test_random_schedules_do_not_recompile():
         torch.testing.assert_close(ops.scale_shift(codes, book, schedule), reference_tf(codes, book, schedule), **TOL)
         before = variants() if before is None else before  # after the first compile
     assert variants() == before, f"{variants() - before} recompiles over 11 new schedules"
+
+
+@pytest.mark.parametrize("C, max_block_c", [(5, 4), (10, 4), (8, 4), (200, None)])
+def test_channel_blocks_forward_and_gradients(monkeypatch, C, max_block_c):
+    """Channels split over programs (axis 2): blocks of MAX_BLOCK_C, the last one partial
+    (C 5, 10 at 4 per block; C 200 at the default 128), codes and dense maps, and the
+    gradients of both."""
+    kernels = need_module("sar_fast.kernels.scale_shift")
+    if max_block_c is not None:
+        monkeypatch.setattr(kernels, "MAX_BLOCK_C", max_block_c)
+    assert kernels.block_channels(C) < C
+    schedule, B, V = (1, 2, 3, 5), 2, 7
+    book = torch.randn(V, C, device=DEVICE, requires_grad=True)
+    twin = book.detach().clone().requires_grad_()
+    codes = make_codes(B, schedule, V)
+    weight = torch.randn(B, total_length(schedule) - 1, C, device=DEVICE)
+    got = triton_call(ops.scale_shift, codes, book, schedule)
+    torch.testing.assert_close(got, reference_tf(codes, twin, schedule), **TOL)
+    (got * weight).sum().backward()
+    (reference_tf(codes, twin, schedule) * weight).sum().backward()
+    torch.testing.assert_close(book.grad, twin.grad, **TOL)
+    maps = [torch.randn(B, C, s, s, device=DEVICE, requires_grad=True) for s in schedule]
+    twins = [m.detach().clone().requires_grad_() for m in maps]
+    (triton_call(ops.scale_shift, scales=maps, schedule=schedule) * weight).sum().backward()
+    (reference.scale_shift(twins, schedule) * weight).sum().backward()
+    for a, b in zip(maps[:-1], twins[:-1]):
+        torch.testing.assert_close(a.grad, b.grad, **TOL)
