@@ -243,8 +243,9 @@ def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, C
         def scale_shift(dt=dt):
             codes = torch.zeros(B, L, dtype=torch.long)
             every = list(range(len(sched) - 1))
-            # the scale shift works on codebook vectors (Cvae 32), not on the model width
-            for width in (D16["codebook_dim"],):
+            # the scale shift works on codebook vectors (Cvae 32); the model width (1024) is
+            # what a caller upsampling hidden states would pass (channel blocks of 128)
+            for width in (D16["codebook_dim"], D16["channels"]):
                 book = torch.empty(4096, width, dtype=dt)
                 ss._codes_op(codes, book, list(sched), every, dt)  # TF: every transition
                 ss._codes_op(codes, book, list(sched), every[::2], dt)  # SSR: chosen transitions

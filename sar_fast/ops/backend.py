@@ -4,7 +4,8 @@
 - kernel: always the op's kernel, an error where it cannot run (never a silent fallback).
   The kernel is a Triton kernel (kernels/: attention, cross entropy, scale shift), which
   runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), how tests cover
-  kernel code without a GPU; for msq_encode it is the C++/CUDA extension sar_fast._C;
+  kernel code without a GPU; for msq_encode it is the C++/CUDA extension sar_fast._C,
+  for sample_survivors the extension's CPU op;
 - auto: the kernel where it is the fast path (Triton on CUDA tensors; the extension on
   CPU and CUDA when it is built), the reference elsewhere;
 - reference: always the PyTorch references (the oracles the kernels are tested against).
