@@ -164,7 +164,7 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
             model.blocks[i] = checkpoint_wrapper(block)
     for block in model.blocks:
         if compile_blocks:
-            block.compile()
+            compile_block(block)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard == "pass")
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     for name in ("forward_student", "generate"):
@@ -180,6 +180,20 @@ def fsdp_units(model: nn.Module) -> list:
     """The FSDP-wrapped modules in module order: the root first, then the blocks."""
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+RECOMPILE_LIMIT = 32  # graphs per block's code before dynamo falls back to eager (its default: 8)
+
+
+def compile_block(block: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile one transformer block. A training step needs 8 graphs whatever the
+    schedule (static first call / dynamic lengths x grad on/off x drop-path on/off;
+    tests/test_torch_compile.py), exactly dynamo's default limit, after which it would run
+    the block eagerly for the rest of the run, saying so once in a log line; the end-of-run
+    sample grids (eval mode, KV cache) need more. So the limit is raised for the blocks.
+    (dynamic=True from the first call was tried: the attention then graph-breaks, 16 graphs.)"""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    block.compile(backend=backend)
 
 
 def begin_step(model: nn.Module) -> None:
