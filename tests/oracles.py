@@ -7,9 +7,11 @@ scale or pass, dense logits and float64 losses. Only the model's own `forward` /
 
 Two contracts of sar_fast are restated here because a random draw can only be compared
 exactly when both sides consume the same stream:
-- every scale `si` of step `step` draws from its own generator seeded
-  (seed * 1_000_003 + step) * 1_009 + si; a full rollout (the sf_* objectives) uses the
-  stream of si = n;
+- the `official` objective: every scale `si` of step `step` draws from its own generator
+  seeded (seed * 1_000_003 + step) * 1_009 + si;
+- a full rollout (the sf_* objectives) takes one uniform per token of each row from
+  sar_fast.sampling.sample_keyed_uniform (seed, step, STREAM_ROLLOUT, global row, token)
+  and draws by inverse CDF over the kept tokens in vocabulary order (generation's draw);
 - transitions='random' picks j = random.Random(seed * 7_919 + step).randrange(n - 1);
 - the default `sar` objective's SSR draws take their noise from
   sar_fast.sampling.sample_keyed_uniform (seed, step, (STREAM_SSR, scale), global row):
@@ -24,7 +26,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sar_fast.sampling import STREAM_SSR, sample_keyed_uniform
+from sar_fast.sampling import STREAM_ROLLOUT, STREAM_SSR, sample_keyed_uniform
 
 FLEXVAR_TRAINED = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
 
@@ -193,10 +195,12 @@ def draw(logits: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Ten
     return torch.multinomial(probs, 1, generator=generator).view(shape)
 
 
-def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: torch.Tensor,
+                     order: str = "likely") -> torch.Tensor:
     """The default `sar` objective's draw, per row by a loop: the kept tokens (kept_tokens),
     most likely first when a top-k or nucleus filter is on (vocabulary order otherwise),
-    and the first whose cumulative renormalised probability (float64) exceeds u."""
+    and the first whose cumulative renormalised probability (float64) exceeds u.
+    order='vocab': always in vocabulary order (generation's draw with given uniforms)."""
     shape, V = logits.shape[:-1], logits.shape[-1]
     rows, us = logits.reshape(-1, V).double(), uniforms.reshape(-1).double()
     if top_k == 1:
@@ -205,10 +209,10 @@ def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
     out = []
     for r in range(rows.shape[0]):
         kept = kept_tokens(rows[r], top_k, top_p)
-        order = sorted(kept, key=lambda v: (-float(rows[r, v]), v)) if filtered else sorted(kept)
-        w = torch.stack([rows[r, v] for v in order]).softmax(0)
-        mass, pick = 0.0, order[-1]
-        for v, p in zip(order, w.tolist()):
+        ranked = sorted(kept, key=lambda v: (-float(rows[r, v]), v)) if filtered and order == "likely" else sorted(kept)
+        w = torch.stack([rows[r, v] for v in ranked]).softmax(0)
+        mass, pick = 0.0, ranked[-1]
+        for v, p in zip(ranked, w.tolist()):
             mass += p
             if mass > float(us[r]):
                 pick = v
@@ -220,9 +224,10 @@ def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
 # ------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, book, labels, schedule, cfg: float, cfg_ramp: str, top_k: int, top_p: float,
-             generator, phi=None) -> list[torch.Tensor]:
+             generator, phi=None, uniforms: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Scale by scale, no KV cache: one full teacher-forcing pass over the prefix for the
-    conditional logits (and one for the null class when guided) per scale."""
+    conditional logits (and one for the null class when guided) per scale. uniforms
+    [B, sum(s*s)] replace the generator (inverse CDF in vocabulary order)."""
     was_training = model.training
     model.eval()
     B, n = labels.shape[0], len(schedule)
@@ -239,7 +244,11 @@ def generate(model, book, labels, schedule, cfg: float, cfg_ramp: str, top_k: in
             if cfg > 0:
                 t = cfg if (cfg_ramp == "flexvar" and side > 16) else ramp(cfg_ramp, cfg, si, n)
                 logits = mix(logits, model(null, x, prefix)[:, -side * side:], t)
-            idx = draw(logits, k, top_p, generator)
+            if uniforms is None:
+                idx = draw(logits, k, top_p, generator)
+            else:
+                done = sum(s * s for s in schedule[:si])
+                idx = draw_inverse_cdf(logits, k, top_p, uniforms[:, done:done + side * side], order="vocab")
             codes.append(idx)
             maps.append(book.double()[idx].permute(0, 2, 1).reshape(B, book.shape[1], side, side))
     finally:
@@ -274,9 +283,11 @@ def sar_loss(model, labels, codes, schedule, book, config, step: int = 0, phi=No
 
     if obj.startswith("sf_"):
         guided = config.sampling == "cfg" and config.cfg > 0
+        greedy = config.sampling == "argmax"
+        uniforms = None if greedy else sample_keyed_uniform(config.seed, step, STREAM_ROLLOUT,
+                                                            torch.arange(labels.shape[0]), (codes.shape[1],))
         rollout = generate(model, book, labels, schedule, config.cfg if guided else 0.0, "sar",
-                           1 if config.sampling == "argmax" else config.top_k, config.top_p,
-                           stream(config.seed, step, n), phi)
+                           1 if greedy else config.top_k, config.top_p, None, phi, uniforms)
         if obj == "sf_interleave":
             from_rollout = [si % 2 == 1 for si in range(n)]
         elif obj == "sf_hybrid":
