@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import add_smoke_flag, time_ms  # noqa: E402
 
 from sar_fast import _C_loader, ops  # noqa: E402
-from sar_fast.sampling import sample_keyed_uniform, sample_survivors, sample_top_k_top_p  # noqa: E402
+from sar_fast.sampling import guidance_weight, sample_keyed_uniform, sample_survivors, sample_top_k_top_p  # noqa: E402
 
-GUIDANCE = 1.5 * 0.5 * (1 + 9 / 9)  # SAR's ramp at the last of 10 scales, cfg 1.5
+GUIDANCE = guidance_weight("sar", 1.5, 9, 10)  # SAR's ramp at the last of 10 scales, cfg 1.5
 
 
 def main() -> None:

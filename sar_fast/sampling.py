@@ -157,6 +157,20 @@ def draw_from_survivors(probs: torch.Tensor, token: torch.Tensor | None, keep: t
     return pick if token is None else token.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
 
+def check_draw_arguments(logits, uniforms=None, uncond=None) -> None:
+    """The shape checks of one draw per row of logits [..., V] (this module's draws and
+    ops.sample_survivors): uniforms [...] one per row, uncond the logits' shape."""
+    def describe(x):
+        return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError(f"logits must be a tensor [..., V], got {describe(logits)}")
+    if uncond is not None and (not isinstance(uncond, torch.Tensor) or uncond.shape != logits.shape):
+        raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, got {describe(uncond)}")
+    if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:-1]):
+        raise ValueError(f"uniforms must have shape {tuple(logits.shape[:-1])} (one per row of logits), "
+                         f"got {describe(uniforms)}")
+
+
 def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
                      uniforms: torch.Tensor | None = None, generator: torch.Generator | None = None,
                      uncond: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
@@ -169,11 +183,10 @@ def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     them, torch.rand with `generator`. top_k == 1 is greedy. Ties at the k-th: see
     `top_k_top_p_survivors`.
     """
+    check_draw_arguments(logits, uniforms, uncond)
     shape, V = logits.shape[:-1], logits.shape[-1]
     flat = logits.reshape(-1, V).float()
     if uncond is not None:
-        if uncond.shape != logits.shape:
-            raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, got {tuple(uncond.shape)}")
         flat = torch.lerp(uncond.reshape(-1, V).float(), flat, 1.0 + guidance)  # (1+t)*cond - t*uncond
     if top_k == 1:
         _check_top_k_top_p(top_k, top_p)
@@ -181,8 +194,6 @@ def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     probs, token, keep = top_k_top_p_survivors(flat, top_k, top_p)
     if uniforms is None:
         uniforms = torch.rand(flat.shape[0], generator=generator, device=flat.device, dtype=torch.float64)
-    elif uniforms.shape != shape:
-        raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row), got {tuple(uniforms.shape)}")
     return draw_from_survivors(probs, token, keep, uniforms.reshape(-1)).view(shape)
 
 

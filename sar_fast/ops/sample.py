@@ -17,14 +17,10 @@ from __future__ import annotations
 import torch
 
 from .. import _C_loader
-from ..sampling import sample_survivors as reference_sample_survivors
+from ..sampling import check_draw_arguments, sample_survivors as reference_sample_survivors
 from .backend import BackendError, any_fake, get_backend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the op's; float64 logits take the reference
-
-
-def _describe(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def use_extension(logits: torch.Tensor) -> bool:
@@ -51,17 +47,11 @@ def sample_survivors(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
     uniforms[r] * the kept total. uncond (logits' shape and dtype): classifier-free guidance
     mixed first in fp32, (1 + guidance) * logits - guidance * uncond. top_k == 1 is greedy.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-        raise ValueError(f"logits must be a tensor [..., V], got {type(logits).__name__}"
-                         + (f" of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else ""))
+    check_draw_arguments(logits, uniforms, uncond)
     if (top_k == 1 or logits.dtype not in _DTYPES or any_fake(logits, uniforms, uncond)
             or not use_extension(logits)):
         return reference_sample_survivors(logits, top_k, top_p, uniforms=uniforms, uncond=uncond, guidance=guidance)
     shape, V = logits.shape[:-1], logits.shape[-1]
-    if not isinstance(uniforms, torch.Tensor) or uniforms.shape != shape:
-        raise ValueError(f"uniforms must have shape {tuple(shape)} (one per row of logits), got {_describe(uniforms)}")
-    if uncond is not None and (not isinstance(uncond, torch.Tensor) or uncond.shape != logits.shape):
-        raise ValueError(f"uncond must have the logits' shape {tuple(logits.shape)}, got {_describe(uncond)}")
     flat, flat_uncond = logits.reshape(-1, V), None
     if uncond is not None:
         flat_uncond = uncond.reshape(-1, V)
