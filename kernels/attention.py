@@ -208,7 +208,9 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk,
                                window, qk_scale, full_hi, hi, BLOCK_N, HEAD_DIM, True,
                                DOT_PRECISION)
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows; they are not stored
+    # Every real row sees its own scale, so l == 0 means every visible score was -inf (an
+    # infinite input): softmax has no value there, NaN as torch gives. Padding rows are not stored.
+    l_i = tl.where(l_i == 0.0, float("nan"), l_i)
     out = acc / l_i[:, None]
     tl.store(O + rows[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=in_q[:, None])

@@ -147,6 +147,30 @@ def test_tiles_outside_the_mask_are_never_read(window):
         torch.testing.assert_close(dv_s[:, :, keys], dv[:, :, keys])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("cached", [False, True])
+def test_overflowing_scores_give_nan_as_softmax_does(cached):
+    """A row whose every visible score is -inf (an infinite input, not the mask) has no
+    softmax: the kernel must return NaN there, as the float64 reference does, not 0; rows
+    with a +inf score are NaN too, and every other row stays exact."""
+    scale_lens, D = (1, 4, 9), 16
+    q, k, v = (t.detach() for t in qkv(1, 2, 14, D))
+    k[..., 3] = -k[..., 3].abs() - 0.5  # every key negative in one component
+    q[0, 0, 6, 3] = float("inf")        # -> every score of this row is -inf
+    q[0, 1, 9, 3] = -float("inf")       # -> every score of this row is +inf
+    with ops.use_backend("kernel"):
+        if cached:
+            got = ops.cached_attention(q[:, :, 5:], k, v)
+            want = (q[:, :, 5:].double() @ k.double().transpose(-1, -2) / D ** 0.5).softmax(-1) @ v.double()
+        else:
+            got = ops.scale_causal_attention(q, k, v, scale_lens)
+            s = (q.double() @ k.double().transpose(-1, -2)) / D ** 0.5
+            mask = reference.scale_causal_mask(scale_lens, DEVICE)
+            want = s.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()
+    assert want.isnan().any(dim=-1).sum() == 2  # the two poisoned rows, nothing else
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_cached_attention_equals_full_attention_over_prefix():
     scale_lens = (1, 4, 9, 16)
     q, k, v = (t.detach() for t in qkv(2, 2, 30, 32))
