@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,19 @@ def shutdown(clean: bool = True) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a torchrun worker after `shutdown`: Python's exit handlers run and the streams are
+    flushed, but not the interpreter's teardown nor C++ static destructors. There, with no Python
+    frame left, about one 4-rank gloo run in 15 on 2 busy cores aborted after every file was
+    written ("terminate called without an active exception": a joinable std::thread destroyed),
+    and the launcher then reports the whole run failed."""
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def set_collective_timeout(seconds: float) -> None:

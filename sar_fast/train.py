@@ -334,3 +334,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    parallel.exit_process(0)
