@@ -265,3 +265,14 @@ def test_batches_are_range_checked_on_the_host():
         check_batch_ranges(torch.tensor([0, 10]), None, 10, 17)
     with pytest.raises(ValueError, match="codes in \\[0, 17\\] but the tokenizer has 17 codes"):
         check_batch_ranges(torch.tensor([0]), torch.tensor([[0, 17]]), 10, 17)
+
+
+def test_exit_process_runs_exit_handlers_and_keeps_the_code():
+    """The trainer's clean exit skips the interpreter's teardown but not Python's exit
+    handlers (e.g. a thread pool's join) nor buffered output."""
+    code = ("import atexit, sys; from sar_fast import parallel; "
+            "atexit.register(lambda: print('handler ran', flush=True)); "
+            "sys.stdout.write('buffered '); parallel.exit_process(3)")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout == "buffered handler ran\n"
