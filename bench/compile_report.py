@@ -165,7 +165,9 @@ def _describe(fn, info: dict) -> str:
     parts = []
     for path, value in info["constants"].items():
         name = fn.arg_names[path[0]]
-        if name.isupper() and name not in _CONFIG_SKIP and not name.endswith("_ptr"):
+        if name == "DOT_PRECISION" and value == "tf32" and _sig_dtype(info) == "fp32":
+            parts.append("TF32")  # fp32 operands on TF32 tensor cores (torch's "high" fp32 matmul precision)
+        elif name.isupper() and name not in _CONFIG_SKIP and not name.endswith("_ptr"):
             parts.append(f"{name}={value}")
     parts.append(f"w{info['num_warps']}s{info['num_stages']}")
     return " ".join(parts)
@@ -176,6 +178,17 @@ def _sig_dtype(info: dict) -> str:
         if isinstance(ty, str) and ty.startswith("*") and ty[1:] in ("bf16", "fp16"):
             return ty[1:]
     return "fp32"
+
+
+@contextlib.contextmanager
+def _fp32_matmul(precision: str):
+    import torch
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
 
 
 def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, Callable[[], None]]]:
@@ -219,26 +232,34 @@ def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, C
             cases += [(f"scale_causal_attention fwd+bwd {name} D{D}", attention),
                       (f"cached_attention {name} D{D}", cached)]
 
+        # fp32 GEMMs run exact (IEEE) by default and on TF32 tensor cores under torch's "high"
+        # fp32 matmul precision (what the trainer sets): both are launched
+        precisions = ("ieee", "tf32") if name == "fp32" else ("ieee",)
+
         def cross_entropy(dt=dt):
             N = B * L
             h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
             target = torch.zeros(N, dtype=torch.long)
-            for bias in (b, None):
-                for smoothing in (0.0, 0.1):
-                    _, lse, _ = ce._ce_fwd(h, w, bias, target, smoothing, -100)
-                # the variant depends on the bias gradient flag, not on which of dh/dW is asked
-                ce._ce_bwd(torch.empty(N), h, w, bias, target, lse, 0.1, -100,
-                           bias is None, False, bias is not None)
+            for precision in precisions:
+                with _fp32_matmul(precision):
+                    for bias in (b, None):
+                        for smoothing in (0.0, 0.1):
+                            _, lse, _ = ce._ce_fwd(h, w, bias, target, smoothing, -100)
+                        # the variant depends on the bias gradient flag, not on which of dh/dW is asked
+                        ce._ce_bwd(torch.empty(N), h, w, bias, target, lse, 0.1, -100,
+                                   bias is None, False, bias is not None)
 
         def kl_div(dt=dt):
             N = B * L
             h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
             teachers = {"logits": (torch.empty(N, V, dtype=dt), None), "hidden": (None, torch.empty(N, C, dtype=dt))}
-            for bias in (b, None):
-                for t_logits, t_hidden in teachers.values():
-                    kl, lse, t_lse = ce._kl_fwd(h, w, bias, t_logits, t_hidden, 1.0)
-                    ce._kl_bwd(kl, h, w, bias, t_logits, t_hidden, lse, t_lse, 1.0,
-                               bias is None, False, bias is not None)
+            for precision in precisions:
+                with _fp32_matmul(precision):
+                    for bias in (b, None):
+                        for t_logits, t_hidden in teachers.values():
+                            kl, lse, t_lse = ce._kl_fwd(h, w, bias, t_logits, t_hidden, 1.0)
+                            ce._kl_bwd(kl, h, w, bias, t_logits, t_hidden, lse, t_lse, 1.0,
+                                       bias is None, False, bias is not None)
 
         def scale_shift(dt=dt):
             codes = torch.zeros(B, L, dtype=torch.long)
@@ -424,6 +445,26 @@ def _pool_init(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir
 
 
+def _pool(jobs: int, cache_dir: str):
+    """Spawned workers that start with the interpreter switched off before anything imports
+    triton (the kernels pick their configs at import)."""
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return ctx.Pool(max(1, jobs), initializer=_pool_init, initargs=(cache_dir,))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def record_requests(archs: Iterable[int], dtypes: Iterable[str], head_dims: Iterable[int],
+                    jobs: int = 2) -> list[Request]:
+    """The compile requests of every op call (nothing compiled): which variants the ops'
+    launch code asks for after the autotuners' pruning."""
+    with tempfile.TemporaryDirectory(prefix="sar_fast_compile_") as cache_dir, _pool(jobs, cache_dir) as pool:
+        return [r for rs in pool.starmap(record, [(a, list(dtypes), list(head_dims)) for a in archs]) for r in rs]
+
+
 def run_matrix(archs: Iterable[int], dtypes: Iterable[str] = DTYPE_NAMES,
                head_dims: Iterable[int] = HEAD_DIMS, jobs: int = 2, progress: bool = True,
                kernels: Iterable[str] | None = None, subset: str = "all",
@@ -432,34 +473,25 @@ def run_matrix(archs: Iterable[int], dtypes: Iterable[str] = DTYPE_NAMES,
     ci_subset); one row per (arch, distinct compile request). `partial`: a JSON-lines file
     that receives each row as it completes (a long run cut short keeps what finished)."""
     archs, dtypes, head_dims = list(archs), list(dtypes), list(head_dims)
-    with tempfile.TemporaryDirectory(prefix="sar_fast_compile_") as cache_dir:
-        ctx = multiprocessing.get_context("spawn")
-        # the workers start with the interpreter switched off before anything imports triton
-        saved = os.environ.pop("TRITON_INTERPRET", None)
-        try:
-            pool = ctx.Pool(max(1, jobs), initializer=_pool_init, initargs=(cache_dir,))
-        finally:
-            if saved is not None:
-                os.environ["TRITON_INTERPRET"] = saved
-        with pool:
-            requests = [r for rs in pool.starmap(record, [(a, dtypes, head_dims) for a in archs]) for r in rs
-                        if kernels is None or r.kernel in kernels]
-            if subset == "ci":
-                requests = ci_subset(requests)
-            # longest first (big tiles, many warps) for a short tail
-            requests.sort(key=lambda r: -sum(int(x) for x in re.findall(r"\d+", r.config)))
-            rows, start = [], time.perf_counter()
-            sink = open(partial, "w") if partial else None
-            for i, row in enumerate(pool.imap_unordered(compile_request, requests), 1):
-                rows.append(row)
-                if sink:
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-                if progress and (i % 20 == 0 or i == len(requests)):
-                    print(f"  compiled {i}/{len(requests)} variants ({time.perf_counter() - start:.0f} s)",
-                          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="sar_fast_compile_") as cache_dir, _pool(jobs, cache_dir) as pool:
+        requests = [r for rs in pool.starmap(record, [(a, dtypes, head_dims) for a in archs]) for r in rs
+                    if kernels is None or r.kernel in kernels]
+        if subset == "ci":
+            requests = ci_subset(requests)
+        # longest first (big tiles, many warps) for a short tail
+        requests.sort(key=lambda r: -sum(int(x) for x in re.findall(r"\d+", r.config)))
+        rows, start = [], time.perf_counter()
+        sink = open(partial, "w") if partial else None
+        for i, row in enumerate(pool.imap_unordered(compile_request, requests), 1):
+            rows.append(row)
             if sink:
-                sink.close()
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+            if progress and (i % 20 == 0 or i == len(requests)):
+                print(f"  compiled {i}/{len(requests)} variants ({time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
+        if sink:
+            sink.close()
     rows.sort(key=lambda r: (r["arch"], r["kernel"], r["dtype"], r["config"]))
     return rows
 
@@ -505,8 +537,9 @@ def failures(rows: list[dict], quantiser: dict | None = None) -> list[str]:
             bad.append(f"shared memory: {where}: {r['shared']} B > {r['smem_limit']} B")
         if r["arch"] in NO_SPILL_ARCHS and r["stack"] != 0:
             bad.append(f"spill: {where}: {r['stack']} B stack/thread ({r['registers']} registers)")
-        # fp32 inputs take exact IEEE products by design (DOT_PRECISION "ieee"): no tensor cores
-        if r["kernel"] in GEMM_KERNELS and r["dtype"] != "fp32" and r["tensor_cores"] not in _allowed_tc(r):
+        # fp32 inputs take exact IEEE products by default (no tensor cores), TF32 ones when asked
+        on_tensor_cores = r["dtype"] != "fp32" or "TF32" in r["config"].split()
+        if r["kernel"] in GEMM_KERNELS and on_tensor_cores and r["tensor_cores"] not in _allowed_tc(r):
             bad.append(f"tensor cores: {where}: {r['tensor_cores']} (want {'/'.join(_allowed_tc(r))})")
     if quantiser is not None:
         if not quantiser["ok"]:

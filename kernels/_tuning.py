@@ -2,14 +2,18 @@
 
 A config that spills registers on one architecture is slow there, lengthens autotuning and
 can still win a noisy autotune, so each kernel keeps one list per architecture family and
-prunes, before autotuning, to the list of the active target. bench/compile_report.py
-compiles every kept config for sm_80 / sm_90 / sm_100 and tests/test_compile.py checks that
-none spills, overflows shared memory or fails to compile.
+prunes, before autotuning, to the list of the active target. fp32 inputs get lists of their
+own: their GEMM operands take twice the registers and shared memory of bf16/fp16 ones (exact
+IEEE products run on the FMA units, tiles held per thread), so tiles that fit 16-bit inputs
+spill kilobytes with fp32. bench/compile_report.py compiles every kept config for sm_80 /
+sm_90 / sm_100 and every dtype, and tests/test_compile.py checks that none spills, overflows
+shared memory or fails to compile.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 import triton
 
 
@@ -30,34 +34,48 @@ def family(arch: int, listed: Sequence[int]) -> int:
 
 
 class ArchConfigs:
-    """`table` maps an architecture to entries; `make(entry)` builds the triton.Config and
-    `admits(entry, args)` (args: the launch's named arguments and constexprs) says whether an
-    entry may run this launch (e.g. a head-dim limit). Pass `configs` and `prune` to
-    triton.autotune (prune_configs_by={"early_config_prune": prune})."""
+    """`table` maps an architecture to entries for bf16/fp16 inputs, `fp32_table` (same form,
+    default `table`) to entries for fp32 ones; the launch's argument `dtype_arg` tells which.
+    `make(entry)` builds the triton.Config and `admits(entry, args)` (args: the launch's named
+    arguments and constexprs) says whether an entry may run this launch (e.g. a head-dim
+    limit). Pass `configs` and `prune` to triton.autotune
+    (prune_configs_by={"early_config_prune": prune}); Triton's autotuner keys on the argument
+    dtypes, so each dtype is tuned over its own list."""
 
     def __init__(self, table: dict[int, list[tuple]], make: Callable[[tuple], triton.Config],
-                 admits: Callable[[tuple, dict], bool] | None = None):
-        self.table = table
+                 admits: Callable[[tuple, dict], bool] | None = None,
+                 fp32_table: dict[int, list[tuple]] | None = None, dtype_arg: str | None = None):
+        if fp32_table is not None and dtype_arg is None:
+            raise ValueError("fp32_table needs dtype_arg: the argument whose dtype picks the table")
+        self.tables = {False: table, True: fp32_table if fp32_table is not None else table}
+        self.dtype_arg = dtype_arg
         self.admits = admits or (lambda entry, args: True)
-        self._entry_of: dict[tuple, tuple] = {}
+        self._make = make
         self.configs: list[triton.Config] = []
-        for entries in table.values():
-            for entry in entries:
-                config = make(entry)
-                key = self._key(config)
-                if key not in self._entry_of:
-                    self._entry_of[key] = entry
-                    self.configs.append(config)
+        seen = set()
+        for t in self.tables.values():
+            for entries in t.values():
+                for entry in entries:
+                    config = make(entry)
+                    if self._key(config) not in seen:
+                        seen.add(self._key(config))
+                        self.configs.append(config)
 
     @staticmethod
     def _key(config: triton.Config) -> tuple:
         return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
 
-    def for_arch(self, arch: int, args: dict | None = None) -> list[tuple]:
-        """The entries kept for `arch` (and, with args, admitted for that launch)."""
-        entries = self.table[family(arch, list(self.table))]
+    def is_fp32(self, args: dict | None) -> bool:
+        return (args is not None and self.dtype_arg is not None
+                and getattr(args.get(self.dtype_arg), "dtype", None) == torch.float32)
+
+    def for_arch(self, arch: int, args: dict | None = None, fp32: bool | None = None) -> list[tuple]:
+        """The entries kept for `arch` and the dtype of `args` (or `fp32`), admitted for that
+        launch when `args` is given."""
+        table = self.tables[self.is_fp32(args) if fp32 is None else fp32]
+        entries = table[family(arch, list(table))]
         return [e for e in entries if args is None or self.admits(e, args)]
 
     def prune(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        keep = set(self.for_arch(target_arch(), {**named_args, **kwargs}))
-        return [c for c in configs if self._entry_of.get(self._key(c)) in keep]
+        keep = {self._key(self._make(e)) for e in self.for_arch(target_arch(), {**named_args, **kwargs})}
+        return [c for c in configs if self._key(c) in keep]

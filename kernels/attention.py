@@ -43,9 +43,16 @@ def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _tuned(kernel, table: dict[int, list[tuple]], interpreted_choice: tuple):
+def _admits_head_dim(entry: tuple, args: dict) -> bool:
+    """Entries end with the largest head dim they take, optionally followed by the smallest."""
+    smallest = entry[5] if len(entry) > 5 else 0
+    return smallest <= args["HEAD_DIM"] <= entry[4]
+
+
+def _tuned(kernel, table: dict[int, list[tuple]], fp32_table: dict[int, list[tuple]], interpreted_choice: tuple):
     """`kernel` autotuned over the entries (BLOCK_M = query tile, BLOCK_N = key tile, warps,
-    stages, largest head dim) that `table` lists for the target's architecture; one small
+    stages, largest head dim[, smallest head dim]) that `table` (`fp32_table` for fp32
+    inputs) lists for the target's architecture; one small
     config under the interpreter so tiny test inputs still span many tiles."""
     def make(entry):
         m, n, w, s = entry[:4]
@@ -53,7 +60,7 @@ def _tuned(kernel, table: dict[int, list[tuple]], interpreted_choice: tuple):
 
     if INTERPRETED:
         return triton.autotune([make(interpreted_choice)], key=["HEAD_DIM"])(kernel)
-    configs = ArchConfigs(table, make, admits=lambda entry, args: args["HEAD_DIM"] <= entry[4])
+    configs = ArchConfigs(table, make, admits=_admits_head_dim, fp32_table=fp32_table, dtype_arg="Q")
     return triton.autotune(configs.configs, key=["HEAD_DIM"],
                            prune_configs_by={"early_config_prune": configs.prune})(kernel)
 
@@ -233,12 +240,23 @@ FWD_CONFIGS[100] = FWD_CONFIGS[90]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
 CACHED_CONFIGS = {
     80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
-    90: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128), (128, 64, 4, 3, 64)],
+    # sm_90: 16/32-query tiles run mma.sync; with 4 warps and 64 keys they spill 8 B at head
+    # dims 64/128, so those take 8 warps
+    90: [(16, 64, 8, 3, 128), (32, 64, 8, 3, 128), (16, 32, 4, 3, 128), (64, 64, 4, 3, 128), (128, 64, 4, 3, 64)],
 }
 CACHED_CONFIGS[100] = CACHED_CONFIGS[90]
 
-_fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, (16, 16, 4, 1))
-_cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, (16, 16, 4, 1))
+# fp32 inputs (exact IEEE products on the FMA units, operands held per thread): 8 warps and
+# 16/32-row tiles; at head dim 128 only 16-row tiles (or 16-key ones for dK/dV, dQ) are free of
+# spills on both sm_80 and sm_90 (e.g. 32 x 32 spills 0.3-0.8 KB there). ptxas spills a few
+# bytes at some head dims and not at larger ones, hence the smallest head dims.
+FWD_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (16, 128, 8, 2, 128, 128), (32, 64, 8, 2, 64, 32)]
+                    for arch in (80, 90, 100)}
+CACHED_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (16, 128, 8, 2, 128, 128), (32, 64, 8, 2, 64, 32)]
+                       for arch in (80, 90, 100)}
+
+_fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, FWD_FP32_CONFIGS, (16, 16, 4, 1))
+_cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, CACHED_FP32_CONFIGS, (16, 16, 4, 1))
 
 
 # --------------------------------------------------------------------------------------
@@ -424,8 +442,11 @@ DQ_CONFIGS = {
 }
 DQ_CONFIGS[100] = DQ_CONFIGS[90]
 
-_dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, (16, 32, 4, 1))
-_dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, (32, 16, 4, 1))
+DKDV_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 64), (32, 32, 8, 2, 64), (16, 32, 8, 2, 128, 128), (32, 16, 8, 2, 128, 128)]
+                     for arch in (80, 90, 100)}
+DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90, 100)}
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_FP32_CONFIGS, (16, 32, 4, 1))
+_dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_FP32_CONFIGS, (32, 16, 4, 1))
 _DELTA_BLOCK = 16 if INTERPRETED else 64
 
 

@@ -54,10 +54,21 @@ GRAD_LOGITS_CONFIGS = {80: _GRAD, 90: _GRAD, 100: _GRAD}
 # accumulator: at most 64 x 128 per 8 warps (128 x 128 / 8 warps spills ~0.6 KB per thread).
 _KL = [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
 KL_FORWARD_CONFIGS = {80: _KL, 90: _KL, 100: _KL}
+# fp32 inputs, exact (IEEE, FMA units) or TF32: operand tiles twice as wide, so BLOCK_K <= 32
+# and 2 stages (BLOCK_K 64 spills 0.3-1.6 KB on sm_80). Every tile, flag and precision
+# compiled: 64 x 64 x 32 / 4 warps spills 16-80 B in the CE and KL forwards on sm_80, 32-row
+# KL tiles 8-24 B; so each kernel keeps the three clean ones below.
+CE_FORWARD_FP32_CONFIGS = {arch: [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2), (64, 64, 16, 4, 2)]
+                           for arch in (80, 90, 100)}
+GRAD_LOGITS_FP32_CONFIGS = {arch: [(128, 64, 32, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 2)]
+                            for arch in (80, 90, 100)}
+KL_FORWARD_FP32_CONFIGS = {arch: [(64, 128, 32, 8, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)]
+                           for arch in (80, 90, 100)}
 _INTERPRETED_SHAPE = (16, 32, 16, 4, 1)  # tiny tiles: small test shapes span several tiles of every kind
 
 
-def _tuned(table: dict[int, list[tuple]], key: list[str], group: bool, **autotune_kwargs):
+def _tuned(table: dict[int, list[tuple]], fp32_table: dict[int, list[tuple]], key: list[str], group: bool,
+           **autotune_kwargs):
     """triton.autotune over the entries `table` lists for the target's architecture."""
     def make(entry):
         n, v, k, w, s = entry
@@ -66,7 +77,7 @@ def _tuned(table: dict[int, list[tuple]], key: list[str], group: bool, **autotun
 
     if _INTERPRET:
         return triton.autotune([make(_INTERPRETED_SHAPE)], key=key, **autotune_kwargs)
-    configs = ArchConfigs(table, make)
+    configs = ArchConfigs(table, make, fp32_table=fp32_table, dtype_arg="h_ptr")
     return triton.autotune(configs.configs, key=key, prune_configs_by={"early_config_prune": configs.prune},
                            **autotune_kwargs)
 
@@ -74,7 +85,8 @@ def _tuned(table: dict[int, list[tuple]], key: list[str], group: bool, **autotun
 _EVEN_K = {"EVEN_K": lambda args: args["C"] % args["BLOCK_K"] == 0}
 # the smallest BLOCK_N the backward may pick: sizes its buffer of per-block dBias partials
 _MIN_BLOCK_N = (_INTERPRETED_SHAPE[0] if _INTERPRET else
-                min(entry[0] for entries in GRAD_LOGITS_CONFIGS.values() for entry in entries))
+                min(entry[0] for table in (GRAD_LOGITS_CONFIGS, GRAD_LOGITS_FP32_CONFIGS)
+                    for entries in table.values() for entry in entries))
 
 
 @triton.jit
@@ -102,7 +114,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, C, stride_h, stride_w, scale,
     return acc * scale
 
 
-@_tuned(CE_FORWARD_CONFIGS, key=["C", "V"], group=False)
+@_tuned(CE_FORWARD_CONFIGS, CE_FORWARD_FP32_CONFIGS, key=["C", "V"], group=False)
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
@@ -149,7 +161,7 @@ def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
         tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
 
 
-@_tuned(KL_FORWARD_CONFIGS, key=["C", "V", "TEACHER"], group=False)
+@_tuned(KL_FORWARD_CONFIGS, KL_FORWARD_FP32_CONFIGS, key=["C", "V", "TEACHER"], group=False)
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
@@ -209,7 +221,7 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
     tl.store(cross_ptr + out, cross, mask=row_ok)
 
 
-@_tuned(GRAD_LOGITS_CONFIGS, key=["C", "V", "MODE"], group=True, reset_to_zero=["dbias_ptr"])
+@_tuned(GRAD_LOGITS_CONFIGS, GRAD_LOGITS_FP32_CONFIGS, key=["C", "V", "MODE"], group=True, reset_to_zero=["dbias_ptr"])
 @triton.heuristics(_EVEN_K)
 @triton.jit
 def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, target_ptr, teacher_ptr, lse_ptr, teacher_lse_ptr, coef_ptr,

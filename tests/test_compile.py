@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 
@@ -64,6 +65,41 @@ def test_bf16_sm80_sm90_compile_fit_no_spill_tensor_cores(bf16_matrix):
     assert not bad, f"{len(bad)} of {len(bf16_matrix)} variants fail:\n" + "\n".join(bad)
 
 
+def _tiles(request) -> tuple:
+    """(BLOCK_M or BLOCK_N, BLOCK_N or BLOCK_V, [BLOCK_K,] warps, stages) of a request's config."""
+    parts = dict(p.split("=") for p in request.config.split() if "=" in p)
+    warps, stages = re.fullmatch(r"w(\d+)s(\d+)", request.config.split()[-1]).groups()
+    names = ("BLOCK_M", "BLOCK_N") if "BLOCK_M" in parts else ("BLOCK_N", "BLOCK_V", "BLOCK_K")
+    return (*(int(parts[n]) for n in names), int(warps), int(stages))
+
+
+def test_each_dtype_launches_its_own_list():
+    """Through the ops' own launch code and Triton's autotuner: fp32 inputs ask for exactly the
+    fp32 lists' tiles, bf16 inputs for the 16-bit lists' (per arch family, head dim 128)."""
+    from sar_fast.kernels import _tuning
+    from sar_fast.kernels import attention as att
+    from sar_fast.kernels import cross_entropy as ce
+    tables = {"_fwd_kernel": [(att.FWD_CONFIGS, att.FWD_FP32_CONFIGS), (att.CACHED_CONFIGS, att.CACHED_FP32_CONFIGS)],
+              "_bwd_dkdv_kernel": [(att.DKDV_CONFIGS, att.DKDV_FP32_CONFIGS)],
+              "_bwd_dq_kernel": [(att.DQ_CONFIGS, att.DQ_FP32_CONFIGS)],
+              "_ce_forward_kernel": [(ce.CE_FORWARD_CONFIGS, ce.CE_FORWARD_FP32_CONFIGS)],
+              "_kl_forward_kernel": [(ce.KL_FORWARD_CONFIGS, ce.KL_FORWARD_FP32_CONFIGS)],
+              "_grad_logits_kernel": [(ce.GRAD_LOGITS_CONFIGS, ce.GRAD_LOGITS_FP32_CONFIGS)]}
+    requests = compile_report.record_requests(CI_ARCHS, ["bf16", "fp32"], [128])
+    for arch in CI_ARCHS:
+        for dtype in ("bf16", "fp32"):
+            for kernel, pairs in tables.items():
+                want = set()
+                for half, full in pairs:
+                    table = full if dtype == "fp32" else half
+                    entries = table[_tuning.family(arch, list(table))]
+                    is_attention = kernel.startswith(("_fwd", "_bwd"))
+                    want |= {e[:4] if is_attention else e for e in entries
+                             if not is_attention or att._admits_head_dim(e, {"HEAD_DIM": 128})}
+                got = {_tiles(r) for r in requests if (r.arch, r.dtype, r.kernel) == (arch, dtype, kernel)}
+                assert got == want, (arch, dtype, kernel, sorted(got), sorted(want))
+
+
 def test_failures_names_each_violation():
     """The checks themselves: a spill, an overflow, an error and a missing tensor core are reported."""
     base = dict(arch=80, kernel="_fwd_kernel", dtype="bf16", config="c", ok=True, error="", shared=1000,
@@ -77,6 +113,9 @@ def test_failures_names_each_violation():
     # sm_100 is held to compiling and fitting, fp32 (IEEE products) to no tensor cores
     assert compile_report.failures([{**base, "arch": 100, "stack": 64, "tensor_cores": "tcgen05"}]) == []
     assert compile_report.failures([{**base, "dtype": "fp32", "tensor_cores": "none"}]) == []
+    # ... unless torch asked for TF32 products
+    bad = compile_report.failures([{**base, "dtype": "fp32", "config": "c TF32", "tensor_cores": "none"}])
+    assert len(bad) == 1 and bad[0].startswith("tensor cores"), bad
 
 
 def test_ptxas_parser():
