@@ -607,6 +607,12 @@ def markdown(rows: list[dict], quantiser: dict | None, wall: float, jobs: int) -
     return "\n".join(lines) + "\n"
 
 
+def _kernels_dir() -> str:
+    """Where the workers' `sar_fast.kernels` comes from (an installed copy may not be this checkout)."""
+    import importlib.util
+    return os.path.dirname(os.path.realpath(importlib.util.find_spec("sar_fast.kernels").origin))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--dtypes must be among {DTYPE_NAMES}, got {dtypes}")
     head_dims = [int(d) for d in args.head_dims.split(",") if d]
     os.makedirs(args.out, exist_ok=True)
+    kernels_dir = _kernels_dir()
+    if os.path.commonpath([kernels_dir, ROOT]) != ROOT:
+        print(f"warning: the kernels compiled are those of the installed sar_fast in {kernels_dir}, "
+              f"not of this checkout ({ROOT})", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
     kernels = [k for k in args.kernels.split(",") if k] or None
@@ -637,8 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     quantiser = None if args.no_quantiser else compile_quantiser([a for a in archs])
     wall = time.perf_counter() - start
     bad = failures(rows, quantiser)
-    report = {"archs": archs, "dtypes": dtypes, "head_dims": head_dims, "shapes": D16, "wall_seconds": round(wall, 1),
-              "jobs": args.jobs, "failures": bad, "summary": summary(rows), "variants": rows, "quantiser": quantiser}
+    report = {"kernels_dir": kernels_dir, "archs": archs, "dtypes": dtypes, "head_dims": head_dims, "shapes": D16,
+              "wall_seconds": round(wall, 1), "jobs": args.jobs, "failures": bad, "summary": summary(rows),
+              "variants": rows, "quantiser": quantiser}
     with open(os.path.join(args.out, "compile_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "compile_report.md"), "w") as f:

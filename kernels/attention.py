@@ -236,7 +236,9 @@ FWD_CONFIGS = {
     90: [(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128),
          (64, 128, 4, 3, 64)],
 }
-FWD_CONFIGS[100] = FWD_CONFIGS[90]
+# sm_100 (tcgen05): the sm_90 list less the 4-warp 128 x 64 tile (spills 128-304 B at head
+# dims 16-64) and 128 x 128 (128 B at head dim 128)
+FWD_CONFIGS[100] = [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (64, 128, 4, 3, 64)]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
 CACHED_CONFIGS = {
     80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
@@ -244,7 +246,8 @@ CACHED_CONFIGS = {
     # dims 64/128, so those take 8 warps
     90: [(16, 64, 8, 3, 128), (32, 64, 8, 3, 128), (16, 32, 4, 3, 128), (64, 64, 4, 3, 128), (128, 64, 4, 3, 64)],
 }
-CACHED_CONFIGS[100] = CACHED_CONFIGS[90]
+# sm_100: 64 x 64 spills 96 B at head dim 128 and 128 x 64 / 4 warps up to 304 B
+CACHED_CONFIGS[100] = [(16, 64, 8, 3, 128), (32, 64, 8, 3, 128), (16, 32, 4, 3, 128), (64, 64, 4, 3, 64)]
 
 # fp32 inputs (exact IEEE products on the FMA units, operands held per thread): 8 warps and
 # 16/32-row tiles; at head dim 128 only 16-row tiles (or 16-key ones for dK/dV, dQ) are free of
@@ -440,11 +443,12 @@ DQ_CONFIGS = {
     80: [(128, 32, 8, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 3, 128)],
     90: [(128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)],
 }
-DQ_CONFIGS[100] = DQ_CONFIGS[90]
+DQ_CONFIGS[100] = [(128, 32, 8, 3, 64), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)]  # 128 x 32: 24 B at 128
 
 DKDV_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 64), (32, 32, 8, 2, 64), (16, 32, 8, 2, 128, 128), (32, 16, 8, 2, 128, 128)]
                      for arch in (80, 90, 100)}
-DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90, 100)}
+DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90)}
+DQ_FP32_CONFIGS[100] = DQ_FP32_CONFIGS[90][:2]  # 32 x 16 spills 8 B at head dim 128 on sm_100
 _dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_FP32_CONFIGS, (16, 32, 4, 1))
 _dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_FP32_CONFIGS, (32, 16, 4, 1))
 _DELTA_BLOCK = 16 if INTERPRETED else 64

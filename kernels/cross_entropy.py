@@ -47,13 +47,13 @@ CE_FORWARD_CONFIGS = {
     80: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)],
     90: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
 }
-CE_FORWARD_CONFIGS[100] = CE_FORWARD_CONFIGS[90]
+CE_FORWARD_CONFIGS[100] = CE_FORWARD_CONFIGS[90][1:]  # sm_100: 128 x 128 spills 80 B
 _GRAD = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
 GRAD_LOGITS_CONFIGS = {80: _GRAD, 90: _GRAD, 100: _GRAD}
 # KL keeps a student and a teacher logit tile (fp32) live at once, next to the GEMM
 # accumulator: at most 64 x 128 per 8 warps (128 x 128 / 8 warps spills ~0.6 KB per thread).
 _KL = [(64, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
-KL_FORWARD_CONFIGS = {80: _KL, 90: _KL, 100: _KL}
+KL_FORWARD_CONFIGS = {80: _KL, 90: _KL, 100: [(64, 128, 64, 8, 3)]}  # sm_100: the other two spill 16 B
 # fp32 inputs, exact (IEEE, FMA units) or TF32: operand tiles twice as wide, so BLOCK_K <= 32
 # and 2 stages (BLOCK_K 64 spills 0.3-1.6 KB on sm_80). Every tile, flag and precision
 # compiled: 64 x 64 x 32 / 4 warps spills 16-80 B in the CE and KL forwards on sm_80, 32-row

@@ -3,7 +3,7 @@ spill no registers and run their GEMMs on tensor cores -- checked without a GPU.
 
 Every variant the ops launch (every kept autotune config) is compiled by bench/compile_report.py
 (imported, not copied) in spawned worker processes with TRITON_INTERPRET unset, whatever
-conftest set for the interpreter tests. About 3-4 minutes on 2 quiet cores;
+conftest set for the interpreter tests. About 1 minute on 2 quiet cores (up to 6 under load);
 SAR_FAST_SKIP_COMPILE=1 skips it, SAR_FAST_COMPILE_KERNELS=_fwd_kernel,... narrows it to some
 kernels while working on them.
 """
