@@ -69,10 +69,10 @@ class ArchConfigs:
         return (args is not None and self.dtype_arg is not None
                 and getattr(args.get(self.dtype_arg), "dtype", None) == torch.float32)
 
-    def for_arch(self, arch: int, args: dict | None = None, fp32: bool | None = None) -> list[tuple]:
-        """The entries kept for `arch` and the dtype of `args` (or `fp32`), admitted for that
-        launch when `args` is given."""
-        table = self.tables[self.is_fp32(args) if fp32 is None else fp32]
+    def for_arch(self, arch: int, args: dict | None = None) -> list[tuple]:
+        """The entries kept for `arch` and the dtype of `args` (16-bit without args), admitted
+        for that launch when `args` is given."""
+        table = self.tables[self.is_fp32(args)]
         entries = table[family(arch, list(table))]
         return [e for e in entries if args is None or self.admits(e, args)]
 

@@ -448,7 +448,7 @@ DQ_CONFIGS[100] = [(128, 32, 8, 3, 64), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128
 DKDV_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 64), (32, 32, 8, 2, 64), (16, 32, 8, 2, 128, 128), (32, 16, 8, 2, 128, 128)]
                      for arch in (80, 90, 100)}
 DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90)}
-DQ_FP32_CONFIGS[100] = DQ_FP32_CONFIGS[90][:2]  # 32 x 16 spills 8 B at head dim 128 on sm_100
+DQ_FP32_CONFIGS[100] = [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64)]  # 32 x 16 spills 8 B at head dim 128 on sm_100
 _dkdv_tuned = _tuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_FP32_CONFIGS, (16, 32, 4, 1))
 _dq_tuned = _tuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_FP32_CONFIGS, (32, 16, 4, 1))
 _DELTA_BLOCK = 16 if INTERPRETED else 64

@@ -47,7 +47,7 @@ CE_FORWARD_CONFIGS = {
     80: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 8, 3)],
     90: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3)],
 }
-CE_FORWARD_CONFIGS[100] = CE_FORWARD_CONFIGS[90][1:]  # sm_100: 128 x 128 spills 80 B
+CE_FORWARD_CONFIGS[100] = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3)]  # sm_100: 128 x 128 spills 80 B
 _GRAD = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
 GRAD_LOGITS_CONFIGS = {80: _GRAD, 90: _GRAD, 100: _GRAD}
 # KL keeps a student and a teacher logit tile (fp32) live at once, next to the GEMM
