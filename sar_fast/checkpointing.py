@@ -16,6 +16,8 @@ it: the trainer calls it before the next save and before exiting.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import io
 import json
 import os
 import random
@@ -26,11 +28,15 @@ import threading
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.futures import Future
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 from . import parallel
-from .safe_load import load_file, restricted_pickle_load
+from .safe_load import CheckpointError, load_bytes, load_file, restricted_pickle_load, scan_item
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -61,18 +67,121 @@ def _set_rng_state(state: dict) -> None:
 
 
 class _SafeFileSystemReader(dcp.FileSystemReader):
-    """DCP's reader unpickles the checkpoint index (.metadata) with plain pickle.load; this
-    one allows only the DCP metadata data classes in it."""
+    """DCP's reader with nothing left to the unpickler that a crafted folder could use:
+    - the index (.metadata, a plain pickle) allows only DCP's metadata data classes, and
+      every item it lists must lie inside the checkpoint folder;
+    - each item is read on its own, after `safe_load`'s scan of its pickle, so a refusal
+      names the item (DCP then reads tensors with torch's weights-only unpickler, and
+      non-tensor items through `_SafeLoadPlanner`)."""
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
         path = os.path.join(os.fspath(self.path), ".metadata" if rank is None else f"__{rank}.metadata")
         metadata = restricted_pickle_load(path, ("torch.distributed.checkpoint.",))
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: expected a DCP checkpoint index, found {type(metadata).__name__}")
+        for index, info in (metadata.storage_data or {}).items():
+            self._check_item(path, index, info)
         if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _check_item(self, metadata_path: str, index, info) -> None:
+        name = getattr(index, "fqn", index)
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or rel in (".", "..") or os.path.basename(rel) != rel \
+                or "\\" in rel or "/" in rel:
+            raise CheckpointError(f"{metadata_path}: item {name!r} is stored at {rel!r}, which is not a file name "
+                                  f"inside the checkpoint folder")
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length <= 0:
+            raise CheckpointError(f"{metadata_path}: item {name!r} has an invalid byte range ({offset!r}, {length!r})")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{metadata_path}: item {name!r} is stored with transforms "
+                                  f"{list(info.transform_descriptors)}; sar_fast writes (and reads) plain items only")
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            file = os.path.join(os.fspath(self.path), info.relative_path)
+            where = f"{file}: item {item.dest_index.fqn!r}"
+            try:
+                with open(file, "rb") as f:
+                    scan_item(_FileRange(f, info.offset, info.length), where)
+                super().read_data(dataclasses.replace(plan, items=[item]), planner).wait()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{where}: not readable: {type(e).__name__}: {_first_line(e)}") from None
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+
+class _FileRange(io.RawIOBase):
+    """bytes [offset, offset + length) of an open file, as a seekable stream of its own."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._len - self._pos))
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles each non-tensor item (the optimiser's lr, betas, ...)
+    with torch.load(weights_only=False): a crafted item runs code there. Here the item is read
+    by `safe_load.load_bytes`; DCP then gets a re-serialisation of the checked value, so its
+    own (unsafe) reader only ever sees bytes written in this process, and the nesting of the
+    value into the state dict stays DCP's."""
+
+    def __init__(self, checkpoint_dir: str):
+        super().__init__()
+        self._dir = checkpoint_dir
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = load_bytes(value.getvalue(), f"{self._dir}: item {read_item.dest_index.fqn!r}")
+        checked = io.BytesIO()
+        torch.save(obj, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).partition("WeightsUnpickler error:")[2] or str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def _checkpoint_error(e: BaseException, path: str) -> CheckpointError:
+    """One CheckpointError from what DCP raised: its CheckpointException wraps each failing
+    rank's exception (ours, naming the item, when it is a refusal)."""
+    failures = getattr(e, "failures", None) or {}
+    for _rank, (exc, _trace) in sorted(failures.items()):
+        if isinstance(exc, CheckpointError):
+            return exc
+    for _rank, (exc, _trace) in sorted(failures.items()):
+        return CheckpointError(f"{path}: not a readable sar_fast checkpoint: {type(exc).__name__}: {_first_line(exc)}")
+    return CheckpointError(f"{path}: not a readable sar_fast checkpoint: {type(e).__name__}: {_first_line(e)}")
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
@@ -191,20 +300,46 @@ def _fsync_dir(path: str) -> None:
 
 
 def load_checkpoint(path: str, model, optimizer, info) -> dict:
-    """Collective: restore model, optimiser and this rank's RNG; return the trainer state."""
-    if not os.path.isfile(os.path.join(path, COMPLETE)):
-        raise FileNotFoundError(f"{path} is not a complete sar_fast checkpoint (no {COMPLETE} marker)")
+    """Collective: restore model, optimiser and this rank's RNG; return the trainer state.
+    Whatever is wrong with the folder (a crafted or damaged item, a missing file) raises the
+    same CheckpointError on every rank, so no rank goes on to wait for the others."""
+    rng, trainer_state, error = None, None, None
+    try:  # the per-rank files first, then one agreement, then DCP's collective read
+        if not os.path.isfile(os.path.join(path, COMPLETE)):
+            raise CheckpointError(f"{path} is not a complete sar_fast checkpoint (no {COMPLETE} marker)")
+        trainer_state = read_trainer_state(path)
+        rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
+        if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks
+            rng = load_file(rng_path)
+        _SafeFileSystemReader(path).read_metadata()  # a crafted index fails here, on every rank alike
+    except (CheckpointError, OSError) as e:
+        error = str(e)
+    errors = [e for e in parallel.all_gather_object(error) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    reader = _SafeFileSystemReader(path)
-    reader.read_metadata()  # refuse a crafted index here, with our error, not wrapped by DCP's collectives
-    dcp.load(state, storage_reader=reader)
+    try:
+        dcp.load(state, storage_reader=_SafeFileSystemReader(path), planner=_SafeLoadPlanner(path))
+    except CheckpointException as e:  # every rank gets every rank's failures
+        raise _checkpoint_error(e, path) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
-    if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks
-        _set_rng_state(load_file(rng_path))
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)
+    if rng is not None:
+        _set_rng_state(rng)
+    return trainer_state
+
+
+def read_trainer_state(path: str) -> dict:
+    """trainer.json of a checkpoint folder, checked for the fields a resume needs."""
+    file = os.path.join(path, "trainer.json")
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
+        raise CheckpointError(f"{file}: expected a JSON object with a non-negative integer 'step'")
+    return state
 
 
 def resolve_resume(resume: str, ckpt_root: str) -> str | None:

@@ -3,7 +3,7 @@
 A `.pth` is a pickle, and a pickle is a program: an unrestricted `torch.load` or
 `pickle.load` on a file from the internet runs whatever it names. Every file sar_fast reads
 (model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a sharded
-training checkpoint) goes through this module instead:
+training checkpoint and every non-tensor item in it) goes through this module instead:
 
 1. `inspect_pickle_globals` disassembles the pickle (pickletools: nothing is executed) and
    lists every global it names. Each one must be
@@ -37,7 +37,8 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CheckpointError", "StandIn", "load_file", "exit_once", "inspect_pickle_globals", "restricted_pickle_load"]
+__all__ = ["CheckpointError", "StandIn", "load_file", "load_bytes", "scan_item", "exit_once",
+           "inspect_pickle_globals", "restricted_pickle_load"]
 
 
 class CheckpointError(ValueError):
@@ -178,14 +179,19 @@ def _scan_file(path: str) -> tuple[str, dict[str, type]]:
                                  "as a model file" if os.path.exists(os.path.join(path, "COMPLETE")) else ""))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    size = os.path.getsize(path)
-    if size == 0:
+    if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); expected a checkpoint written by torch.save")
     with open(path, "rb") as f:
-        head = f.read(8)
+        return _scan_stream(f, path, stand_ins_allowed=True)
+
+
+def _scan_stream(f: io.BufferedIOBase, path: str, stand_ins_allowed: bool) -> tuple[str, dict[str, type]]:
+    """The scan of `_scan_file` over an open binary stream (a file, or bytes held in memory)."""
+    head = f.read(8)
+    f.seek(0)
     if head.startswith(b"PK"):
         try:
-            with zipfile.ZipFile(path) as z:
+            with zipfile.ZipFile(f) as z:
                 names = z.namelist()
                 if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
                     raise CheckpointError(f"{path} is a TorchScript archive; expected a torch.save checkpoint")
@@ -197,27 +203,28 @@ def _scan_file(path: str) -> tuple[str, dict[str, type]]:
         except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as e:
             raise CheckpointError(f"{path} is a damaged zip archive ({e}); expected a complete torch.save "
                                   f"checkpoint — was the download or the save cut short?") from None
-        return "zip", _check_globals(path, inspect_pickle_globals(data, path))
+        return "zip", _check_globals(path, inspect_pickle_globals(data, path), stand_ins_allowed)
     if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
         stand_ins: dict[str, type] = {}
-        with open(path, "rb") as f:  # legacy layout: magic, protocol, sys info, then the object
-            for _ in range(4):  # each is checked before the next is read: a payload is named first
-                stand_ins.update(_check_globals(path, inspect_pickle_globals(f, path)))
+        for _ in range(4):  # legacy layout: magic, protocol, sys info, then the object; each is
+            # checked before the next is read, so a payload is named first
+            stand_ins.update(_check_globals(path, inspect_pickle_globals(f, path), stand_ins_allowed))
+        f.seek(0)
         return "legacy", stand_ins
     raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected a torch.save zip archive or legacy "
                           f"pickle file; it starts with {head!r})")
 
 
-def _check_globals(path: str, names: Iterable[tuple[str, str]]) -> dict[str, type]:
+def _check_globals(path: str, names: Iterable[tuple[str, str]], stand_ins_allowed: bool = True) -> dict[str, type]:
     """The stand-ins a file needs; CheckpointError for any global that is neither allowed
-    nor a foreign class."""
+    nor (where `stand_ins_allowed`) a foreign class."""
     allowed = _torch_allowed() | set(_numpy_allowed())
     stand_ins: dict[str, type] = {}
     for module, name in names:
         full = f"{module}.{name}"
         if full in allowed or full in stand_ins:
             continue
-        cls = _stand_in_for(module, name)
+        cls = _stand_in_for(module, name) if stand_ins_allowed else None
         if cls is None:
             raise CheckpointError(f"{path}: refused to load: the file names the global {full!r}, which is not "
                                   f"tensor, container or array data (a pickle can run code through it)")
@@ -230,20 +237,42 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
     files and FileNotFoundError for a missing one."""
     path = os.fspath(path)
     layout, stand_ins = _scan_file(path)
+    return _restricted_torch_load(path, path, stand_ins, map_location=map_location, mmap=mmap and layout == "zip")
+
+
+def load_bytes(data: bytes, name: str, map_location: Any = "cpu") -> Any:
+    """`load_file` for a torch.save payload held in memory (an item of a sharded checkpoint);
+    `name` says where it came from in errors. Only torch's weights-only set and array data
+    are accepted: an item of our own checkpoints never holds a foreign class."""
+    if not data:
+        raise CheckpointError(f"{name} is empty (0 bytes); expected a torch.save payload")
+    _, stand_ins = _scan_stream(io.BytesIO(data), name, stand_ins_allowed=False)
+    return _restricted_torch_load(io.BytesIO(data), name, stand_ins, map_location=map_location, mmap=False)
+
+
+def scan_item(stream: io.RawIOBase | io.BufferedIOBase, name: str) -> None:
+    """The scan alone, over a seekable stream holding one torch.save payload (an item of a
+    sharded checkpoint, read in place): CheckpointError naming `name` unless every global it
+    names is tensor, container or array data."""
+    _scan_stream(stream, name, stand_ins_allowed=False)
+
+
+def _restricted_torch_load(source: Any, name: str, stand_ins: dict[str, type], map_location: Any,
+                           mmap: bool) -> Any:
+    """torch's weights-only unpickler, with only the stand-ins and the numpy names added."""
     extra = [(obj, full) for full, obj in _numpy_allowed().items()] + [(cls, full) for full, cls in stand_ins.items()]
     try:
         with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location=map_location, weights_only=True,
-                              mmap=mmap and layout == "zip")
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].strip() \
             or str(e)
         if "Unsupported operand" in msg:  # protocol 3+ opcodes (STACK_GLOBAL, FRAME, ...)
             msg += (" — the file was written with a pickle protocol above 2, which the weights-only reader does "
                     "not read; torch.save writes protocol 2 by default: re-save it that way where you trust it")
-        raise CheckpointError(f"{path}: refused to load: {msg}") from None
+        raise CheckpointError(f"{name}: refused to load: {msg}") from None
     except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (damaged or truncated?): "
+        raise CheckpointError(f"{name}: not a readable torch checkpoint (damaged or truncated?): "
                               f"{type(e).__name__}: {e}") from None
 
 
