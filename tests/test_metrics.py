@@ -143,3 +143,20 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
     assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in str(e.value)
     with pytest.raises(FileNotFoundError, match="--inception .*no such file"):
         resolve_inception_weights(str(tmp_path / "nope.pth"))
+
+
+def test_crafted_inception_weights_run_nothing(tmp_path):
+    """torch-fidelity unpickles its weights file with torch.load(weights_only=False); the
+    metrics hand it only a copy of what safe_load accepted."""
+    pytest.importorskip("torch_fidelity")
+    from test_safe_load import payloads, write_crafted
+
+    from sar_fast.metrics.inception import InceptionMetrics
+    from sar_fast.safe_load import CheckpointError
+    marker = tmp_path / "ran"
+    payload, refused = payloads(str(marker))["os.system"]
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    write_crafted(path, payload, "zip", 2)
+    with pytest.raises(CheckpointError, match=rf"{path}.*refused.*{refused}"):
+        InceptionMetrics(str(path), "cpu")
+    assert not marker.exists()

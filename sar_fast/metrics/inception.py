@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..data import file_sha256
+from ..safe_load import load_file
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
@@ -114,8 +116,14 @@ class InceptionMetrics:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_dir = cache_dir
-        self.extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                     feature_extractor_weights_path=weights_path).to(self.device)
+        # torch-fidelity reads its weights with torch.load(weights_only=False): it gets a copy
+        # written here of what safe_load accepted, never the user's file itself
+        state = load_file(weights_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            checked = os.path.join(tmp, INCEPTION_WEIGHTS_FILE)
+            torch.save(state, checked)
+            self.extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                         feature_extractor_weights_path=checked).to(self.device)
         self._weights_key: str | None = None
 
     @torch.no_grad()
