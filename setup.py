@@ -46,11 +46,32 @@ def read_sources() -> tuple[list[str], list[str]]:
 
 
 def minimum_torch() -> str:
-    """The torch requirement of pyproject.toml (its one definition), e.g. '2.6'."""
-    found = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    """The oldest supported torch, from pyproject.toml's [tool.sar_fast] (its one definition), e.g. '2.6'."""
+    found = re.search(r'^torch = "torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     if found is None:
-        sys.exit("pyproject.toml: no \"torch>=X.Y\" dependency found")
+        sys.exit('pyproject.toml: no `torch = "torch>=X.Y"` in [tool.sar_fast]')
     return found.group(1)
+
+
+def requirements(torch_version: str) -> list[str]:
+    """pyproject.toml's [tool.sar_fast] requirements, and torch pinned to `torch_version`: the
+    extension is compiled against that torch's ABI, and with the pin pip resolves every extra
+    (torchvision through torch-fidelity, say) against it instead of upgrading torch."""
+    block = re.search(r"^requirements = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
+    if block is None:
+        sys.exit("pyproject.toml: no `requirements = [...]` in [tool.sar_fast]")
+    listed = re.findall(r'^\s*"([^"]+)",?\s*$', block.group(1), re.MULTILINE)
+    return [f"torch=={torch_version}"] + listed
+
+
+def installed_torch_release() -> str:
+    """The installed torch's public version (2.11.0 for 2.11.0+cu130: the pin must also match
+    the same release from another index)."""
+    from importlib.metadata import version
+    found = re.match(r"\d+(\.\d+)*", version("torch"))
+    if found is None:
+        sys.exit(f"cannot read the installed torch's version ({version('torch')!r})")
+    return found.group(0)
 
 
 def _has_nvcc(root: str | os.PathLike | None) -> bool:
@@ -162,6 +183,7 @@ kernel_packages = ["sar_fast.kernels"] + [
 ]
 
 setup(
+    install_requires=requirements(installed_torch_release()),
     packages=find_packages(include=["sar_fast", "sar_fast.*"]) + kernel_packages,
     package_dir={"sar_fast": "sar_fast", "sar_fast.kernels": "kernels"},
     ext_modules=[extension],
