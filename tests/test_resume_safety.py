@@ -185,8 +185,7 @@ def test_resume_refuses_every_payload_on_every_rank(corpus, beyond_plain_dcp, cl
             assert got == per_rank[0][folder], "every rank reports the same error"
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("part", ["index", "item"])
+@pytest.mark.parametrize("nproc, part", [(1, "index"), (2, "item")])
 def test_torchrun_resume_of_a_crafted_run_fails_cleanly(corpus, tmp_path, nproc, part):
     """`--out THEIR_RUN` (resume auto): one clear error, non-zero exit, nothing ran, no hang."""
     folder, marker, names = next(c for c in corpus if os.path.basename(c[0]).startswith(part))
