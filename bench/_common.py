@@ -130,8 +130,11 @@ def bar_panels(path: str, results: list[dict], case_key: str, cases: list[str], 
     """Write the chart to `path`; False (nothing written) when matplotlib is missing.
 
     results: dicts with `case_key`, 'peer', 'mode' and the metrics named in `panels`
-    ((mode, metric, title) each); a missing value draws as 0.
+    ((mode, metric, title) each); a missing value draws as 0. BENCH_PLOTS=0 in the
+    environment: no chart (bench/gpu_first.sh keeps its output folder to JSON files).
     """
+    if os.environ.get("BENCH_PLOTS", "1") == "0":
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -8,7 +8,7 @@ L2-normalised fp32 codebook of 8912 rows, B in --batches, output fp32 and bf16.
 Peers (teacher-forcing input from codes [B, L]):
 - eager:    the PyTorch loop: per scale a gather, F.interpolate(bicubic), then one cat;
 - compiled: torch.compile of that loop (default mode, PyTorch's automatic dynamic shapes;
-            fp32 output only, to keep compile time inside gpu_check's 120 s per bench);
+            fp32 output only, to keep its compile time short);
 - sar_fast: sar_fast.ops.scale_shift (one Triton launch, gather fused);
 - kernel:   the launcher alone into a preallocated output (no op/dispatch overhead).
 Each is timed twice: `ms` = CUDA events around back-to-back calls (includes host launch
