@@ -61,6 +61,7 @@ PY="${PYTHON3:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export BENCH_PLOTS=0             # JSON only: OUT holds at most 8 files
 export PYTHONUNBUFFERED=1
+export TRITON_PRINT_AUTOTUNING=1  # log.txt keeps every autotune winner and its tuning time
 TOTAL_BUDGET=510                 # seconds, every timeout together (8.5 min)
 SLACK=1
 if [[ $DRY_RUN -eq 1 ]]; then

@@ -86,3 +86,23 @@ def test_header_states_each_steps_timeout(text):
         if limit.isdigit():
             assert re.search(rf"\b{limit} s\b", header), f"the header does not state {name}'s timeout ({limit} s)"
     assert "rest of 510 s" in header
+
+
+def test_gpu_first_selection_holds_the_gpu_only_tests():
+    """`-m gpu_first` (tests/conftest.py) picks the op matrix, every test that skips without a
+    GPU, and leaves the CPU-only tests out."""
+    import subprocess
+    import sys
+    files = ["tests/test_gpu_ops.py", "tests/test_scale_shift.py", "tests/test_cross_entropy.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "gpu_first", *files], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    selected = {line.split("[")[0] for line in done.stdout.splitlines() if "::" in line}
+    assert {"tests/test_gpu_ops.py::test_scale_causal_attention", "tests/test_gpu_ops.py::test_cached_attention",
+            "tests/test_gpu_ops.py::test_fused_head_loss", "tests/test_gpu_ops.py::test_scale_shift",
+            "tests/test_scale_shift.py::test_bf16_output_on_gpu",  # skip reason names the GPU
+            "tests/test_scale_shift.py::test_random_schedules_do_not_recompile",
+            "tests/test_cross_entropy.py::test_kl_bf16_on_gpu_no_worse_than_eager",
+            "tests/test_cross_entropy.py::test_half_precision_no_worse_than_eager"} <= selected
+    assert "tests/test_scale_shift.py::test_codes_match_reference" not in selected
