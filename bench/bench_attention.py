@@ -1,7 +1,7 @@
 """Benchmark block-causal scale attention against its peers, in one run.
 
     python bench/bench_attention.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--batch 64]
-    python bench/bench_attention.py --out DIR --lengths 680 2240 --head-dims 64 128 --heads 16 --batch 8
+    python bench/bench_attention.py --out DIR --lengths 680 2240 --head-dims 64 128 --batch 16
     python bench/bench_attention.py --out DIR --smoke       # CPU, tiny shapes, interpreter: seconds
 
 Shapes (VAR/FlexVAR, head dim 64): d16 (H=16) and d24 (H=24) on the standard 10-scale
@@ -53,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", default=None, choices=sorted(SCHEDULES_BY_LENGTH),
                    help="instead of the default cases: the standard schedule of each length ...")
     p.add_argument("--head-dims", type=int, nargs="+", default=[HEAD_DIM], help="... at each head dim")
-    p.add_argument("--heads", type=int, default=16, help="heads of the --lengths cases")
+    p.add_argument("--width", type=int, default=1024,
+                   help="model width of the --lengths cases: heads = width / head dim (d16: 1024)")
     p.add_argument("--peers", nargs="+", default=["sar_fast", "flex", "xformers"]
                    + [f"sdpa-{b}" for b in SDPA_BACKENDS])
     add_smoke_flag(p)
@@ -66,7 +67,7 @@ def cases(args) -> list[dict]:
     if args.smoke:
         return [{"name": "smoke (1,2,3,4)", "H": 2, "D": 16, "B": 1, "lens": (1, 4, 9, 16)}]
     if args.lengths:
-        return [{"name": f"L{L} D{D}", "H": args.heads, "D": D, "B": args.batch,
+        return [{"name": f"L{L} D{D}", "H": args.width // D, "D": D, "B": args.batch,
                  "lens": tuple(s * s for s in SCHEDULES_BY_LENGTH[L])} for L in args.lengths for D in args.head_dims]
     std = tuple(s * s for s in STANDARD_SCHEDULE)
     out = [{"name": "d16 L680", "H": 16, "D": HEAD_DIM, "B": args.batch, "lens": std}]

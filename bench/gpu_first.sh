@@ -29,7 +29,8 @@
 #                                                    x 3) = ~0.08 s at 40% of 989 TFLOP/s; sar ~1.5x,
 #                                                    official ~3x; 3 x (1 + 5) timed + 6 accounted/profiled
 #                                                    steps ~ 8 s; imports + d16 init + recompiles ~40 s
-#   3 attention (L 680/2240, D 64/128) 120 s  90 s   sar_fast fwd+bwd 66 / 750 GFLOP per call at B 16,
+#   3 attention (L 680/2240, D 64/128) 120 s  90 s   width 1024 (16 x 64 or 8 x 128 heads), B 16: sar_fast
+#                                                    fwd+bwd 66 / 750 GFLOP per call,
 #                                                    dense-mask SDPA 106 / 1,151: ms each, ~40 calls per
 #                                                    peer and shape ~10 s; FlexAttention's one compile:
 #                                                    ~25 s cold + ~8 s per further shape (4 shapes)
@@ -171,7 +172,7 @@ step train_step 90 "$PY" bench/bench_train_step.py --out "$OUT" --batch 24 --rep
 
 # 3. attention fwd+bwd at L 680 / 2240, head dims 64 / 128, vs FlexAttention and dense-mask SDPA
 step attention 120 "$PY" bench/bench_attention.py --out "$OUT" --dtype bf16 --lengths 680 2240 \
-  --head-dims 64 128 --heads 16 --batch 16 --repeats 10 --warmup 3 \
+  --head-dims 64 128 --width 1024 --batch 16 --repeats 10 --warmup 3 \
   --peers sar_fast flex sdpa-flash sdpa-efficient sdpa-cudnn $SMOKE
 
 # 4. fused CE / KL vs eager and torch.compile: time and peak memory
@@ -201,12 +202,14 @@ fi
 # OUT holds exactly the files the header names, each step's results included
 EXPECTED="env.txt status.tsv log.txt bench_train_step.json bench_attention.json bench_cross_entropy.json \
 trainer_metrics.jsonl bench_quantize.json"
+OUTPUTS_OK=1
 for f in $EXPECTED; do
-  [[ -f "$OUT/$f" ]] || { echo "missing in OUT: $f"; FAILED+=("outputs"); }
+  [[ -f "$OUT/$f" ]] || { echo "missing in OUT: $f"; OUTPUTS_OK=0; }
 done
 for f in "$OUT"/*; do
-  [[ " $EXPECTED " == *" $(basename "$f") "* ]] || { echo "unexpected in OUT: $f"; FAILED+=("outputs"); }
+  [[ " $EXPECTED " == *" $(basename "$f") "* ]] || { echo "unexpected in OUT: $f"; OUTPUTS_OK=0; }
 done
+[[ $OUTPUTS_OK -eq 1 ]] || FAILED+=("outputs")
 
 echo "=== status ($((SECONDS - START)) s in all)"
 cat "$OUT/status.tsv"
