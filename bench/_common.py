@@ -1,16 +1,57 @@
 """What the benchmarks share: choosing the device and dtype (GPU, or a tiny CPU smoke run
 under Triton's interpreter), the one timing loop, and grouped bar charts.
 
-The benchmarks measure the installed sar_fast (README: install first); every one has a
---smoke mode (tiny shapes on the CPU, seconds) that CI runs so that a broken bench fails.
+The benchmarks measure the sar_fast that Python imports (an install, or the source tree on
+PYTHONPATH); every one has a --smoke mode (tiny shapes on the CPU, seconds) that CI runs so
+that a broken bench fails. Each writes its JSON through JsonReport, row by row.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 from typing import Callable
+
+
+class JsonReport:
+    """A bench's JSON document, written whole after every change (a temporary file, then
+    os.replace): a run killed midway (a timeout, the end of a GPU lease) leaves a valid file
+    holding every row measured so far. "complete" turns true in close()."""
+
+    def __init__(self, path: str, **header):
+        self.path = path
+        self.doc = {**header, "complete": False}
+        self.write()
+
+    def set(self, **fields) -> None:
+        self.doc.update(fields)
+        self.write()
+
+    def append(self, key: str, row: dict) -> None:
+        """Add one row to the list `key` and write the file."""
+        self.doc.setdefault(key, []).append(row)
+        self.write()
+
+    def close(self, **fields) -> None:
+        self.set(**fields, complete=True)
+
+    def write(self) -> None:
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.doc, f, indent=1, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _jsonable(value):
+    """Tensors and numpy scalars in a row: their Python value; anything else: its repr."""
+    for name in ("tolist", "item"):
+        if hasattr(value, name):
+            return getattr(value, name)()
+    return repr(value)
 
 
 def add_smoke_flag(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +130,11 @@ def bar_panels(path: str, results: list[dict], case_key: str, cases: list[str], 
     """Write the chart to `path`; False (nothing written) when matplotlib is missing.
 
     results: dicts with `case_key`, 'peer', 'mode' and the metrics named in `panels`
-    ((mode, metric, title) each); a missing value draws as 0.
+    ((mode, metric, title) each); a missing value draws as 0. BENCH_PLOTS=0 in the
+    environment: no chart (bench/gpu_first.sh keeps its output folder to JSON files).
     """
+    if os.environ.get("BENCH_PLOTS", "1") == "0":
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -1,37 +1,42 @@
 """Benchmark block-causal scale attention against its peers, in one run.
 
     python bench/bench_attention.py --out DIR [--quick] [--dtype bf16|fp16|fp32] [--batch 64]
+    python bench/bench_attention.py --out DIR --lengths 680 2240 --head-dims 64 128 --batch 16
     python bench/bench_attention.py --out DIR --smoke       # CPU, tiny shapes, interpreter: seconds
 
 Shapes (VAR/FlexVAR, head dim 64): d16 (H=16) and d24 (H=24) on the standard 10-scale
-schedule (L = 680), plus FlexVAR random training schedules (d16). Peers:
+schedule (L = 680), plus FlexVAR random training schedules (d16); or, with --lengths, the
+standard schedules of those lengths (680: 256 px, 1..16; 2240: 512 px, 1..32) at each
+--head-dims. Peers:
 - sar_fast:    sar_fast.ops.scale_causal_attention (Triton, tile-skipping);
 - sdpa-*:      F.scaled_dot_product_attention with the dense additive mask [1, 1, L, L] that
                VAR/FlexVAR train with, under each SDPA backend (auto, efficient, cudnn, flash,
                math); a backend that refuses the mask is recorded as unsupported;
-- flex:        torch.compile(flex_attention) with a block mask built once per schedule;
+- flex:        flex_attention under one torch.compile (made once, reused by every shape) with
+               a block mask built once per schedule;
 - xformers:    memory_efficient_attention with the dense bias, if xformers is installed.
 Modes: fwd (inputs require grad, as in training), bwd (backward of one forward, timed
 alone), fwd+bwd. Times are medians of CUDA-event intervals after warm-up; TFLOP/s count only
 the visible (query, key) pairs: fwd 4*D per pair, bwd 2.5x that; peak memory is the most
-allocated above the inputs during one fwd+bwd. Writes DIR/bench_attention.json and, if
+allocated above the inputs during one fwd+bwd. Writes DIR/bench_attention.json (row by row) and, if
 matplotlib imports, DIR/bench_attention.png.
 Targets on H200 bf16, fwd+bwd: sar_fast >= 1.3x flex and >= 2x the fastest dense-mask SDPA.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, bar_panels, median_ms, start  # noqa: E402
+from _common import JsonReport, add_smoke_flag, bar_panels, median_ms, start  # noqa: E402
 
 HEAD_DIM = 64
 TARGET_VS_FLEX, TARGET_VS_SDPA = 1.3, 2.0
 SDPA_BACKENDS = ("auto", "efficient", "cudnn", "flash", "math")
+# standard schedules by total length: VAR/FlexVAR at 256 px and VAR at 512 px
+SCHEDULES_BY_LENGTH = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -45,6 +50,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="d16 standard schedule and one random schedule")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, choices=sorted(SCHEDULES_BY_LENGTH),
+                   help="instead of the default cases: the standard schedule of each length ...")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[HEAD_DIM], help="... at each head dim")
+    p.add_argument("--width", type=int, default=1024,
+                   help="model width of the --lengths cases: heads = width / head dim (d16: 1024)")
     p.add_argument("--peers", nargs="+", default=["sar_fast", "flex", "xformers"]
                    + [f"sdpa-{b}" for b in SDPA_BACKENDS])
     add_smoke_flag(p)
@@ -56,6 +66,9 @@ def cases(args) -> list[dict]:
     from sar_fast.schedules import STANDARD_SCHEDULE, random_flexvar_schedule
     if args.smoke:
         return [{"name": "smoke (1,2,3,4)", "H": 2, "D": 16, "B": 1, "lens": (1, 4, 9, 16)}]
+    if args.lengths:
+        return [{"name": f"L{L} D{D}", "H": args.width // D, "D": D, "B": args.batch,
+                 "lens": tuple(s * s for s in SCHEDULES_BY_LENGTH[L])} for L in args.lengths for D in args.head_dims]
     std = tuple(s * s for s in STANDARD_SCHEDULE)
     out = [{"name": "d16 L680", "H": 16, "D": HEAD_DIM, "B": args.batch, "lens": std}]
     if not args.quick:
@@ -81,7 +94,7 @@ def visible_pairs(lens) -> int:
     return total
 
 
-def make_peers(names, case, device, dtype, torch, F, ops):
+def make_peers(names, case, device, dtype, torch, F, ops, compiled: dict):
     """{peer name: fn(q, k, v) -> out [B, H, L, D]} for this shape; setup cost (masks,
     block masks) is paid here, once per schedule, as training would."""
     lens, L = case["lens"], sum(case["lens"])
@@ -116,8 +129,9 @@ def make_peers(names, case, device, dtype, torch, F, ops):
                                           torch.tensor(lens, device=device))
             block_mask = create_block_mask(lambda b, h, qi, ki: sid[ki] <= sid[qi], None, None, L, L,
                                            device=device)
-            flex = torch.compile(flex_attention, dynamic=False)
-            peers[name] = lambda q, k, v, bm=block_mask, flex=flex: flex(q, k, v, block_mask=bm)
+            if "flex" not in compiled:  # one torch.compile for every shape: dynamo recompiles per shape only
+                compiled["flex"] = torch.compile(flex_attention, dynamic=False)
+            peers[name] = lambda q, k, v, bm=block_mask, flex=compiled["flex"]: flex(q, k, v, block_mask=bm)
         elif name == "xformers":
             try:
                 import xformers.ops as xops
@@ -177,54 +191,85 @@ def main() -> int:
         return 0
     torch, device, dtype = started
     import torch.nn.functional as F
+    import triton
 
     from sar_fast import ops
     peer_names = args.peers
     if device == "cpu":
         peer_names = [p for p in peer_names if p in ("sar_fast", "sdpa-auto", "sdpa-math", "flex")]
-    results, checks, skipped_all = [], [], {}
+    path = os.path.join(args.out, "bench_attention.json")
+    report = JsonReport(
+        path, op="scale_causal_attention", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, triton=triton.__version__,
+        smoke=bool(args.smoke),
+        targets={"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX, "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
+        notes="TFLOP/s count visible pairs only (fwd 4*D flops per pair, bwd 2.5x fwd); peak_mib: most "
+              "allocated above the inputs during one fwd+bwd; bwd is timed alone after an untimed forward",
+        skipped_peers={}, checks=[], results=[])
+    compiled: dict = {}
     for case in cases(args):
-        B, H, D, lens = case["B"], case["H"], case["D"], case["lens"]
-        L = sum(lens)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        q, k, v = (torch.randn(B, H, L, D, device=device, generator=gen).to(dtype).requires_grad_()
-                   for _ in range(3))
-        grad_out = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
-        peers, skipped = make_peers(peer_names, case, device, dtype, torch, F, ops)
-        skipped_all.update(skipped)
-        if "sar_fast" in peers:  # agreement with fp32 dense-mask SDPA on a slice of the batch
-            with torch.no_grad():  # full batch: the first call autotunes, at this shape
-                got = peers["sar_fast"](q, k, v)[:2].float()
-                want = ops.reference.scale_causal_attention(q[:2].float(), k[:2].float(), v[:2].float(), lens)
-            checks.append({"case": case["name"], "max_abs_diff_vs_fp32_sdpa": (got - want).abs().max().item()})
-        fwd_flops = 4.0 * B * H * D * visible_pairs(lens)
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
-        for peer, fn in peers.items():
-            for mode in MODES:
-                row = {"case": case["name"], "B": B, "H": H, "D": D, "L": L, "scale_lens": list(lens),
-                       "density": visible_pairs(lens) / L ** 2, "peer": peer, "mode": mode,
-                       "time_ms": None, "tflops": None, "peak_mib": None}
-                try:
-                    repeats, warmup = (args.repeats, args.warmup) if device == "cuda" else (1, 0)
-                    row["time_ms"], row["peak_mib"] = measure(torch, fn, (q, k, v), grad_out, mode, device,
-                                                              warmup, repeats)
-                    row["tflops"] = flops[mode] / (row["time_ms"] * 1e-3) / 1e12
-                except torch.cuda.OutOfMemoryError:
-                    row["error"] = "out of memory"
-                except RuntimeError as e:  # e.g. an SDPA backend that refuses a dense mask
-                    row["error"] = f"unsupported: {str(e).splitlines()[0][:200]}"
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                results.append(row)
-                if "error" in row:
-                    print(f"{case['name']:22s} {peer:15s} {mode:8s} {row['error']}", flush=True)
-                else:
-                    print(f"{case['name']:22s} {peer:15s} {mode:8s} {row['time_ms']:9.3f} ms "
-                          f"{row['tflops']:8.1f} TFLOP/s  peak {row['peak_mib']:9.1f} MiB", flush=True)
-                if "error" in row and row["error"].startswith("unsupported"):
-                    break  # the other modes would fail the same way
-        del q, k, v, grad_out, peers
+        measure_case(torch, F, ops, device, dtype, args, report, peer_names, case, compiled)
+    results = report.doc["results"]
+    summary = summarise(results)
+    report.close(summary=summary)
+    print(f"wrote {path}")
+    if plot(results, os.path.join(args.out, "bench_attention.png")):
+        print(f"wrote {os.path.join(args.out, 'bench_attention.png')}")
+    for s in summary:
+        parts = [f"{s['case']:22s} sar_fast fwd+bwd {s['sar_fast_ms']:.3f} ms"]
+        if "speedup_vs_flex" in s:
+            parts.append(f"{s['speedup_vs_flex']:.2f}x flex (target {TARGET_VS_FLEX})")
+        if "speedup_vs_fastest_sdpa" in s:
+            parts.append(f"{s['speedup_vs_fastest_sdpa']:.2f}x {s['fastest_sdpa']} (target {TARGET_VS_SDPA})")
+        print(", ".join(parts))
+    return 0
 
+
+def measure_case(torch, F, ops, device, dtype, args, report: JsonReport, peer_names, case, compiled) -> None:
+    """Every peer and mode at one shape: one row each, written as measured."""
+    B, H, D, lens = case["B"], case["H"], case["D"], case["lens"]
+    L = sum(lens)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    q, k, v = (torch.randn(B, H, L, D, device=device, generator=gen).to(dtype).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(B, H, L, D, device=device, generator=gen).to(dtype)
+    peers, skipped = make_peers(peer_names, case, device, dtype, torch, F, ops, compiled)
+    report.set(skipped_peers={**report.doc["skipped_peers"], **skipped})
+    if "sar_fast" in peers:  # agreement with fp32 dense-mask SDPA on a slice of the batch
+        with torch.no_grad():  # full batch: the first call autotunes, at this shape
+            got = peers["sar_fast"](q, k, v)[:2].float()
+            want = ops.reference.scale_causal_attention(q[:2].float(), k[:2].float(), v[:2].float(), lens)
+        report.append("checks", {"case": case["name"], "max_abs_diff_vs_fp32_sdpa": (got - want).abs().max().item()})
+    fwd_flops = 4.0 * B * H * D * visible_pairs(lens)
+    flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+    for peer, fn in peers.items():
+        for mode in MODES:
+            row = {"case": case["name"], "B": B, "H": H, "D": D, "L": L, "scale_lens": list(lens),
+                   "density": visible_pairs(lens) / L ** 2, "peer": peer, "mode": mode,
+                   "time_ms": None, "tflops": None, "peak_mib": None}
+            try:
+                repeats, warmup = (args.repeats, args.warmup) if device == "cuda" else (1, 0)
+                row["time_ms"], row["peak_mib"] = measure(torch, fn, (q, k, v), grad_out, mode, device,
+                                                          warmup, repeats)
+                row["tflops"] = flops[mode] / (row["time_ms"] * 1e-3) / 1e12
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except RuntimeError as e:  # e.g. an SDPA backend that refuses a dense mask
+                row["error"] = f"unsupported: {str(e).splitlines()[0][:200]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            report.append("results", row)
+            if "error" in row:
+                print(f"{case['name']:22s} {peer:15s} {mode:8s} {row['error']}", flush=True)
+            else:
+                print(f"{case['name']:22s} {peer:15s} {mode:8s} {row['time_ms']:9.3f} ms "
+                      f"{row['tflops']:8.1f} TFLOP/s  peak {row['peak_mib']:9.1f} MiB", flush=True)
+            if "error" in row and row["error"].startswith("unsupported"):
+                break  # the other modes would fail the same way
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per case: sar_fast's fwd+bwd against the fastest flex and SDPA rows, and the targets."""
     summary = []
     for case in dict.fromkeys(r["case"] for r in results):
         def best(prefix):
@@ -243,31 +288,7 @@ def main() -> int:
             entry["speedup_vs_fastest_sdpa"] = sdpa["time_ms"] / ours["time_ms"]
             entry["meets_sdpa_target"] = entry["speedup_vs_fastest_sdpa"] >= TARGET_VS_SDPA
         summary.append(entry)
-    import triton
-    report = {
-        "op": "scale_causal_attention", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton.__version__,
-        "smoke": bool(args.smoke),
-        "targets": {"fwd_bwd_speedup_vs_flex_min": TARGET_VS_FLEX,
-                    "fwd_bwd_speedup_vs_fastest_sdpa_min": TARGET_VS_SDPA},
-        "notes": "TFLOP/s count visible pairs only (fwd 4*D flops per pair, bwd 2.5x fwd); peak_mib: most "
-                 "allocated above the inputs during one fwd+bwd; bwd is timed alone after an untimed forward",
-        "skipped_peers": skipped_all, "checks": checks, "summary": summary, "results": results,
-    }
-    path = os.path.join(args.out, "bench_attention.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
-    if plot(results, os.path.join(args.out, "bench_attention.png")):
-        print(f"wrote {os.path.join(args.out, 'bench_attention.png')}")
-    for s in summary:
-        parts = [f"{s['case']:22s} sar_fast fwd+bwd {s['sar_fast_ms']:.3f} ms"]
-        if "speedup_vs_flex" in s:
-            parts.append(f"{s['speedup_vs_flex']:.2f}x flex (target {TARGET_VS_FLEX})")
-        if "speedup_vs_fastest_sdpa" in s:
-            parts.append(f"{s['speedup_vs_fastest_sdpa']:.2f}x {s['fastest_sdpa']} (target {TARGET_VS_SDPA})")
-        print(", ".join(parts))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

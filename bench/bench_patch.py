@@ -18,7 +18,6 @@ Writes DIR/bench_patch.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import add_smoke_flag, start, time_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, start, time_ms  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,7 +75,9 @@ def main() -> None:
     B = 2 if args.smoke else args.batch
     repeats, warmup = (1, 1) if args.smoke else (args.repeats, args.warmup)
     autocast = torch.autocast(device, dtype=dtype, enabled=cuda and dtype != torch.float32)
-    results = []
+    path = os.path.join(args.out, "bench_patch.json")
+    report = JsonReport(path, device=torch.cuda.get_device_name() if cuda else "cpu (interpreter smoke)",
+                        batch=B, dtype=str(dtype), results=[])
     for family in args.family:
         torch.manual_seed(0)
         model, sides, V = build(torch, family, args.smoke, device)
@@ -126,12 +127,8 @@ def main() -> None:
             mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
             print(f"{family:8s} {r['peer']:13s} {r['ms']:9.2f} ms  x{r['vs_unpatched']:.2f}  peak {mem}  "
                   f"|patched - unpatched logits| <= {diff:.3g}", flush=True)
-        results += rows
-    report = {"device": torch.cuda.get_device_name() if cuda else "cpu (interpreter smoke)",
-              "batch": B, "dtype": str(dtype), "results": results}
-    path = os.path.join(args.out, "bench_patch.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+            report.append("results", r)  # a family's rows compare with its unpatched one: written together
+    report.close()
     print(f"wrote {path}")
 
 

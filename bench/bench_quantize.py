@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, bar_panels, time_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, bar_panels, time_ms  # noqa: E402
 
 SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TARGET_SPEEDUP = 3.0
@@ -130,7 +129,14 @@ def main() -> int:
     B, C, H = args.batch, 32, SCHEDULE[-1]
     latent = torch.randn(B, C, H, H, device=device)
     memory = PeakMemory(torch, cuda)
-    rows, summary = [], []
+    report = JsonReport(
+        os.path.join(args.out, "bench_quantize.json"), bench="quantize",
+        device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        cpu_threads=torch.get_num_threads(), cpu_isa=_C_loader.cpu_isa(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"), batch=B, channels=C, side=H, schedule=SCHEDULE, repeats=repeats,
+        target_speedup=TARGET_SPEEDUP, rows=[], summary=[],
+        memory_method="torch.cuda.max_memory_allocated delta" if cuda else "peak RSS delta (VmHWM)")
+    rows, summary = report.doc["rows"], report.doc["summary"]
     with torch.no_grad():
         phi = make_phi(torch, C, device)
         for mode in args.modes:
@@ -162,24 +168,16 @@ def main() -> int:
                            "ms_median": statistics.median(times[name]), "ms_min": min(times[name]),
                            "ms_all": times[name], "peak_mib": peak[name], "agree": agree[name],
                            "analytic_mib": analytic[name]}
-                    rows.append(row)
+                    report.append("rows", row)
                 speedup = statistics.median(times["reference"]) / statistics.median(times["extension"])
-                summary.append({"mode": mode, "V": V, "speedup": speedup})
+                report.append("summary", {"mode": mode, "V": V, "speedup": speedup})
                 print(f"{mode:8s} V={V:5d}  reference {statistics.median(times['reference']):9.1f} ms"
                       f" (peak {_fmt(peak['reference'])} MiB; largest [N,V] fp32 {nv_mib:.0f} MiB)  "
                       f"extension {statistics.median(times['extension']):8.1f} ms (peak "
                       f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  "
                       f"agree {agree['extension']:.6f}",
                       flush=True)
-    result = {
-        "bench": "quantize", "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "cpu_isa": _C_loader.cpu_isa(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "batch": B, "channels": C, "side": H, "schedule": SCHEDULE,
-        "repeats": repeats, "target_speedup": TARGET_SPEEDUP, "rows": rows, "summary": summary,
-        "memory_method": "torch.cuda.max_memory_allocated delta" if cuda else "peak RSS delta (VmHWM)",
-    }
-    with open(os.path.join(args.out, "bench_quantize.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    report.close()
     cases = [f"{m} V={v}" for m in args.modes for v in args.vocabs]
     bar_panels(os.path.join(args.out, "bench_quantize.png"), rows, "case", cases, ["reference", "extension"],
                [(m, key, f"{m}: {title}") for m in args.modes

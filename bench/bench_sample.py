@@ -11,7 +11,6 @@ recomputed at every scale: the test oracle). Writes DIR/bench_sample.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, time_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, time_ms  # noqa: E402
 
 from sar_fast.evaluate import image_uniforms  # noqa: E402
 from sar_fast.models import build_model  # noqa: E402
@@ -76,8 +75,10 @@ def main() -> None:
     model.to(device).eval()
     codebook = F.normalize(torch.randn(model.vocab_size, model.code_dim, device=device), dim=-1)
     labels = torch.arange(batch, device=device) % model.num_classes
-    results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "model": args.model if gpu else "tiny",
-               "schedule": list(schedule), "batch": batch, "cases": {}}
+    report = JsonReport(os.path.join(args.out, "bench_sample.json"),
+                        device=torch.cuda.get_device_name() if gpu else "cpu", model=args.model if gpu else "tiny",
+                        schedule=list(schedule), batch=batch, cases={})
+    results = report.doc
     peers = {name: (lambda case=case: run_case(model, codebook, labels, schedule, case, device))
              for name, case in cases(gpu).items()}
     times = time_ms(peers, device.type, repeats=reps, warmup=1)  # interleaved, after a warm-up round
@@ -87,8 +88,7 @@ def main() -> None:
     base = results["cases"]["cfg + kv, one generator"]["images_per_s"]
     for row in results["cases"].values():
         row["vs_cfg_kv"] = row["images_per_s"] / base
-    with open(os.path.join(args.out, "bench_sample.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    report.close()  # the cases are timed interleaved: they all end together
     width = max(map(len, results["cases"]))
     print(f"{results['device']}, {results['model']}, batch {batch}, schedule {list(schedule)}")
     for name, row in results["cases"].items():

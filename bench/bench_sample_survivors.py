@@ -18,7 +18,6 @@ Threads: the process's torch threads (all cores unless --threads). Writes DIR/be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, time_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, time_ms  # noqa: E402
 
 from sar_fast import _C_loader, ops  # noqa: E402
 from sar_fast.sampling import guidance_weight, sample_keyed_uniform, sample_survivors, sample_top_k_top_p  # noqa: E402
@@ -75,7 +74,9 @@ def main() -> None:
         agree = float((fused() == peers["survivors"]()).float().mean())
     else:
         agree = None
-    times = time_ms(peers, device, repeats)
+    report = JsonReport(os.path.join(args.out, "bench_sample_survivors.json"), shape=label, device=device,
+                        rows=rows, vocab=V, top_k=top_k, top_p=top_p)
+    times = time_ms(peers, device, repeats)  # the peers interleaved: they all end together
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {"shape": label, "device": device, "rows": rows, "vocab": V, "top_k": top_k, "top_p": top_p,
               "threads": torch.get_num_threads(), "repeats": repeats, "median_ms": median,
@@ -87,8 +88,7 @@ def main() -> None:
         print(f"  {name:10s} {m:9.2f} ms  ({1e3 * m / rows:6.1f} us/row, {median['official'] / m:5.2f}x official)")
     if agree is not None:
         print(f"  fused == survivors on {100 * agree:.2f}% of rows (same uniforms)")
-    with open(os.path.join(args.out, "bench_sample_survivors.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    report.close(**result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ L2-normalised fp32 codebook of 8912 rows, B in --batches, output fp32 and bf16.
 Peers (teacher-forcing input from codes [B, L]):
 - eager:    the PyTorch loop: per scale a gather, F.interpolate(bicubic), then one cat;
 - compiled: torch.compile of that loop (default mode, PyTorch's automatic dynamic shapes;
-            fp32 output only, to keep compile time inside gpu_check's 120 s per bench);
+            fp32 output only, to keep its compile time short);
 - sar_fast: sar_fast.ops.scale_shift (one Triton launch, gather fused);
 - kernel:   the launcher alone into a preallocated output (no op/dispatch overhead).
 Each is timed twice: `ms` = CUDA events around back-to-back calls (includes host launch
@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, median_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, median_ms  # noqa: E402
 
 TARGET_VS_EAGER, TARGET_OF_COPY = 3.0, 0.70
 VOCAB, CODE_DIM = 8912, 32
@@ -183,15 +183,17 @@ def main() -> int:
         maps = reference.embed_scales(codes, book, schedule)
         return reference.scale_shift(maps, schedule).to(out_dtype)
 
-    report = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",
-        "torch": torch.__version__,
-        "config": {"schedule": list(schedule), "V": V, "C": C, "batches": batches,
-                   "default_block_p_num_warps": list(kern.default_config(C)),
-                   "repeats": args.repeats, "inner": args.inner},
-        "targets": {"speedup_vs_eager": TARGET_VS_EAGER, "fraction_of_copy_bandwidth": TARGET_OF_COPY},
-        "checks": {}, "forward": [], "copy": {}, "ssr": [], "dense": [], "sweep": [], "skipped": [],
-    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_scale_shift.json")
+    writer = JsonReport(
+        path, device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",
+        torch=torch.__version__,
+        config={"schedule": list(schedule), "V": V, "C": C, "batches": batches,
+                "default_block_p_num_warps": list(kern.default_config(C)),
+                "repeats": args.repeats, "inner": args.inner},
+        targets={"speedup_vs_eager": TARGET_VS_EAGER, "fraction_of_copy_bandwidth": TARGET_OF_COPY},
+        checks={}, forward=[], copy={}, ssr=[], dense=[], sweep=[], skipped=[])
+    report = writer.doc  # sections fill in place; writer.write() after each row
 
     # -------------------------------------------------------------- correctness, recompiles
     codes = torch.randint(0, V, (batches[-1], L), device=device)
@@ -215,6 +217,7 @@ def main() -> int:
         report["checks"]["random_schedules"] = len(schedules)
         report["checks"]["random_schedules_max_abs_err"] = worst
         report["checks"]["recompiles_over_random_schedules"] = variants() - before
+    writer.write()
     print("checks:", json.dumps(report["checks"]))
 
     # -------------------------------------------------------------- forward from codes
@@ -251,7 +254,7 @@ def main() -> int:
                 for key in ("ms", "graph_ms"):
                     if isinstance(row[key], float):
                         row[key.replace("ms", "GBps")] = nbytes / (row[key] * 1e-3) / 1e9
-                report["forward"].append(row)
+                writer.append("forward", row)
                 print(json.dumps(row))
         if cuda:  # the roofline: a device-to-device copy of the fp32 output's size
             src = torch.empty(B * rows_out * C * 4, dtype=torch.uint8, device=device)
@@ -269,6 +272,7 @@ def main() -> int:
         ms = Clock(torch, True, 2, 10, 3).events(lambda: dst.copy_(big))
         report["copy"]["1GiB"] = {"bytes": 2 * big.numel(), "ms": ms, "GBps": 2 * big.numel() / (ms * 1e-3) / 1e9}
         del big, dst
+        writer.write()
         print("copy:", json.dumps(report["copy"]))
 
     # -------------------------------------------------------------- SSR inputs (largest B)
@@ -291,7 +295,7 @@ def main() -> int:
             for name, fn in {"eager": eager_ssr, "sar_fast": fused_ssr}.items():
                 row = {"peer": name, "B": B, "transitions": transitions,
                        "ms": attempt(clock.events, fn), "graph_ms": attempt(clock.graph, fn)}
-                report["ssr"].append(row)
+                writer.append("ssr", row)
                 print(json.dumps(row))
 
     # -------------------------------------------------------------- dense latents, fwd + bwd
@@ -317,7 +321,7 @@ def main() -> int:
         for impl, name in (("reference", "eager"), ("kernel", "sar_fast")):
             row = {"peer": name, "B": B, "fwd_ms": attempt(clock.events, lambda: fwd(impl)),
                    "fwd_bwd_ms": attempt(clock.events, lambda: fwd_bwd(impl))}
-            report["dense"].append(row)
+            writer.append("dense", row)
             print(json.dumps(row))
 
     # -------------------------------------------------------------- kernel config sweep
@@ -340,7 +344,7 @@ def main() -> int:
                    "num_warps": warps, "ms": ms}
             if isinstance(ms, float):
                 row["GBps"] = nbytes / (ms * 1e-3) / 1e9
-            report["sweep"].append(row)
+            writer.append("sweep", row)
         best = [r for r in report["sweep"] if isinstance(r.get("ms"), float)]
         if best:
             report["sweep_best"] = {dt: min((r for r in best if r["out_dtype"] == dt), key=lambda r: r["ms"])
@@ -363,14 +367,8 @@ def main() -> int:
             if isinstance(r.get(key), float) and isinstance(copy.get(ckey), float):
                 entry[f"fraction_of_copy_{key}"] = r[key] / copy[ckey]
         summary[f"B={r['B']} {r['out_dtype']}"] = entry
-    report["summary"] = summary
-    report["seconds"] = round(time.perf_counter() - began, 1)
+    writer.close(summary=summary, seconds=round(time.perf_counter() - began, 1))
     print("summary:", json.dumps(summary, indent=1))
-
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_scale_shift.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
     print("wrote", path)
     if plot(report, os.path.join(args.out, "bench_scale_shift.png")):
         print("wrote", os.path.join(args.out, "bench_scale_shift.png"))

@@ -15,12 +15,15 @@ sar.py opens: sar.tf_forward, sar.null_prefix_forward, sar.sampling, sar.sf_forw
 bench adds backward and optimizer) beside the model's prediction: GEMM FLOPs at the rate a
 model-shaped matmul reaches here, plus bytes at the rate a large copy reaches here (both
 measured at start-up). A phase whose measured/predicted ratio stands out costs more than
-its work. Writes DIR/bench_train_step.json.
+its work. Each objective also gets one accounted step: its peak memory (allocated and
+reserved, CUDA; "n/a" on the CPU) and its model FLOPs counted by the trainer's own FLOP
+model (sar_fast.logs.PassFlops: the passes the step really ran), which give tokens/s and MFU
+against the GPU's dense bf16 peak (logs.peak_flops; null on the CPU or an unknown GPU).
+Writes DIR/bench_train_step.json, an objective at a time as each is measured.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_smoke_flag, median_ms, time_ms  # noqa: E402
+from _common import JsonReport, add_smoke_flag, median_ms, time_ms  # noqa: E402
+from sar_fast import logs  # noqa: E402
 from sar_fast.models import build_model  # noqa: E402
 from sar_fast.sar import OFFICIAL, SARConfig, _needed_scales, sar_step  # noqa: E402
 from sar_fast.schedules import STANDARD_SCHEDULE, scale_offsets, total_length  # noqa: E402
@@ -195,44 +199,84 @@ def main() -> None:
         {name: (lambda cfg=cfgs[name]: step(cfg, next(calls))) for name in names},
         device.type, repeats=repeats, warmup=args.warmup).items()}
 
-    phase_times = {}
-    for name in names:  # one profiled step each, for the phase split
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            step(cfgs[name], 10_000)
-            _sync(device)
-        got = {}
-        for evt in prof.key_averages():
-            if evt.key.startswith("sar.") and evt.key[4:] in PHASES:
-                # GPU: the kernels' time inside the range (the host runs ahead of them)
-                us = (getattr(evt, "device_time_total", 0) or evt.cpu_time_total) if device.type == "cuda" \
-                    else evt.cpu_time_total
-                got[evt.key[4:]] = us / 1e6
-        phase_times[name] = got
-
     gemm_rate, byte_rate = calibrate(device, amp or torch.float32, batch * L, mc.embed_dim)
     params = sum(p.numel() for p in model.parameters())
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "model": label, "params_M": params / 1e6, "batch": batch,
-               "schedule": list(schedule), "repeats": repeats, "gemm_flop_s": gemm_rate, "copy_byte_s": byte_rate,
-               "cases": {}}
-    pred_step = {}
+    peak = logs.peak_flops(device)
+    report = JsonReport(
+        os.path.join(args.out, "bench_train_step.json"),
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+        threads=torch.get_num_threads(), model=label, params_M=params / 1e6, batch=batch, schedule=list(schedule),
+        tokens_per_image=L, repeats=repeats, gemm_flop_s=gemm_rate, copy_byte_s=byte_rate, peak_flop_s=peak,
+        cases={})
+    results = report.doc
+    pass_flops = logs.PassFlops(model.blocks[0], model.config)
     for name in names:
+        med = statistics.median(times[name])
         pred = predict(cfgs[name], mc, batch, schedule, params, 2 if amp else 4)
         pred_s = {p: v["flops"] / gemm_rate + v["bytes"] / byte_rate for p, v in pred.items()}
-        pred_step[name] = sum(pred_s.values())
-        med = statistics.median(times[name])
-        results["cases"][name] = {"step_s": med, "step_s_all": times[name], "img_per_s": batch / med,
-                                  "phases_s": phase_times[name], "predicted_phases_s": pred_s,
-                                  "predicted_step_s": pred_step[name], "predicted": pred}
+        row = {"step_s": med, "step_s_all": times[name], "img_per_s": batch / med, "tokens_per_s": batch * L / med,
+               **accounted_step(lambda: step(cfgs[name], 20_000), device, pass_flops, med, peak),
+               "phases_s": profiled_phases(lambda: step(cfgs[name], 10_000), device),
+               "predicted_phases_s": pred_s, "predicted_step_s": sum(pred_s.values()), "predicted": pred}
+        results["cases"][name] = row
+        report.write()
+    summarise(results, times, label, batch, L, device)
+    report.close()
+
+
+def accounted_step(run_step, device: torch.device, pass_flops: logs.PassFlops, step_s: float,
+                   peak: float | None) -> dict:
+    """One more step: its peak memory (GiB; "n/a" off CUDA) and model FLOPs (PassFlops: the
+    passes it ran), and the MFU those FLOPs make at the measured step time."""
+    pass_flops.take()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    pass_flops.enabled = True
+    try:
+        run_step()
+        _sync(device)
+    finally:
+        pass_flops.enabled = False
+    flops, tokens = pass_flops.take()
+    flops = float(flops)
+    got = {"model_flops": flops, "pass_tokens": tokens, "model_tflop_s": flops / step_s / 1e12,
+           "mfu": flops / step_s / peak if peak else None}
+    if device.type == "cuda":
+        got.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    else:
+        got.update(peak_allocated_gib="n/a", peak_reserved_gib="n/a")
+    return got
+
+
+def profiled_phases(run_step, device: torch.device) -> dict[str, float]:
+    """Seconds per phase (the sar.* ranges) of one profiled step."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        run_step()
+        _sync(device)
+    got = {}
+    for evt in prof.key_averages():
+        if evt.key.startswith("sar.") and evt.key[4:] in PHASES:
+            # GPU: the kernels' time inside the range (the host runs ahead of them)
+            us = (getattr(evt, "device_time_total", 0) or evt.cpu_time_total) if device.type == "cuda" \
+                else evt.cpu_time_total
+            got[evt.key[4:]] = us / 1e6
+    return got
+
+
+def summarise(results: dict, times: dict[str, list[float]], label: str, batch: int, L: int,
+              device: torch.device) -> None:
+    """Print the table; add the ratios to tf and between objectives to `results`."""
     base = results["cases"].get("tf")
-    print(f"\n{label}, batch {batch}, L {L}, {device}, {torch.get_num_threads()} threads; "
-          f"calibrated GEMM {gemm_rate / 1e9:.1f} GFLOP/s, copy {byte_rate / 1e9:.1f} GB/s; "
-          f"median of {repeats} interleaved steps")
-    print(f"{'objective':10s} {'s/step':>8s} {'vs tf':>6s} {'model':>6s} | " +
-          " | ".join(f"{p[:12]:>12s}" for p in PHASES) + "   (measured s / model s; profiled step)")
+    print(f"\n{label}, batch {batch}, L {L}, {device}, {results['threads']} threads; "
+          f"calibrated GEMM {results['gemm_flop_s'] / 1e9:.1f} GFLOP/s, copy {results['copy_byte_s'] / 1e9:.1f} GB/s; "
+          f"median of {results['repeats']} interleaved steps")
+    print(f"{'objective':10s} {'s/step':>8s} {'vs tf':>6s} {'model':>6s} {'tok/s':>9s} {'MFU':>6s} {'peak GiB':>9s} | "
+          + " | ".join(f"{p[:12]:>12s}" for p in PHASES) + "   (measured s / model s; profiled step)")
     for name, res in results["cases"].items():
         if base:
             res["time_vs_tf"] = res["step_s"] / base["step_s"]
@@ -242,11 +286,16 @@ def main() -> None:
             m, q = res["phases_s"].get(p), res["predicted_phases_s"][p]
             cells.append(f"{'-' if m is None else f'{m:.3f}':>5s}/{q:.3f}".rjust(12) if m is not None or q else
                          f"{'':>12s}")
+        mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
+        mem = res["peak_allocated_gib"]
+        mem = mem if isinstance(mem, str) else f"{mem:.1f}"
         print(f"{name:10s} {res['step_s']:8.3f} {res.get('time_vs_tf', float('nan')):6.2f} "
-              f"{res.get('predicted_vs_tf', float('nan')):6.2f} | " + " | ".join(cells))
+              f"{res.get('predicted_vs_tf', float('nan')):6.2f} {res['tokens_per_s']:9.0f} {mfu:>6s} {mem:>9s} | "
+              + " | ".join(cells))
         prof_total = sum(res["phases_s"].values())
         if prof_total:
             res["sampling_share"] = res["phases_s"].get("sampling", 0.0) / prof_total
+
     # per-repeat ratios (the objectives of one repeat ran seconds apart): steadier than a
     # ratio of medians when the machine's load drifts
     def paired(a: str, b: str) -> float:
@@ -260,8 +309,6 @@ def main() -> None:
         results["official_over_sar"] = results["cases"]["official"]["step_s"] / results["cases"]["sar"]["step_s"]
     if "sar" in results["cases"]:
         print(f"sar sampling share of the profiled step: {100 * results['cases']['sar'].get('sampling_share', 0):.1f}%")
-    with open(os.path.join(args.out, "bench_train_step.json"), "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

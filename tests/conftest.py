@@ -87,3 +87,32 @@ def _seed_and_backend():
     ops.set_backend(None)
     yield
     ops.set_backend(None)
+
+
+# The GPU correctness selection of bench/gpu_first.sh (`pytest -m gpu_first`), defined here
+# once: every test that skips without a GPU (its skip reason names the GPU or CUDA), the
+# matrix of tests/test_gpu_ops.py, and the op tests that switch to d16 shapes on a GPU.
+GPU_FIRST_TESTS = (
+    "tests/test_gpu_ops.py::",
+    "tests/test_attention.py::test_half_precision_no_worse_than_eager",
+    "tests/test_attention.py::test_fp16_error_within_twice_torch_own",
+    "tests/test_cross_entropy.py::test_half_precision_no_worse_than_eager",
+    "tests/test_cross_entropy.py::test_fp16_no_worse_than_eager",
+)
+
+
+def _skips_without_gpu(item) -> bool:
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", ""))
+        if "GPU" in reason or "CUDA" in reason:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        nodeid = item.nodeid.replace(os.sep, "/")
+        if not nodeid.startswith("tests/"):
+            nodeid = "tests/" + nodeid
+        if _skips_without_gpu(item) or nodeid.startswith(GPU_FIRST_TESTS):
+            item.add_marker(pytest.mark.gpu_first)
