@@ -101,7 +101,7 @@ def _download(spec: str, hub_id: HubId, filename: str | None = None) -> str:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise HubError(f"{spec}: Hub ids need huggingface_hub (pip install huggingface_hub)") from None
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
     cache, offline = hub_cache_dir(), _offline()
     try:
         return hf_hub_download(hub_id.repo_id, filename or hub_id.filename, revision=hub_id.revision,

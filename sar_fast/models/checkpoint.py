@@ -113,10 +113,12 @@ def _read_index(path: str, shapes_only: bool) -> dict[str, torch.Tensor]:
         for key, value in _read_safetensors_file(file, shapes_only).items():
             if key in where:
                 raise CheckpointError(f"{path}: the tensor {key!r} is in two shards ({where[key]} and {shard})")
-            if weight_map.get(key) != shard:
-                raise CheckpointError(f"{path}: the shard {shard} holds {key!r}, which the index maps to "
-                                      f"{weight_map.get(key)!r}")
             where[key], out[key] = shard, value
+    misplaced = sorted(k for k, shard in where.items() if weight_map.get(k) != shard)
+    if misplaced:
+        k, more = misplaced[0], len(misplaced) - 1
+        raise CheckpointError(f"{path}: the shard {where[k]} holds {k!r}, which the index maps to "
+                              f"{weight_map.get(k)!r}" + (f" (+{more} more)" if more else ""))
     missing = sorted(set(weight_map) - set(out))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors of the index are in no shard: {_short(missing)}")
