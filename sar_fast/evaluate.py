@@ -255,9 +255,18 @@ def check_metric_inputs(args, metric: str) -> str | None:
 def check_args(args) -> None:
     """Bad arguments fail here, before any process group or model (hf:// ids are fetched)."""
     from .cli import require_weights_file
+    from .models.checkpoint import preflight_checkpoint
+    from .models.tokenizers import preflight_tokenizer
+    from .safe_load import CheckpointError, exit_once
     require_weights_file("--ckpt", args.ckpt)
     if args.vae != EMBEDDED:
         require_weights_file("--vae", args.vae, EMBEDDED)
+    try:  # the headers only; every rank finds the same, rank 0 says it
+        preflight_checkpoint(args.ckpt)
+        if args.vae != EMBEDDED:
+            preflight_tokenizer(args.vae)
+    except CheckpointError as e:
+        exit_once(f"error: {e}")
     for name in ("per_class", "batch_size", "shard_size", "metric_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
