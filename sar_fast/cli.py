@@ -23,8 +23,13 @@ class InputError(SystemExit):
 
 
 def one_line(message: object) -> str:
-    """The message on one line (a multi-line CheckpointError's lines joined by '; ')."""
-    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """The message on one line: a multi-line CheckpointError's lines joined by '; ' (by a
+    space after a line that ends with ':')."""
+    text = ""
+    for line in (line.strip() for line in str(message).splitlines()):
+        if line:
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text
 
 
 def _message(e: BaseException) -> str | None:
