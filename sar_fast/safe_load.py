@@ -1,9 +1,10 @@
 """The one way sar_fast reads a pickled file it did not write in this process.
 
 A `.pth` is a pickle, and a pickle is a program: an unrestricted `torch.load` or
-`pickle.load` on a file from the internet runs whatever it names. Every file sar_fast reads
-(model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a sharded
-training checkpoint) goes through this module instead:
+`pickle.load` on a file from the internet runs whatever it names. Every pickled file sar_fast
+reads (model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a sharded
+training checkpoint) goes through this module instead (`.safetensors` files, which cannot
+carry code, are read by safetensors: models/checkpoint.py):
 
 1. `inspect_pickle_globals` disassembles the pickle (pickletools: nothing is executed) and
    lists every global it names. Each one must be

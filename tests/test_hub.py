@@ -2,6 +2,7 @@
 cache laid out as the library lays it out (refs/, snapshots/<commit>/, blobs/). Never online:
 every test sets HF_HUB_OFFLINE=1 and points the cache at tmp_path."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -90,7 +91,6 @@ def test_hub_ids_resolve_offline_by_branch_and_commit(hub_cache, tmp_path):
 
 
 def test_a_sharded_index_brings_its_shards(hub_cache, tmp_path):
-    import json
     sd = _golden("var")["state_dict"]
     keys = sorted(sd)
     weight_map = {}
@@ -154,3 +154,30 @@ def test_flags_take_hub_ids(hub_cache, tmp_path):
         res = subprocess.run([sys.executable, "-m", *cmd], env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and missing in res.stderr and "HF_HUB_OFFLINE" in res.stderr
+
+
+def test_torchrun_two_ranks_init_from_a_hub_id(hub_cache, tmp_path):
+    """Each rank resolves the id to the same cached file before any process group; rank 0
+    reads the weights and broadcasts them: a step at lr 0 exports them unchanged."""
+    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models import build_model, save_export
+    tok = GreyLevelTokenizer()
+    torch.manual_seed(0)
+    model = build_model("flexvar-tiny", depth=1, embed_dim=32, num_heads=2, vocab_size=tok.vocab_size, code_dim=1,
+                        schedule=(1, 2, 4, 8))
+    save_export(model, tmp_path / "m.safetensors")
+    put(hub_cache, "me/tiny", COMMIT_MAIN, "m.safetensors", (tmp_path / "m.safetensors").read_bytes())
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+                          "sar_fast.train", "--init", "hf://me/tiny/m.safetensors", "--out", str(out),
+                          "--pretrain-steps", "0", "--max-steps", "1", "--lr", "0", "--batch-size", "4",
+                          "--num-samples", "0",
+                          "--workers", "0", "--no-progress", "--schedule", "1,2,4,8"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = load_checkpoint(out / "export.safetensors").state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(exported[k], v), k
+    assert json.loads((out / "config.json").read_text())["model"]["init"] == "hf://me/tiny/m.safetensors"
