@@ -16,10 +16,10 @@ import os
 import sys
 from typing import Any, Callable
 
+from .hub import HubError, resolve_weights_path
+from .safe_load import CheckpointError, InputError, describe_folder
 
-class InputError(SystemExit):
-    """A bad command-line input, with its one-line message. A SystemExit, so callers of `main`
-    and the plain interpreter treat it as an exit with that message; `run_main` exits 2."""
+__all__ = ["InputError", "one_line", "require_weights_file", "run_main"]
 
 
 def one_line(message: object) -> str:
@@ -34,7 +34,6 @@ def one_line(message: object) -> str:
 
 def _message(e: BaseException) -> str | None:
     """The one-line error for a bad input, or None when `e` is not one."""
-    from .safe_load import CheckpointError
     if isinstance(e, InputError):
         return one_line(e.code) if e.code is not None else ""
     if isinstance(e, CheckpointError):
@@ -63,8 +62,6 @@ def require_weights_file(flag: str, spec: str, alternatives: str = "") -> str:
     """The local file a weights argument names (a path, a sharded *.safetensors.index.json or
     an hf:// id, resolved through the HF cache), or InputError naming the flag: missing, a
     folder (saying what the folder is), an unresolvable Hub id."""
-    from .hub import HubError, resolve_weights_path
-    from .safe_load import describe_folder
     try:
         path = resolve_weights_path(spec)
     except HubError as e:

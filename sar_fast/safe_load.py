@@ -38,12 +38,18 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CheckpointError", "StandIn", "load_file", "exit_once", "describe_folder", "inspect_pickle_globals",
-           "restricted_pickle_load"]
+__all__ = ["CheckpointError", "InputError", "StandIn", "load_file", "exit_once", "describe_folder",
+           "inspect_pickle_globals", "restricted_pickle_load"]
 
 
 class CheckpointError(ValueError):
     """A file sar_fast refuses to read: unsafe, malformed, or not the model it should hold."""
+
+
+class InputError(SystemExit):
+    """A bad command-line input, with its one-line message. A SystemExit, so callers of a
+    `main` and the plain interpreter treat it as an exit with that message;
+    `sar_fast.cli.run_main` exits 2."""
 
 
 class StandIn:
@@ -269,7 +275,6 @@ def exit_once(message: str) -> None:
     """SystemExit for an error every rank of a torchrun launch finds alike (a bad --init, a
     bad data folder): rank 0 prints it, the others exit non-zero silently. Called before any
     process group exists, so no rank waits on another."""
-    from .cli import InputError
     if int(os.environ.get("RANK", "0")) == 0:
         raise InputError(message)
     raise SystemExit(2)
