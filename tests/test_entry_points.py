@@ -58,7 +58,10 @@ def bad_paths(tmp_path_factory):
 
 DRIVER = r"""
 import io, json, os, runpy, sys, tempfile, traceback
-import torch  # imported once, before the forks
+import importlib
+import torch  # imported once, before the forks, with what the entry points share (not the entry points
+for name in ("sar_fast.config", "sar_fast.data", "sar_fast.build", "sar_fast.parallel", "sar_fast.models"):
+    importlib.import_module(name)  # themselves: runpy runs those fresh, as -m does)
 cases = json.loads(sys.argv[1])
 results = []
 for module, argv in cases:

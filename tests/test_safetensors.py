@@ -85,6 +85,7 @@ def test_converted_models_give_identical_logits_and_load_into_the_original(tmp_p
         convert.convert(str(pth), str(st))
         g = _golden(name)
         a, b = load_tokenizer(pth, norm_groups=4), load_tokenizer(st, norm_groups=4)
+        assert_same_tensors(type(b).from_checkpoint(st, norm_groups=4).state_dict(), b.state_dict())
         for x, y in zip(a.encode(g["images"], g["schedule"]), b.encode(g["images"], g["schedule"])):
             assert torch.equal(x, y)
         assert_same_tensors(a.state_dict(), b.state_dict())
