@@ -12,8 +12,9 @@ from .models import ScaleAR, load_checkpoint, load_tokenizer, preset_config
 
 
 def build_tokenizer(spec: str, device: torch.device | str) -> nn.Module:
-    """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, or
-    EMBEDDED for the weight-free grey-level one), frozen (eval) on `device`."""
+    """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, a
+    .safetensors of one, an hf:// id, or EMBEDDED for the weight-free grey-level one), frozen
+    (eval) on `device`."""
     tok = GreyLevelTokenizer() if spec == EMBEDDED else load_tokenizer(spec)
     return tok.to(device).eval()
 

@@ -25,7 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .build import build_tokenizer
-from .data import CACHE_FORMAT, AUGMENTATIONS, EmbeddedDigitsDataset, ImageFolderDataset, collate, file_sha256
+from .cli import InputError, one_line, require_weights_file, run_main
+from .data import CACHE_FORMAT, AUGMENTATIONS, EmbeddedDigitsDataset, ImageFolderDataset, collate
+from .hub import is_hub_id
+from .models.checkpoint import weights_sha256
 from .embedded import DIGITS_SIDE, EMBEDDED
 from .logs import Progress
 from .parallel import resolve_device
@@ -56,8 +59,8 @@ def _load_tokenizer(vae: str, device: torch.device):
         ident = dict(tokenizer_path=EMBEDDED, tokenizer_class=type(tok).__name__,
                      tokenizer_sha256=hashlib.sha256(f"GreyLevelTokenizer(levels={tok.levels})".encode()).hexdigest())
     else:
-        path = os.path.abspath(vae)
-        sha = file_sha256(path)
+        path = vae if is_hub_id(vae) else os.path.abspath(vae)
+        sha = weights_sha256(path)
         tok = build_tokenizer(path, device)
         ident = dict(tokenizer_path=path, tokenizer_class=type(tok).__name__, tokenizer_sha256=sha)
     ident.update(quant_mode=tok.mode, vocab_size=int(tok.vocab_size))
@@ -137,8 +140,11 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
     and `python -m sar_fast.cache --help` for the arguments."""
     if data != EMBEDDED and not os.path.isdir(data):
         raise CacheError(f"--data {data!r} is not a directory (or {EMBEDDED!r})")
-    if vae != EMBEDDED and not os.path.isfile(vae):
-        raise CacheError(f"--vae {vae!r} is not a file (or {EMBEDDED!r})")
+    if vae != EMBEDDED:
+        try:
+            require_weights_file("--vae", vae, repr(EMBEDDED))
+        except InputError as e:
+            raise CacheError(str(e.code).removeprefix("error: ")) from None
     if augment not in AUGMENTATIONS:
         raise CacheError(f"--augment must be one of {AUGMENTATIONS}, got {augment!r}")
     for name, value, low in (("--batch-size", batch_size, 1), ("--num-workers", num_workers, 0),
@@ -217,8 +223,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help=f"image folder root/<class>/<image>, or {EMBEDDED!r} "
                    "(scikit-learn's 8x8 digits)")
-    p.add_argument("--vae", required=True, help="tokenizer checkpoint (FlexVAE.pth or vae_ch160v4096z32.pth), "
-                   f"or {EMBEDDED!r} (the weight-free GreyLevelTokenizer)")
+    p.add_argument("--vae", required=True, help="tokenizer checkpoint (FlexVAE.pth or vae_ch160v4096z32.pth, their "
+                   f".safetensors, or an hf:// id of one), or {EMBEDDED!r} (the weight-free GreyLevelTokenizer)")
     p.add_argument("--out", required=True, help="cache directory (created; continued if it holds this cache)")
     p.add_argument("--schedule", default=None, help="comma-separated scale sides ending at the latent side; "
                    "default: every side 1..16 for FlexVAR codes (any schedule can then be read back), "
@@ -254,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                num_workers=args.num_workers, device=args.device, split=args.split,
                                overwrite=args.overwrite, max_batches=args.max_batches,
                                progress=not args.no_progress)
-    except CacheError as e:
-        parser.error(str(e))
+    except CacheError as e:  # one line, argparse's exit code for a bad argument
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     state = "complete" if manifest["done"] >= manifest["num_samples"] else "partial (re-run to continue)"
     print(f"{args.out}: {manifest['done']}/{manifest['num_samples']} images, {manifest['views']} view(s), "
           f"schedule {tuple(manifest['schedule'])}, {state}", file=sys.stderr)
@@ -263,4 +270,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

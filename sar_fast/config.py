@@ -45,7 +45,9 @@ class RunConfig:
 @dataclass
 class ModelArgs:
     init: str | None = option(None, "initial weights: FlexVAR/SAR ar-ckpt-*.pth, flat state dict, VAR var_d*.pth, "
-                                    "or a sar_fast export; architecture inferred from the weights")
+                                    "or a sar_fast export; a .pth, .safetensors, sharded *.safetensors.index.json "
+                                    "or hf://OWNER/REPO/FILE[@REVISION] (through the HF cache); architecture "
+                                    "inferred from the weights")
     name: str = option("flexvar-tiny", "model preset for a from-scratch model (flexvar-d16, var-d24, flexvar-tiny, "
                                        "...)", flag="--model")
     depth: int | None = option(None, "from-scratch model: number of blocks")
@@ -60,7 +62,8 @@ class DataConfig:
     folder: str | None = option(None, "ImageNet-style folder (class sub-folders); tokenised on the fly with --vae",
                                 flag="--data")
     cache: str | None = option(None, "code cache from `python -m sar_fast.cache` (read instead of running the VAE)")
-    vae: str = option(EMBEDDED, f"tokenizer checkpoint (FlexVAE.pth, vae_ch160v4096z32.pth) or {EMBEDDED}")
+    vae: str = option(EMBEDDED, f"tokenizer checkpoint (FlexVAE.pth, vae_ch160v4096z32.pth, their .safetensors "
+                                f"conversions, or an hf:// id of one) or {EMBEDDED}")
     resolution: int = option(256, "image side for --data")
     schedule: tuple[int, ...] = option(STANDARD_SCHEDULE, "scale sides, e.g. 1,2,3,4,5,6,8,10,13,16 or 'standard'",
                                        parse=parse_schedule)
@@ -117,8 +120,8 @@ class CheckpointConfig:
     keep_last: int = option(3, "checkpoints kept")
     resume: str = option("auto", "auto (newest in --out), none, or a checkpoint directory")
     export: bool = option(True, "at the end of the run, a flat state dict the original FlexVAR/VAR code loads "
-                                "(export.pth)")
-    extras_every_ckpt: bool = option(False, "also write export.pth, the sample grid and loss.png with every "
+                                "(export.pth) and the same tensors as export.safetensors")
+    extras_every_ckpt: bool = option(False, "also write the export, the sample grid and loss.png with every "
                                             "periodic checkpoint (default: only at the end; never on SIGTERM)")
     async_save: bool = option(True, "write checkpoints in the background (torch.distributed.checkpoint "
                                     "async_save); the next save and the exit wait for it")
@@ -279,20 +282,24 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig, preset: str) -> None:
     """Fail fast, naming the flag, before any process group or model exists."""
-    def need_path(flag: str, path: str | None, kind: str) -> None:
-        if path is not None and not (os.path.isdir(path) if kind == "dir" else os.path.isfile(path)):
-            raise SystemExit(f"error: {flag} {path}: no such {'directory' if kind == 'dir' else 'file'}")
+    from .cli import InputError, require_weights_file
+
+    def need_dir(flag: str, path: str | None) -> None:
+        if path is not None and not os.path.isdir(path):
+            raise InputError(f"error: {flag} {path}: " + ("not a directory" if os.path.exists(path)
+                                                          else "no such directory"))
 
     data, optim, ckpt = cfg.data, cfg.optim, cfg.checkpoint
     if cfg.system.estimate_memory:  # shapes only: no files needed
         if cfg.system.estimate_ranks < 1 or cfg.system.gpu_memory <= 0:
             raise SystemExit("error: --estimate-ranks must be >= 1 and --gpu-memory > 0")
         return
-    need_path("--init", cfg.model.init, "file")
-    need_path("--data", data.folder, "dir")
-    need_path("--cache", data.cache, "dir")
+    if cfg.model.init is not None:  # hf:// ids are fetched here, before any process group (hub.py)
+        require_weights_file("--init", cfg.model.init)
+    need_dir("--data", data.folder)
+    need_dir("--cache", data.cache)
     if data.vae != EMBEDDED:
-        need_path("--vae", data.vae, "file")
+        require_weights_file("--vae", data.vae, EMBEDDED)
     if data.folder and data.cache:
         raise SystemExit("error: give --data or --cache, not both")
     if data.vae == EMBEDDED and data.folder:
@@ -322,7 +329,7 @@ def validate(cfg: TrainConfig, preset: str) -> None:
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise SystemExit(f"error: --betas must be two numbers in [0, 1), got {optim.betas}")
     if cfg.checkpoint.resume not in ("auto", "none") and not os.path.isdir(cfg.checkpoint.resume):
-        raise SystemExit(f"error: --resume {cfg.checkpoint.resume}: no such checkpoint directory")
+        raise InputError(f"error: --resume {cfg.checkpoint.resume}: no such checkpoint directory")
     if not cfg.run.out:
         raise SystemExit("error: --out is required")
     preflight_inputs(cfg)
@@ -331,8 +338,8 @@ def validate(cfg: TrainConfig, preset: str) -> None:
 def preflight_inputs(cfg: TrainConfig) -> None:
     """Read the headers of every input file before any rank starts work (safe_load.py), so a
     bad file is one message from rank 0 and a non-zero exit on every rank, not a hang."""
-    from .data import check_code_cache, file_sha256, scan_image_folder
-    from .models.checkpoint import preflight_checkpoint
+    from .data import check_code_cache, scan_image_folder
+    from .models.checkpoint import preflight_checkpoint, weights_sha256
     from .models.tokenizers import preflight_tokenizer
     from .safe_load import CheckpointError, exit_once
     data = cfg.data
@@ -344,6 +351,6 @@ def preflight_inputs(cfg: TrainConfig) -> None:
         if data.folder:
             scan_image_folder(data.folder)
         if data.cache:
-            check_code_cache(data.cache, None if data.vae == EMBEDDED else file_sha256(data.vae))
+            check_code_cache(data.cache, None if data.vae == EMBEDDED else weights_sha256(data.vae))
     except (CheckpointError, ValueError, OSError) as e:  # DataError is a ValueError
         exit_once(f"error: {e}")

@@ -667,7 +667,8 @@ def _device_token_index(cache_schedule: tuple[int, ...], schedule: tuple[int, ..
 
 def check_cache_matches(manifest: dict, cfg, tokenizer) -> None:  # cfg: config.DataConfig
     """Refuse codes made by another tokenizer than --vae (they would train silently wrong)."""
-    if cfg.vae != EMBEDDED and manifest.get("tokenizer_sha256") != file_sha256(cfg.vae):
+    from .models.checkpoint import weights_sha256
+    if cfg.vae != EMBEDDED and manifest.get("tokenizer_sha256") != weights_sha256(cfg.vae):
         raise SystemExit(f"error: --cache {cfg.cache} was built with tokenizer {manifest.get('tokenizer_path')} "
                          f"but --vae {cfg.vae} is a different file (sha256 differs)")
     if int(manifest.get("vocab_size", -1)) != tokenizer.vocab_size or manifest.get("quant_mode") != tokenizer.mode:

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 from . import __version__, logs
-from .data import file_sha256
 from .embedded import DIGITS_SCHEDULE, EMBEDDED
 from .models.generate import generate
 from .sampling import CFG_RAMPS
@@ -61,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m sar_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True,
-                   help="model: a sar_fast export, FlexVAR/SAR ar-ckpt-*.pth or VAR var_d*.pth")
-    p.add_argument("--vae", default=EMBEDDED, help=f"tokenizer: FlexVAE.pth, vae_ch160v4096z32.pth or {EMBEDDED} "
+                   help="model: a sar_fast export, FlexVAR/SAR ar-ckpt-*.pth or VAR var_d*.pth; .pth, .safetensors, "
+                        "sharded *.safetensors.index.json or hf://OWNER/REPO/FILE[@REVISION]")
+    p.add_argument("--vae", default=EMBEDDED, help=f"tokenizer: FlexVAE.pth, vae_ch160v4096z32.pth (or their "
+                                                   f".safetensors, or an hf:// id) or {EMBEDDED} "
                                                    "(default: %(default)s)")
-    p.add_argument("--out", default=None, help="output folder (default: eval/ next to --ckpt); rerun with the "
-                                               "same folder to resume")
+    p.add_argument("--out", default=None, help="output folder (default: eval/ next to --ckpt; for an hf:// id, "
+                                               "eval-<file name>/ here); rerun with the same folder to resume")
     g = p.add_argument_group("sampling (a preset sets cfg/ramp/top-k/top-p/schedule; flags override it)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="default: digits for the embedded tokenizer, var for VAR models, flexvar for FlexVAR models")
@@ -252,10 +253,20 @@ def check_metric_inputs(args, metric: str) -> str | None:
 
 
 def check_args(args) -> None:
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt}: no such file")
-    if args.vae != EMBEDDED and not os.path.isfile(args.vae):
-        raise SystemExit(f"error: --vae {args.vae}: no such file (or pass {EMBEDDED})")
+    """Bad arguments fail here, before any process group or model (hf:// ids are fetched)."""
+    from .cli import require_weights_file
+    from .models.checkpoint import preflight_checkpoint
+    from .models.tokenizers import preflight_tokenizer
+    from .safe_load import CheckpointError, exit_once
+    require_weights_file("--ckpt", args.ckpt)
+    if args.vae != EMBEDDED:
+        require_weights_file("--vae", args.vae, EMBEDDED)
+    try:  # the headers only; every rank finds the same, rank 0 says it
+        preflight_checkpoint(args.ckpt)
+        if args.vae != EMBEDDED:
+            preflight_tokenizer(args.vae)
+    except CheckpointError as e:
+        exit_once(f"error: {e}")
     for name in ("per_class", "batch_size", "shard_size", "metric_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -283,7 +294,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     from .parallel import init_distributed, shutdown
     from .build import build_tokenizer, check_model_fits_tokenizer
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    from .hub import is_hub_id, parse_hub_id
+    from .models.checkpoint import weights_sha256
+    out = args.out or (f"eval-{os.path.basename(parse_hub_id(args.ckpt).filename)}" if is_hub_id(args.ckpt)
+                       else os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval"))
     info = init_distributed(args.device)
     device, world, rank = info.device, info.world_size, info.rank
     clean = False
@@ -301,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
         autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         settings = SamplingSettings(
-            checkpoint_sha256=file_sha256(args.ckpt), tokenizer=args.vae if args.vae == EMBEDDED else
-            f"{os.path.basename(args.vae)}:{file_sha256(args.vae)}", preset=preset, cfg=float(values["cfg"]),
+            checkpoint_sha256=weights_sha256(args.ckpt), tokenizer=args.vae if args.vae == EMBEDDED else
+            f"{os.path.basename(args.vae)}:{weights_sha256(args.vae)}", preset=preset, cfg=float(values["cfg"]),
             cfg_ramp=values["cfg_ramp"], top_k=int(values["top_k"]), top_p=float(values["top_p"]),
             schedule=values["schedule"], num_classes=num_classes, per_class=args.per_class, seed=args.seed,
             shard_size=args.shard_size, dtype=dtype_name)
@@ -398,7 +412,8 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
     summary = (f"{os.path.basename(args.ckpt)} [{settings.preset}: cfg {settings.cfg} {settings.cfg_ramp} top-k "
                f"{settings.top_k} top-p {settings.top_p}] {total} images: {shown or 'no metric'}")
     record = {"summary": summary, "metrics": metrics, "metric": metric, "metric_about": metrics_about,
-              "settings": asdict(settings), "checkpoint": os.path.abspath(args.ckpt),
+              "settings": asdict(settings),
+              "checkpoint": args.ckpt if args.ckpt.startswith("hf://") else os.path.abspath(args.ckpt),
               "reference": args.reference, "inception_weights": weights, "num_images": total,
               "seeds": {"base": settings.seed,
                         "image": "torch.Generator().manual_seed(int.from_bytes(sha256(f'{seed}:{class}:{index}')"
@@ -418,4 +433,5 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+    run_main(main)

@@ -211,7 +211,9 @@ def report(cfg, world_size: int, gpu_gib: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     """python -m sar_fast.memory [PRESET ...]: the presets' memory table (markdown)."""
     import argparse
+    import os
 
+    from .cli import InputError
     from .config import PRESETS, resolve
     choices = [p for p in PRESETS if p != "tiny"]
     parser = argparse.ArgumentParser(
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.presets:
         if name not in choices:
-            parser.error(f"unknown preset {name!r}; choose from {', '.join(choices)}")
+            raise InputError(f"error: {name!r} is not a preset; expected one of {', '.join(choices)}"
+                             + (" (this command reads no files)" if os.sep in name or os.path.exists(name) else ""))
     print("| preset | GPU | reshard | AC | micro x accum | peak GiB | + overhead | limit (90%) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.presets or choices:
@@ -236,4 +239,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+    run_main(main)

@@ -1,9 +1,10 @@
 """The one way sar_fast reads a pickled file it did not write in this process.
 
 A `.pth` is a pickle, and a pickle is a program: an unrestricted `torch.load` or
-`pickle.load` on a file from the internet runs whatever it names. Every file sar_fast reads
-(model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a sharded
-training checkpoint and every non-tensor item in it) goes through this module instead:
+`pickle.load` on a file from the internet runs whatever it names. Every pickled file sar_fast
+reads (model and tokenizer checkpoints, exports, the trainer's RNG state, the index of a
+sharded training checkpoint and every item in it) goes through this module instead
+(`.safetensors` files, which cannot carry code, are read by safetensors: models/checkpoint.py):
 
 1. `inspect_pickle_globals` disassembles the pickle (pickletools: nothing is executed) and
    lists every global it names. Each one must be
@@ -37,12 +38,18 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["CheckpointError", "StandIn", "load_file", "load_bytes", "scan_item", "exit_once",
-           "inspect_pickle_globals", "restricted_pickle_load"]
+__all__ = ["CheckpointError", "InputError", "StandIn", "load_file", "load_bytes", "scan_item", "exit_once",
+           "describe_folder", "inspect_pickle_globals", "restricted_pickle_load"]
 
 
 class CheckpointError(ValueError):
     """A file sar_fast refuses to read: unsafe, malformed, or not the model it should hold."""
+
+
+class InputError(SystemExit):
+    """A bad command-line input, with its one-line message. A SystemExit, so callers of a
+    `main` and the plain interpreter treat it as an exit with that message;
+    `sar_fast.cli.run_main` exits 2."""
 
 
 class StandIn:
@@ -174,9 +181,7 @@ def _scan_file(path: str) -> tuple[str, dict[str, type]]:
     """('zip' | 'legacy', the stand-ins its pickles need) or a CheckpointError saying what the
     file is instead, or which global it refuses."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory; expected a checkpoint file (a torch.save .pth/.pt)"
-                              + (" — a sar_fast training checkpoint folder is resumed with --resume, not read "
-                                 "as a model file" if os.path.exists(os.path.join(path, "COMPLETE")) else ""))
+        raise CheckpointError(describe_folder(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
@@ -213,6 +218,24 @@ def _scan_stream(f: io.BufferedIOBase, path: str, stand_ins_allowed: bool) -> tu
         return "legacy", stand_ins
     raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected a torch.save zip archive or legacy "
                           f"pickle file; it starts with {head!r})")
+
+
+def describe_folder(path: str) -> str:
+    """Why a folder is not the checkpoint file expected, and what to do with it: a sar_fast
+    training checkpoint folder (it holds COMPLETE) is resumed; a run directory has exports."""
+    path = os.fspath(path).rstrip("/") or "/"
+    if os.path.isfile(os.path.join(path, "COMPLETE")):
+        parent = os.path.dirname(os.path.abspath(path))
+        run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else "RUN_DIR"
+        return (f"{path} is a sar_fast training checkpoint folder (sharded model + optimiser state), not a model "
+                f"file: resume its run with `torchrun -m sar_fast.train --out {run} --resume auto` (its newest "
+                f"checkpoint) or `--resume {path}`; the weights as one file are the run's export "
+                f"({os.path.join(run, 'export.safetensors')} or export.pth, written when the run ends)")
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "export.pth")):
+        return (f"{path} is a sar_fast run directory, not a model file: its weights are "
+                f"{os.path.join(path, 'export.safetensors')} (or export.pth); resume it with --out {path}")
+    return (f"{path} is a directory; expected a checkpoint file (a torch.save .pth/.pt, a .safetensors or a "
+            f"sharded *.safetensors.index.json)")
 
 
 def _check_globals(path: str, names: Iterable[tuple[str, str]], stand_ins_allowed: bool = True) -> dict[str, type]:
@@ -280,8 +303,9 @@ def exit_once(message: str) -> None:
     """SystemExit for an error every rank of a torchrun launch finds alike (a bad --init, a
     bad data folder): rank 0 prints it, the others exit non-zero silently. Called before any
     process group exists, so no rank waits on another."""
-    rank = int(os.environ.get("RANK", "0"))
-    raise SystemExit(message if rank == 0 else 1)
+    if int(os.environ.get("RANK", "0")) == 0:
+        raise InputError(message)
+    raise SystemExit(2)
 
 
 # ----------------------------------------------------------------- plain pickles (DCP index)

@@ -6,7 +6,6 @@ standard ImageNet FID evaluator (ADM's evaluator.py) reads.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from . import logs
 from .build import build_tokenizer, check_model_fits_tokenizer
+from .cli import require_weights_file, run_main
 from .embedded import EMBEDDED
 from .models import load_checkpoint
 from .models.generate import generate
@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sar_fast.sample", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model: a sar_fast export, FlexVAR/SAR ar-ckpt-*.pth, a flat "
-                                                 "state dict or VAR var_d*.pth")
-    p.add_argument("--vae", required=True, help=f"tokenizer: FlexVAE.pth, vae_ch160v4096z32.pth or {EMBEDDED}")
+                                                 "state dict or VAR var_d*.pth; .pth, .safetensors, sharded "
+                                                 "*.safetensors.index.json or hf://OWNER/REPO/FILE[@REVISION]")
+    p.add_argument("--vae", required=True, help="tokenizer: FlexVAE.pth, vae_ch160v4096z32.pth (or their "
+                                                f".safetensors, or an hf:// id) or {EMBEDDED}")
     p.add_argument("--classes", default="0,1,2,3,4,5,6,7", help="comma-separated class ids")
     p.add_argument("--per-class", type=int, default=1, help="images per class")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance (0 = off)")
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt}: no such file")
+    require_weights_file("--ckpt", args.ckpt)
+    if args.vae != EMBEDDED:
+        require_weights_file("--vae", args.vae, EMBEDDED)
     try:
         classes = [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
@@ -60,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.vae != EMBEDDED and not os.path.isfile(args.vae):
-        raise SystemExit(f"error: --vae {args.vae}: no such file")
     model = load_checkpoint(args.ckpt).to(device).eval()
     tok = build_tokenizer(args.vae, device)
     check_model_fits_tokenizer(model, tok, "--ckpt")
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -461,8 +461,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: str) -> None:
+    """--out must be a folder this study may write (created when missing): not a file, not a
+    training run or checkpoint folder."""
+    from .cli import InputError
+    from .safe_load import describe_folder
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"error: --out {out} exists and is not a directory; expected a study directory "
+                         "(created when missing)")
+    if os.path.isdir(out) and (os.path.isfile(os.path.join(out, "COMPLETE"))
+                               or os.path.isdir(os.path.join(out, "checkpoints"))):
+        raise InputError(f"error: --out {describe_folder(out)}; expected a study directory (created when missing)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_out(args.out)
     size = QUICK if args.quick else FULL
     if "seeds" in vars(args):
         if args.seeds < 2:
@@ -523,4 +537,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+    run_main(main)

@@ -21,8 +21,9 @@ of it (and of a SIGTERM on any rank) one step late, from a pinned copy.
 SIGTERM: the signal is noticed by the end of the next step; then the trainer waits for an
 asynchronous save in flight and writes one checkpoint (no export, no samples), so the exit
 takes at most two steps + two checkpoint writes (tests/test_train.py measures the write of
-a d16-sized model). export.pth, the sample grid and loss.png are written at the end of the
-run (or with every checkpoint under --extras-every-ckpt).
+a d16-sized model). The export (export.pth and the same tensors as export.safetensors), the
+sample grid and loss.png are written at the end of the run (or with every checkpoint under
+--extras-every-ckpt).
 """
 from __future__ import annotations
 
@@ -281,7 +282,8 @@ class Trainer:
             if self.cfg.checkpoint.export:
                 full = checkpointing.full_model_state(self.model)
                 if self.info.is_main:
-                    save_export(full, os.path.join(out, "export.pth"), config=self.model_config)
+                    save_export(full, [os.path.join(out, "export.pth"), os.path.join(out, "export.safetensors")],
+                                config=self.model_config)
             self.write_samples()
             if self.info.is_main:
                 logs.plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
@@ -333,5 +335,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+    run_main(main)
     parallel.exit_process(0)

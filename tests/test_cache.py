@@ -8,7 +8,7 @@ import torch
 from conftest import need_module
 
 from sar_fast import cache
-from sar_fast.data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, read_cache_manifest
+from sar_fast.data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, file_sha256, read_cache_manifest
 from sar_fast.embedded import GreyLevelTokenizer
 
 need_module("PIL")
@@ -185,7 +185,7 @@ def test_cache_with_a_tiny_flexvq16(folder, tmp_path):
     out = tmp_path / "cache"
     _run("--data", str(folder), "--vae", str(path), "--out", str(out), "--resolution", "8", "--batch-size", "3")
     m = read_cache_manifest(out)
-    assert m["tokenizer_class"] == "FlexVQ16" and m["tokenizer_sha256"] == cache.file_sha256(str(path))
+    assert m["tokenizer_class"] == "FlexVQ16" and m["tokenizer_sha256"] == file_sha256(str(path))
     assert m["schedule"] == [1, 2, 3, 4] and m["vocab_size"] == 64  # 8 px / downsample 2
     ds = ImageFolderDataset(folder, resolution=8, train=False)
     images = torch.stack([ds[i][0] for i in range(len(ds))])

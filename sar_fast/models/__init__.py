@@ -1,6 +1,7 @@
 """Scale-wise AR transformers (FlexVAR, VAR), their checkpoints, and the tokenizers."""
 from .checkpoint import (CheckpointError, clean_key, export_from_state_dict, export_state_dict, extract_state_dict,
-                         infer_config, load_checkpoint, read_checkpoint_file, save_export)
+                         infer_config, load_checkpoint, read_checkpoint_file, read_safetensors, save_export,
+                         weights_sha256, write_safetensors)
 from .tokenizers import FlexVQ16, VARVQVAE, load_tokenizer
 from .transformer import ARCHS, ModelConfig, ScaleAR, preset_config
 
@@ -13,4 +14,5 @@ def build_model(preset: str = "flexvar-d16", **overrides) -> ScaleAR:
 __all__ = ["FlexVQ16", "VARVQVAE", "load_tokenizer", "ARCHS", "ModelConfig", "ScaleAR", "preset_config", "build_model",
            "load_checkpoint",
            "export_state_dict", "save_export", "extract_state_dict", "infer_config",
-           "read_checkpoint_file", "CheckpointError", "clean_key", "export_from_state_dict"]
+           "read_checkpoint_file", "CheckpointError", "clean_key", "export_from_state_dict", "read_safetensors",
+           "write_safetensors", "weights_sha256"]

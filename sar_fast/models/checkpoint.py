@@ -3,21 +3,24 @@
 Accepted: FlexVAR/SAR training checkpoints `ar-ckpt-*.pth` ({'trainer': {'var_wo_ddp':
 state_dict, ...}, 'args': ...}), flat state dicts (`FlexVARd16-epo179.pth`, SAR's released
 weights, VAR's `var_d16.pth`), sar_fast exports ({'config': ..., 'model': ...}), and
-DDP/compile-wrapped keys ('module.', '_orig_mod.'). Arch, depth, width, heads, vocab, code
-dim, classes and (VAR) schedule are inferred from the weights.
+DDP/compile-wrapped keys ('module.', '_orig_mod.'), as a `.pth`, a `.safetensors`, a sharded
+`*.safetensors.index.json` or an `hf://OWNER/REPO/FILE[@REVISION]` id of any of them. Arch,
+depth, width, heads, vocab, code dim, classes and (VAR) schedule are inferred from the weights.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import warnings
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..safe_load import CheckpointError, load_file
+from ..hub import resolve_weights_path
+from ..safe_load import CheckpointError, describe_folder, load_file
 from ..schedules import STANDARD_SCHEDULE, total_length
 from .transformer import ModelConfig, ScaleAR
 
@@ -26,16 +29,140 @@ _DERIVED = ("attn_bias_for_masking", "lvl_1L")
 _DERIVED_BLOCK = re.compile(r"^blocks\.\d+\.attn\.zero_k_bias$")
 
 
-def read_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
-    """The object in a checkpoint file, on CPU, read by sar_fast.safe_load: tensors,
-    containers and arrays only; classes of the original training code become inert
-    stand-ins; anything else, and malformed files, raise CheckpointError."""
-    return load_file(path, map_location="cpu", mmap=mmap)
+def read_checkpoint_file(path: str | os.PathLike, mmap: bool = False, shapes_only: bool = False) -> Any:
+    """The object in a checkpoint file, on CPU: the one reader of weights files. `path` may be
+    an hf:// id (sar_fast.hub). A `.safetensors` file or sharded index is read by safetensors
+    (a flat dict of tensors; nothing in it can run); anything else by sar_fast.safe_load:
+    tensors, containers and arrays only, classes of the original training code as inert
+    stand-ins; anything else, and malformed files, raise CheckpointError. `mmap`: map a .pth's
+    tensors instead of reading them. `shapes_only` (preflight checks): a .safetensors' floating
+    point tensors come back on the meta device, unread."""
+    path = resolve_weights_path(path)
+    if is_safetensors_path(path):
+        return read_safetensors(path, shapes_only=shapes_only)
+    return load_file(path, map_location="cpu", mmap=mmap or shapes_only)
 
 
-def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The transformer's flat state dict inside any supported checkpoint layout, and the
-    sar_fast config if the checkpoint carries one."""
+# ----------------------------------------------------------------------------- safetensors
+INDEX_SUFFIX = ".safetensors.index.json"
+# safetensors' dtype names -> torch (what `shapes_only` needs without reading the data)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def is_safetensors_path(path: str) -> bool:
+    """A `.safetensors` file or a sharded index (`*.index.json`, as Hugging Face writes it)."""
+    return path.endswith(".safetensors") or path.endswith(".index.json")
+
+
+def read_safetensors(path: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or of every shard of a sharded index, on CPU."""
+    if path.endswith(".index.json"):
+        return _read_index(path, shapes_only)
+    return _read_safetensors_file(path, shapes_only)
+
+
+def _read_safetensors_file(path: str, shapes_only: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+    if os.path.isdir(path):
+        raise CheckpointError(describe_folder(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a safetensors file")
+    out = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype()) if shapes_only else None
+                out[key] = torch.empty(f.get_slice(key).get_shape(), dtype=dtype, device="meta") if dtype \
+                    else f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
+    return out
+
+
+def _read_index(path: str, shapes_only: bool) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint: the index must be JSON with a `weight_map` {key: shard file};
+    every shard a .safetensors file present in the index's folder (no other path), holding
+    exactly the keys the map gives it; no key in two shards."""
+    if os.path.isdir(path):
+        raise CheckpointError(describe_folder(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a JSON safetensors index ({type(e).__name__}: {e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{path}: expected a safetensors index: a JSON object whose 'weight_map' maps each "
+                              f"tensor name to its shard file")
+    folder, out, where = os.path.dirname(path), {}, {}
+    for shard in sorted(set(weight_map.values())):
+        norm = os.path.normpath(shard)
+        if os.path.isabs(shard) or norm == ".." or norm.startswith(".." + os.sep) or "\\" in shard:
+            raise CheckpointError(f"{path}: refused: the shard {shard!r} lies outside the index's folder")
+        if not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: the shard {shard!r} is not a .safetensors file")
+        file = os.path.join(folder, norm)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: the shard {shard} is missing (expected {file})")
+        for key, value in _read_safetensors_file(file, shapes_only).items():
+            if key in where:
+                raise CheckpointError(f"{path}: the tensor {key!r} is in two shards ({where[key]} and {shard})")
+            where[key], out[key] = shard, value
+    misplaced = sorted(k for k, shard in where.items() if weight_map.get(k) != shard)
+    if misplaced:
+        k, more = misplaced[0], len(misplaced) - 1
+        raise CheckpointError(f"{path}: the shard {where[k]} holds {k!r}, which the index maps to "
+                              f"{weight_map.get(k)!r}" + (f" (+{more} more)" if more else ""))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors of the index are in no shard: {_short(missing)}")
+    return out
+
+
+def standalone_tensors(tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors can store them: on CPU, detached, each the sole owner of a
+    contiguous storage (views, slices and tensors sharing storage become contiguous clones;
+    others are kept as they are, uncopied)."""
+    out, owners = {}, set()
+    for key, t in tensors.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"safetensors holds str -> tensor only; {key!r} is {type(t).__name__}")
+        t = t.detach().cpu()
+        storage = t.untyped_storage()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+        if not whole or storage.data_ptr() in owners or storage.nbytes() == 0:
+            t = t.contiguous().clone()
+        owners.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """A .safetensors file of `tensors` (keys and values as given), written to a temporary
+    file beside `path`, flushed to disk, then renamed."""
+    from safetensors.torch import save_file
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(standalone_tensors(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_model_mapping(obj: Any) -> tuple[Mapping[str, Any], dict | None]:
+    """The mapping that holds the model's weights in any supported checkpoint layout (keys
+    as stored), and the sar_fast config if the checkpoint carries one."""
     config = None
     if isinstance(obj, Mapping):
         if "trainer" in obj and isinstance(obj["trainer"], Mapping) and "var_wo_ddp" in obj["trainer"]:
@@ -48,14 +175,16 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError("no model state dict found (expected a flat state dict, an 'ar-ckpt' with "
                               "trainer.var_wo_ddp, or {'model': ...})")
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        sd[clean_key(k)] = v
-    if not sd:
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("no model state dict found: the checkpoint holds no tensors at the model level")
-    return sd, dict(config) if config else None
+    return obj, dict(config) if config else None
+
+
+def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The transformer's flat state dict inside any supported checkpoint layout (wrapper
+    names dropped), and the sar_fast config if the checkpoint carries one."""
+    mapping, config = find_model_mapping(obj)
+    return {clean_key(k): v for k, v in mapping.items() if isinstance(v, torch.Tensor)}, config
 
 
 def clean_key(key: str) -> str:
@@ -141,7 +270,7 @@ def preflight_checkpoint(path: str | os.PathLike) -> dict:
     memory-mapped, the model is built on the meta device): a launcher calls it before any
     process group exists, so a bad file fails once instead of on every rank. Returns the
     model config."""
-    obj = read_checkpoint_file(path, mmap=True)
+    obj = read_checkpoint_file(path, shapes_only=True)
     try:
         sd, saved_config = extract_state_dict(obj)
         cfg = dict(saved_config) if saved_config else infer_config(sd)
@@ -226,21 +355,55 @@ def export_from_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfi
     return sd
 
 
-def save_export(model_or_state: ScaleAR | Mapping[str, torch.Tensor], path: str | os.PathLike,
+def save_export(model_or_state: ScaleAR | Mapping[str, torch.Tensor], path: str | os.PathLike | Sequence,
                 config: ModelConfig | None = None) -> None:
-    """Write the export (of a model, or of a gathered state dict + its config) atomically."""
-    path = os.fspath(path)
+    """Write the export (of a model, or of a gathered state dict + its config) atomically, to
+    one path or to several (built once); each path's suffix picks its format: `.safetensors`,
+    anything else torch.save (the `.pth` the original code loads)."""
     if isinstance(model_or_state, ScaleAR):
         exported = export_state_dict(model_or_state)
     else:
         if config is None:
             raise ValueError("save_export of a state dict needs its ModelConfig")
         exported = export_from_state_dict(model_or_state, config)
+    for target in [path] if isinstance(path, (str, os.PathLike)) else path:
+        target = os.fspath(target)
+        if target.endswith(".safetensors"):
+            write_safetensors(exported, target)
+        else:
+            write_pth(exported, target)
+
+
+def write_pth(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed."""
     tmp = f"{path}.tmp{os.getpid()}"
     buf = io.BytesIO()
-    torch.save(exported, buf)
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    torch.save(obj, buf)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def weights_sha256(spec: str | os.PathLike, block: int = 1 << 20) -> str:
+    """sha256 of a weights file (an hf:// id resolved); of a sharded index, over the index and
+    every shard it names, in name order: what identifies the weights."""
+    import hashlib
+    path = resolve_weights_path(spec)
+    files = [path]
+    if path.endswith(".index.json"):
+        read_safetensors(path, shapes_only=True)  # validates the index and its shards
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files += [os.path.join(os.path.dirname(path), s) for s in shards]
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            while chunk := f.read(block):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -33,7 +33,8 @@ def detect_tokenizer_kind(sd: Mapping[str, torch.Tensor]) -> str:
 
 def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None = None,
                    **overrides: Any) -> MultiScaleTokenizer:
-    """Load FlexVAE.pth / vae_ch160v4096z32.pth (or a state dict); `kind` ('flexvar' or
+    """Load FlexVAE.pth / vae_ch160v4096z32.pth, their .safetensors conversions, an hf:// id of
+    any of them (or a state dict); `kind` ('flexvar' or
     'var') is inferred from the keys when None. Returns the tokenizer frozen, in eval mode."""
     if kind is not None and kind not in TOKENIZERS:
         raise ValueError(f"kind must be one of {sorted(TOKENIZERS)} or None, got {kind!r}")
@@ -56,9 +57,10 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
 
 
 def preflight_tokenizer(path: str | os.PathLike) -> str:
-    """The kind of the tokenizer in `path`, checked without reading its weights (mmap)."""
+    """The kind of the tokenizer in `path`, checked without reading its weights (memory-mapped
+    or, for safetensors, read off the header)."""
     try:
-        return detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, mmap=True))[0])
+        return detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, shapes_only=True))[0])
     except CheckpointError as e:
         raise CheckpointError(e if os.fspath(path) in str(e) else f"{os.fspath(path)}: {e}") from None
 
