@@ -39,11 +39,13 @@ import torch
 import torch.distributed as dist
 
 from . import checkpointing, logs, parallel
+from .cli import one_line
 from .build import build_optimizer, build_run_model_rank0, build_tokenizer, param_groups
 from .config import TrainConfig, parse_config
 from .data import DataSource
 from .models import ModelConfig, save_export
 from .rng import SampleKey
+from .safe_load import CheckpointError, exit_once
 from .sar import SARConfig, sar_step
 
 __all__ = ["Trainer", "main", "param_groups", "parse_config"]
@@ -295,7 +297,10 @@ class Trainer:
         path = checkpointing.resolve_resume_everywhere(self.cfg.checkpoint.resume, self.ckpt_root, self.info)
         if path is None:
             return
-        state = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.info)
+        try:
+            state = checkpointing.load_checkpoint(path, self.model, self.optimizer, self.info)
+        except CheckpointError as e:  # every rank raised the same error: say it once
+            exit_once(f"error: {one_line(e)}")
         self.state.step, self.state.nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         self.data.load_state_dict(state["data"], saved_world_size=state.get("world_size"))
         if self.info.is_main:
