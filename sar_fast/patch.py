@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from . import ops as _ops
 from .ops.attention import HEAD_DIMS  # the head dims the attention kernel takes
 
-__all__ = ["PatchError", "PatchReport", "REQUIRED", "patch_model", "patch_var", "patch_flexvar",
+__all__ = ["PatchError", "PatchReport", "REQUIRED", "patch_model", "patch_var", "patch_flexvar", "patch_infinity",
            "unpatch", "is_patched", "hidden_states"]
 
 
@@ -433,7 +433,7 @@ def patch_flexvar(model, trainer=None, strict: bool = True, attention: bool = Tr
 
 
 def patch_model(model, strict: bool = True, trainer=None) -> PatchReport:
-    """Detect the family (VAR, or FlexVAR / SAR's FlexVAR) and patch `model` in place.
+    """Detect the family (VAR, FlexVAR / SAR's FlexVAR, or Infinity) and patch `model` in place.
 
     strict=True: anything that cannot be patched raises PatchError (nothing is patched);
     strict=False: patches what it can and lists the rest in the returned report.
@@ -446,7 +446,11 @@ def patch_model(model, strict: bool = True, trainer=None) -> PatchReport:
         return patch_var(model, strict=strict)
     if family == "FlexVAR":
         return patch_flexvar(model, trainer=trainer, strict=strict)
-    raise PatchError(f"sar_fast.patch supports VAR's VAR and FlexVAR's / SAR's FlexVAR; got an unknown "
+    if "Infinity" in {c.__name__ for c in type(model).__mro__}:
+        if trainer is not None:
+            raise PatchError("trainer= is for FlexVAR / SAR trainers; Infinity's needs no patch")
+        return patch_infinity(model, strict=strict)
+    raise PatchError(f"sar_fast.patch supports VAR's VAR, FlexVAR's / SAR's FlexVAR and Infinity; got an unknown "
                      f"class {type(model).__module__}.{type(model).__name__}")
 
 
@@ -476,3 +480,7 @@ def hidden_states(model) -> Iterator[None]:
             object.__delattr__(head, "forward")
         else:
             object.__setattr__(head, "forward", old)
+
+
+# Infinity lives in its own module (it reuses this one's table and bookkeeping)
+from .patch_infinity import patch_infinity  # noqa: E402
