@@ -1,4 +1,5 @@
-"""Put sar_fast's fused ops into model objects of the original VAR / FlexVAR / SAR projects.
+"""Put sar_fast's fused ops into model objects of the original VAR / FlexVAR / SAR projects
+(Infinity: sar_fast.patch_infinity, reachable as patch_infinity / patch_model here).
 
     from sar_fast.patch import patch_model, unpatch
     report = patch_model(var)            # VAR, or FlexVAR / SAR's FlexVAR (family detected)

@@ -209,6 +209,55 @@ def _no_bias_swaps(model, report: PatchReport) -> list[_Swap]:
     return swaps + [_Swap(model, "use_flex_attn", lambda m: True, "use_flex_attn=True")]
 
 
+def _sdpa_blhc(q, k, v, softmax_scale=None, causal=False):
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+                                         is_causal=causal, scale=softmax_scale)
+    return out.transpose(-3, -2)
+
+
+def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **unsupported):
+    """Stock flash_attn_func semantics ([B, L, H, c]) through SDPA."""
+    if dropout_p or unsupported:
+        raise NotImplementedError(f"sar_fast's flash_attn shim: dropout_p={dropout_p}, {sorted(unsupported)} "
+                                  f"are not implemented (install flash-attn)")
+    return _sdpa_blhc(q, k, v, softmax_scale, causal)
+
+
+def _flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     dropout_p=0.0, softmax_scale=None, causal=False, **unsupported):
+    """Stock varlen semantics (q [Nq, H, c], kv [Nk, 2, H, c], sequences cut at cu_seqlens_*)
+    through SDPA, one sequence at a time (Infinity's text cross-attention)."""
+    if dropout_p or causal or unsupported:
+        raise NotImplementedError("sar_fast's flash_attn shim: dropout, causal and extra options are not "
+                                  "implemented (install flash-attn)")
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        k, v = kv[ck[i]:ck[i + 1]].unbind(1)
+        out[cq[i]:cq[i + 1]] = _sdpa_blhc(q[None, cq[i]:cq[i + 1]], k[None], v[None], softmax_scale)[0]
+    return out
+
+
+def install_flash_attn_shim() -> bool:
+    """Infinity's basic.py imports flash_attn_func and flash_attn_varlen_kvpacked_func at module
+    import. Without flash-attn installed, call this before importing Infinity: it registers a
+    module `flash_attn` with both (stock semantics, through SDPA). Infinity then finds no
+    customised kernel (it looks for 'Infinity' in flash_attn_func's arguments) and takes its
+    SDPA path, which patch_infinity replaces; the fused flash ops (flash_attn.ops.*) are
+    imported under try/except there and stay off. Returns False (and does nothing) when
+    flash_attn is importable."""
+    try:
+        import flash_attn  # noqa: F401
+        return False
+    except ImportError:
+        pass
+    shim = types.ModuleType("flash_attn", "sar_fast's stand-in for flash-attn's two attention calls (SDPA)")
+    shim.flash_attn_func = _flash_attn_func
+    shim.flash_attn_varlen_kvpacked_func = _flash_attn_varlen_kvpacked_func
+    sys.modules["flash_attn"] = shim
+    return True
+
+
 def patch_infinity(model, strict: bool = True) -> PatchReport:
     """Patch an Infinity instance (FoundationVision/Infinity `Infinity`): every block's
     SelfAttention call through the fused kernel; cross-attention, RoPE, the cosine-attention

@@ -174,3 +174,35 @@ def test_width_not_a_multiple_of_128_keeps_the_bias_but_patches_attention():
         patch_infinity(model)
     report = patch_infinity(model, strict=False)
     assert len(report.patched) == 3  # two attentions + attn_fn_compile_dict
+
+
+def test_flash_attn_shim_imports_and_matches_per_sequence_sdpa(monkeypatch):
+    import sys
+
+    from sar_fast.patch_infinity import install_flash_attn_shim
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed: the shim steps aside (checked below)")
+    except ImportError:
+        pass
+    assert install_flash_attn_shim() is True
+    monkeypatch.setitem(sys.modules, "flash_attn", sys.modules.pop("flash_attn"))  # gone again after the test
+    from flash_attn import flash_attn_func, flash_attn_varlen_kvpacked_func
+    assert not any("Infinity" in n for n in flash_attn_func.__code__.co_varnames)  # Infinity: not customised
+    assert install_flash_attn_shim() is False
+    with pytest.raises(ImportError):
+        from flash_attn.ops.layer_norm import dropout_add_layer_norm  # noqa: F401  (Infinity's try/except)
+    lens_q, lens_k, H, c = [3, 5], [2, 4], 2, 16
+    q, kv = torch.randn(sum(lens_q), H, c), torch.randn(sum(lens_k), 2, H, c)
+    cu_q, cu_k = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 2, 6], dtype=torch.int32)
+    out = flash_attn_varlen_kvpacked_func(q=q, kv=kv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5,
+                                          max_seqlen_k=4, dropout_p=0, softmax_scale=0.5)
+    for i in range(2):
+        qi = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ki, vi = (t.transpose(0, 1) for t in kv[cu_k[i]:cu_k[i + 1]].unbind(1))
+        want = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=0.5).transpose(0, 1)
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], want)
+    B = torch.randn(1, 4, H, c)
+    torch.testing.assert_close(flash_attn_func(B, B, B), torch.nn.functional.scaled_dot_product_attention(
+        *(B.transpose(1, 2),) * 3).transpose(1, 2))
