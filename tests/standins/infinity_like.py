@@ -40,7 +40,9 @@ def apply_rotary_emb(q, k, scale_schedule, rope2d_freqs_grid, pad_to_multiplier,
     qk = torch.stack((q, k))  # 2, B, H, L, c (Infinity reads dim 3 as L)
     L = qk.shape[3]
     start = sum(t * h * w for t, h, w in scale_schedule[:scale_ind])
-    cache = rope2d_freqs_grid[str(tuple(scale_schedule))][:, :, :, :, start:start + L]
+    key = str(tuple(scale_schedule))
+    rope2d_freqs_grid[key] = rope2d_freqs_grid[key].to(qk.device)  # as Infinity: the grid follows q
+    cache = rope2d_freqs_grid[key][:, :, :, :, start:start + L]
     pairs = qk.reshape(*qk.shape[:-1], -1, 2)
     turned = torch.stack((cache[0] * pairs[..., 0] - cache[1] * pairs[..., 1],
                           cache[1] * pairs[..., 0] + cache[0] * pairs[..., 1]), -1)
@@ -55,7 +57,7 @@ class FlexAttn(nn.Module):
         lens = [t * h * w for t, h, w in block_scales]
         doc = torch.repeat_interleave(torch.arange(len(lens) + 1), torch.tensor(lens + [L - sum(lens)]))
         idx = torch.arange(L)
-        self.mask = (doc[:, None] == doc[None, :]) | (idx[:, None] >= idx[None, :])
+        self.register_buffer("mask", (doc[:, None] == doc[None, :]) | (idx[:, None] >= idx[None, :]))
 
     def forward(self, q, k, v, scale=None):
         mask = self.mask if q.shape[2] == k.shape[2] else None  # KV-cache inference: every cached key
@@ -137,11 +139,12 @@ class CrossAttention(nn.Module):
 
 
 class CrossAttnBlock(nn.Module):
-    def __init__(self, embed_dim, num_heads, **sa_kw):
+    def __init__(self, embed_dim, num_heads, mlp_ratio=2, **sa_kw):
         super().__init__()
         self.sa = SelfAttention(embed_dim, num_heads, **sa_kw)
         self.ca = CrossAttention(embed_dim, num_heads)
-        self.ffn = nn.Sequential(nn.Linear(embed_dim, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim))
+        hidden = int(mlp_ratio * embed_dim)
+        self.ffn = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
         self.ln_wo_grad = nn.LayerNorm(embed_dim, elementwise_affine=False)
         self.ca_norm = nn.LayerNorm(embed_dim)
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim ** 0.5)
@@ -160,7 +163,7 @@ class Infinity(nn.Module):
     """Training forward with Infinity's three attention paths and padding, and a KV-cache pass
     over teacher-forced per-scale inputs (Infinity's sampling loop minus the sampling)."""
     def __init__(self, schedules, embed_dim=128, num_heads=4, depth=2, in_dim=8, vocab=24, cos_attn=True,
-                 customized_flash_attn=False, use_flex_attn=False, pad_to_multiplier=0, rope=True, block_chunks=1):
+                 customized_flash_attn=False, use_flex_attn=False, pad_to_multiplier=0, rope=True, mlp_ratio=2):
         super().__init__()
         self.C, self.pad_to_multiplier = embed_dim, max(1, pad_to_multiplier)
         self.customized_flash_attn, self.use_flex_attn = customized_flash_attn, use_flex_attn
@@ -183,7 +186,7 @@ class Infinity(nn.Module):
         self.pos_start = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.1)
         self.lvl_embed = nn.Embedding(16, embed_dim)
         self.shared_ada_lin = nn.Linear(embed_dim, 6 * embed_dim)
-        self.unregistered_blocks = [CrossAttnBlock(embed_dim, num_heads, cos_attn=cos_attn,
+        self.unregistered_blocks = [CrossAttnBlock(embed_dim, num_heads, mlp_ratio, cos_attn=cos_attn,
                                                    customized_flash_attn=customized_flash_attn,
                                                    use_flex_attn=use_flex_attn, pad_to_multiplier=pad_to_multiplier)
                                     for _ in range(depth)]
@@ -191,7 +194,7 @@ class Infinity(nn.Module):
         self.head = nn.Linear(embed_dim, vocab)
 
     def add_lvl_embeding_for_x_BLC(self, x, scale_schedule):
-        ids = torch.cat([torch.full((t * h * w,), i) for i, (t, h, w) in enumerate(scale_schedule)])
+        ids = torch.cat([torch.full((t * h * w,), i, device=x.device) for i, (t, h, w) in enumerate(scale_schedule)])
         return torch.cat((x[:, :len(ids)] + self.lvl_embed(ids), x[:, len(ids):]), dim=1)
 
     def forward(self, x_BLC_wo_prefix, scale_schedule, cond_BD, ca_kv):
@@ -212,7 +215,7 @@ class Infinity(nn.Module):
                 bias = F.pad(bias, (0, need_to_pad, 0, need_to_pad), value=-torch.inf)
                 bias[0, 0, l_end:, 0] = 0
                 x = F.pad(x, (0, 0, 0, need_to_pad))
-            bias = bias.type_as(x)
+            bias = bias.type_as(x).to(x.device)
         attn_fn = self.attn_fn_compile_dict[tuple(scale_schedule)] if self.use_flex_attn else None
         gss = self.shared_ada_lin(cond_BD).view(B, 1, 6, self.C)
         x = self.add_lvl_embeding_for_x_BLC(x, scale_schedule)
@@ -233,7 +236,7 @@ class Infinity(nn.Module):
         for si, (t, h, w) in enumerate(scale_schedule):
             n = t * h * w
             x = self.pos_start.expand(B, 1, -1) + cond_BD[:, None] if si == 0 else inputs[:, start - 1:start - 1 + n]
-            x = x + self.lvl_embed(torch.full((n,), si))
+            x = x + self.lvl_embed(torch.full((n,), si, device=x.device))
             prefix = tuple(scale_schedule[:si + 1])
             attn_fn = self.attn_fn_compile_dict.get(prefix, None) if self.use_flex_attn else None
             for b in self.blocks:
