@@ -110,3 +110,27 @@ def test_bad_pad(call, msg):
     q = torch.randn(1, 1, 7, 16)
     with pytest.raises(ValueError, match=re.escape(msg)):
         call(q)
+
+
+def test_torch_compile_fullgraph_with_a_layout():
+    """A compiled model passes the real tokens' ScaleLayout: one graph, gradients as the oracle."""
+    lens, pad = box_lens([(1, 1, 1), (1, 2, 3), (1, 2, 2)]), 6
+    q, k, v = leaves(1, 2, sum(lens) + pad, 16)
+    with ops.use_backend("kernel"):
+        layout = ops.scale_layout(lens, q.device)
+        loss_fn = torch.compile(lambda q, k, v: ops.padded_scale_causal_attention(q, k, v, layout, pad).square().sum(),
+                                backend="aot_eager", fullgraph=True)
+        loss_fn(q, k, v).backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    oracle(q64, k64, v64, lens, pad).square().sum().backward()
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_model_layout_views_and_half_precision(dtype, tol):
+    """q, k, v as the transformer passes them (strided views of one [B, L, 3, H, D] buffer)."""
+    lens, pad = box_lens([(1, 1, 1), (1, 3, 2), (1, 4, 5)]), 11
+    buf = torch.randn(2, sum(lens) + pad, 3, 2, 32, device=DEVICE, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in buf.permute(2, 0, 3, 1, 4).detach().unbind(0))
+    check("kernel", q, k, v, lens, pad, 0.5, tol=tol)
