@@ -6,7 +6,7 @@ the customised FlashAttention, FlexAttention or dense-bias SDPA call of `SelfAtt
     ...                                          # train / sample as before; unpatch(infinity)
 
 Facts of Infinity's code this module relies on (infinity/models/basic.py, infinity.py,
-flex_attn.py); every attribute is also listed in REQUIRED (sar_fast.patch) and checked:
+flex_attn.py); every attribute is also listed in REQUIRED (sar_fast.patch_core) and checked:
 
   Infinity.forward           pads x to a multiple of `pad_to_multiplier` (need_to_pad rows
                              after the last scale) in the SDPA and FlexAttention branches; the
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import ops as _ops
 from .ops.attention import HEAD_DIMS
-from .patch import REQUIRED, PatchError, PatchReport, _apply, _require, _Swap
+from .patch_core import REQUIRED, PatchError, PatchReport, _apply, _require, _Swap
 
 REQUIRED.update({
     "Infinity": {
