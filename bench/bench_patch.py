@@ -1,7 +1,7 @@
 """Benchmark sar_fast.patch: an original-class model (the test stand-ins of VAR's VAR and
 FlexVAR's FlexVAR, which reproduce the originals' dense-mask attention), unpatched vs patched.
 
-    python bench/bench_patch.py --out DIR [--batch 16] [--family var flexvar]
+    python bench/bench_patch.py --out DIR [--batch 16] [--family var flexvar infinity]
     python bench/bench_patch.py --out DIR --smoke         # no GPU: tiny shapes, interpreter
 
 Shapes (GPU): d16 (depth 16, width 1024, 16 heads of 64, MLP 4x), scales 1..16 (L = 680),
@@ -11,6 +11,11 @@ Peers, one training step each (teacher-forcing input given, forward + loss + bac
   head(x) then CrossEntropyLoss(label_smoothing=0.1, reduction='none') on fp32 logits;
 - patched:   patch_model(model): attention through sar_fast's block-causal kernel;
 - patched+loss: also hidden_states(model) + sar_fast.nn.FusedLinearCrossEntropy (no logits).
+Infinity (the stand-in of FoundationVision/Infinity's model, --family infinity, GPU shapes
+Infinity-2B: depth 32, width 2048, 16 heads of 128, cosine attention, 2-D RoPE, its 1024 px
+1:1 schedule of 13 (1, h, w) boxes (L = 10521) padded to a multiple of 128 (L = 10624), text
+cross-attention over 64 tokens, MLP 4x, 64 bit-label logits, batch --infinity-batch):
+unpatched = SDPA with Infinity's dense [1, 1, L, L] bias; patched = patch_model(model).
 Reported: median step ms, ratio vs unpatched, peak memory allocated above the model and
 inputs during the step, and the max abs logit difference patched vs unpatched.
 Writes DIR/bench_patch.json.
@@ -32,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder for bench_patch.json")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--family", nargs="+", default=["var", "flexvar"], choices=["var", "flexvar"])
+    p.add_argument("--family", nargs="+", default=["var", "flexvar"], choices=["var", "flexvar", "infinity"])
+    p.add_argument("--infinity-batch", type=int, default=1, help="batch of the Infinity-2B case")
     p.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -40,8 +46,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+INFINITY_1024 = [(1, h, h) for h in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)]  # dynamic_resolution.py '1M'
+
+
+def build_infinity(smoke: bool, device: str):
+    from standins.infinity_like import Infinity
+    if smoke:
+        boxes, dims = [(1, 1, 1), (1, 2, 3), (1, 3, 5)], dict(depth=2, embed_dim=128, num_heads=4, mlp_ratio=2)
+    else:
+        boxes, dims = INFINITY_1024, dict(depth=32, embed_dim=2048, num_heads=16, mlp_ratio=4)
+    model = Infinity([boxes], in_dim=32, vocab=64, pad_to_multiplier=8 if smoke else 128, **dims)
+    return model.to(device), boxes, 64
+
+
 def build(torch, family: str, smoke: bool, device: str):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    if family == "infinity":
+        return build_infinity(smoke, device)
     from standins.flexvar_like import FlexVAR, VQModel
     from standins.var_like import VAR, VQVAE
     if smoke:
@@ -82,15 +103,24 @@ def main() -> None:
         torch.manual_seed(0)
         model, sides, V = build(torch, family, args.smoke, device)
         model.cond_drop_rate = 0.0
-        L = sum(s * s for s in sides)
-        labels = torch.randint(0, 1000, (B,), device=device)
-        x = torch.randn(B, L - 1, 32, device=device)
-        gt = torch.randint(0, V, (B, L), device=device)
+        infinity = family == "infinity"
+        Bf = args.infinity_batch if infinity and not args.smoke else B
+        L = sum(t * h * w for t, h, w in sides) if infinity else sum(s * s for s in sides)
+        labels = torch.randint(0, 1000, (Bf,), device=device)
+        x = torch.randn(Bf, L - 1, 32, device=device)
+        gt = torch.randint(0, V, (Bf, L), device=device)
         fused_ce = FusedLinearCrossEntropy(model.head, label_smoothing=0.1)
+        if infinity:  # text condition and cross-attention tokens instead of a class label
+            C = model.C
+            labels = (torch.randn(Bf, C, device=device), torch.randn(Bf, 64, C, device=device))
 
         def forward(fused_loss: bool):
             extra = () if family == "var" else (list(sides),)
             with autocast:
+                if infinity:
+                    logits = model(x, list(sides), *labels)
+                    ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1)
+                    return ce, logits.detach()
                 if fused_loss:
                     with hidden_states(model):
                         h = model(labels, x, *extra)
@@ -119,7 +149,8 @@ def main() -> None:
         patch_model(model)
         diff = (step(False).float() - ref_logits.float()).abs().max().item()
         rows.append(measure("patched", False))
-        rows.append(measure("patched+loss", True))
+        if not infinity:  # the stand-in has no get_logits / hidden_states hook
+            rows.append(measure("patched+loss", True))
         unpatch(model)
         for r in rows:
             r["vs_unpatched"] = rows[0]["ms"] / r["ms"]

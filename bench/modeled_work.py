@@ -3,7 +3,8 @@
 
     python bench/modeled_work.py [--out DIR]
 
-For the real schedules (256 / 512 / 1024 px) it reports:
+For the real schedules (256 / 512 / 1024 px; and Infinity's padded 1024 px layouts, 1:1 and
+2:1) it reports:
   - the scale-causal mask's visible fraction of the L x L scores;
   - the fraction of the dense QK^T / PV work the attention kernels visit, per tile shape
     kept in their autotune lists: the tile ranges come from the kernels' own jit code
@@ -34,6 +35,15 @@ SCHEDULES = {
     2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
     9451: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
 }
+# Infinity (FoundationVision/Infinity infinity/utils/dynamic_resolution.py, '1M' = 1024 px, 13
+# scales; t = 1 for images) and scripts/train.sh's --pad=128 (pad_to_multiplier)
+INFINITY_1024 = {
+    "1:1": [(1, h, w) for h, w in ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24),
+                                   (32, 32), (40, 40), (48, 48), (64, 64))],
+    "2:1": [(1, h, w) for h, w in ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19),
+                                   (46, 23), (60, 30), (74, 37), (90, 45))],
+}
+INFINITY_PAD_TO = 128
 WIDTHS = dict(batch=2, channels=1024, heads=16, head_dim=64, vocab=8912, codebook_dim=32, itemsize=2)
 # Dense bf16 tensor-core peak and HBM bandwidth, from the vendors' data sheets.
 PEAKS = {
@@ -51,12 +61,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def scale_lens(schedule) -> list[int]:
+    """Tokens per scale: sides s (VAR / FlexVAR, s * s) or Infinity's (t, h, w) boxes."""
+    return [n[0] * n[1] * n[2] if isinstance(n, (tuple, list)) else n * n for n in schedule]
+
+
 def visible_pairs(schedule) -> int:
     """Pairs (query, key) the block-causal mask leaves visible (no window)."""
     total, seen = 0, 0
-    for s in schedule:
-        seen += s * s
-        total += s * s * seen
+    for n in scale_lens(schedule):
+        seen += n
+        total += n * seen
     return total
 
 
@@ -64,7 +79,7 @@ def kernel_tile_area(schedule, block_m: int, block_n: int, query_side: bool) -> 
     """(score elements computed, of which in masked tiles) by the kernel walking the runs of
     kernels.attention.tile_runs: tiles x BLOCK_M x BLOCK_N, padding included."""
     from sar_fast.kernels import attention
-    lens = [s * s for s in schedule]
+    lens = scale_lens(schedule)
     runs = attention.tile_runs(lens, len(lens), block_m, block_n, query_side).tolist()
     step = block_n if query_side else block_m
     area, masked = 0, 0
@@ -79,7 +94,7 @@ def kernel_tile_area(schedule, block_m: int, block_n: int, query_side: bool) -> 
 def flex_block_area(schedule, block: int = FLEX_BLOCK) -> int:
     """Score elements FlexAttention computes: every block x block tile with a visible pair."""
     import torch
-    lens = torch.tensor([s * s for s in schedule])
+    lens = torch.tensor(scale_lens(schedule))
     sid = torch.repeat_interleave(torch.arange(len(schedule)), lens)
     L = int(lens.sum())
     tiles = _cdiv(L, block)
@@ -123,6 +138,40 @@ def attention_work() -> list[dict]:
     return rows
 
 
+def infinity_work() -> list[dict]:
+    """Infinity's padded 1024 px layouts. Fractions of the padded L_p x L_p. FlexAttention: its
+    mask (same_doc | causal, the padded tail one more document) is the block-causal mask with
+    the tail as one more scale. The kernels walk the real rows only (sar_fast handles the tail
+    outside them, one key per row); SDPA with Infinity's dense bias: everything."""
+    rows = []
+    for ratio, boxes in INFINITY_1024.items():
+        L = sum(scale_lens(boxes))
+        padded = _cdiv(L, INFINITY_PAD_TO) * INFINITY_PAD_TO
+        tail = [(1, 1, padded - L)] if padded > L else []
+        dense = padded * padded
+        row = dict(ratio=ratio, L=L, padded_L=padded, scales=len(boxes), visible=visible_pairs(boxes) / dense,
+                   flex_128=flex_block_area(boxes + tail) / dense, sdpa=1.0, kernels={})
+        for kernel, tiles in kept_tiles().items():
+            row["kernels"][kernel] = [
+                dict(block_m=m, block_n=n, archs=archs,
+                     visited=kernel_tile_area(boxes, m, n, query_side=(kernel != "dK/dV"))[0] / dense)
+                for (m, n), archs in tiles.items()]
+        rows.append(row)
+    return rows
+
+
+def infinity_markdown(rows: list[dict]) -> list[str]:
+    lines = ["", f"## Infinity 1024 px (pad_to_multiplier {INFINITY_PAD_TO}): fraction of the padded L_p x L_p",
+             "", "| h:w | scales | L | L_p | mask visible | FlexAttention 128x128 | SDPA | kernel: fewest / most "
+             "visited over the kept tiles |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spans = "; ".join(f"{k} {min(e['visited'] for e in v):.3f}-{max(e['visited'] for e in v):.3f}"
+                          for k, v in r["kernels"].items())
+        lines.append(f"| {r['ratio']} | {r['scales']} | {r['L']} | {r['padded_L']} | {r['visible']:.3f} | "
+                     f"{r['flex_128']:.3f} | {r['sdpa']:.0f} | {spans} |")
+    return lines
+
+
 def op_costs(L: int, schedule, visible_fraction: float) -> list[dict]:
     """Minimal FLOPs and bytes per op (each tensor read or written once, nothing recomputed)."""
     w = WIDTHS
@@ -161,7 +210,7 @@ def roofline(costs: list[dict]) -> list[dict]:
     return costs
 
 
-def markdown(work: list[dict], costs: dict) -> str:
+def markdown(work: list[dict], costs: dict, infinity: list[dict]) -> str:
     lines = ["# Modeled work", "",
              "## Attention: fraction of the dense L x L score work visited", "",
              "Visited = score elements in the tiles a kernel walks (padding included) / L^2; masked = "
@@ -179,6 +228,7 @@ def markdown(work: list[dict], costs: dict) -> str:
                 lines.append(f"{head}| {kernel} | {e['block_m']}x{e['block_n']} ({archs}) | {e['visited']:.3f} | "
                              f"{e['masked_share']:.2f} |")
                 head = "| | | | "
+    lines += infinity_markdown(infinity)
     lines += ["", "## Minimal FLOPs and bytes per op, roofline time (d16 widths: B 2, C 1024, 16 heads x 64, "
               "V 8912, Cvae 32, bf16)", "",
               "| L | op | GFLOP | MB | " + " | ".join(f"{g} us" for g in PEAKS) + " | note |",
@@ -200,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     work = attention_work()
     costs = {row["L"]: roofline(op_costs(row["L"], row["schedule"], row["visible"])) for row in work}
+    infinity = infinity_work()
     with open(os.path.join(args.out, "modeled_work.json"), "w") as f:
-        json.dump({"widths": WIDTHS, "peaks": PEAKS, "attention": work, "ops": costs}, f, indent=1)
-    text = markdown(work, costs)
+        json.dump({"widths": WIDTHS, "peaks": PEAKS, "attention": work, "infinity_attention": infinity,
+                   "ops": costs}, f, indent=1)
+    text = markdown(work, costs, infinity)
     with open(os.path.join(args.out, "modeled_work.md"), "w") as f:
         f.write(text)
     print(text)

@@ -1,4 +1,5 @@
-"""Put sar_fast's fused ops into model objects of the original VAR / FlexVAR / SAR projects.
+"""Put sar_fast's fused ops into model objects of the original VAR / FlexVAR / SAR projects
+(Infinity: sar_fast.patch_infinity, reachable as patch_infinity / patch_model here).
 
     from sar_fast.patch import patch_model, unpatch
     report = patch_model(var)            # VAR, or FlexVAR / SAR's FlexVAR (family detected)
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -37,21 +37,20 @@ import torch.nn.functional as F
 
 from . import ops as _ops
 from .ops.attention import HEAD_DIMS  # the head dims the attention kernel takes
+from .patch_core import _MISSING, REQUIRED, PatchError, PatchReport, _apply, _require, _Swap, is_patched, unpatch
+from .patch_infinity import patch_infinity
 
-__all__ = ["PatchError", "PatchReport", "REQUIRED", "patch_model", "patch_var", "patch_flexvar",
+__all__ = ["PatchError", "PatchReport", "REQUIRED", "patch_model", "patch_var", "patch_flexvar", "patch_infinity",
            "unpatch", "is_patched", "hidden_states"]
 
 
-class PatchError(ValueError):
-    """A model (or a part of it) sar_fast.patch cannot patch without changing its results."""
-
-
 # ------------------------------------------------------------------------------------------
-# THE table: every attribute of the original classes the patch reads or replaces, and why.
+# THE table (sar_fast.patch_core.REQUIRED, one for every family): every attribute of the
+# original classes the patch reads or replaces, and why.
 # Class names are those of the original projects (VAR: FoundationVision/VAR models/;
 # FlexVAR: jiaosiyu1999/FlexVAR models/ + trainer.py; SAR: GengzeZhou/SAR, same classes).
 # ------------------------------------------------------------------------------------------
-REQUIRED: dict[str, dict[str, str]] = {
+REQUIRED.update({
     "VAR": {
         "patch_nums": "scale sides; the block-causal layout of the attention",
         "blocks": "the AdaLNSelfAttn blocks whose attention is swapped",
@@ -107,18 +106,7 @@ REQUIRED: dict[str, dict[str, str]] = {
         "encode_var_wo_firstL": "replaced: (x, curr_patch_nums) -> (inputs [B, L-1, C], codes [B, L])",
         "vae_local": "the VQModel",
     },
-}
-
-
-def _require(obj, entry: str, where: str) -> str | None:
-    """None when `obj` has every attribute of REQUIRED[entry], else the message naming them."""
-    missing = [a for a in REQUIRED[entry] if not hasattr(obj, a)]
-    if not missing:
-        return None
-    names = ", ".join(f"{type(obj).__name__}.{a}" for a in missing)
-    return (f"{where}: {names} missing (sar_fast.patch needs {entry}'s "
-            + "; ".join(f"{a}: {REQUIRED[entry][a]}" for a in missing)
-            + "); the upstream class changed or this is not the class the patch supports")
+})
 
 
 def _family(obj) -> str | None:
@@ -127,72 +115,6 @@ def _family(obj) -> str | None:
         if family in names:
             return family
     return None
-
-
-# ------------------------------------------------------------------------------------------
-# report and bookkeeping
-# ------------------------------------------------------------------------------------------
-@dataclass
-class PatchReport:
-    family: str
-    patched: list[str] = field(default_factory=list)              # "blocks.0.attn.forward", ...
-    left_alone: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
-
-    def __str__(self) -> str:
-        lines = [f"sar_fast.patch ({self.family}): {len(self.patched)} methods patched"]
-        lines += [f"  left alone: {what}: {why}" for what, why in self.left_alone]
-        return "\n".join(lines)
-
-
-@dataclass
-class _Swap:
-    target: object
-    attr: str
-    make: Callable  # target -> replacement (a bound method or function)
-    label: str
-
-
-_MISSING = object()
-_APPLIED: "weakref.WeakKeyDictionary[object, list[tuple[object, str, object]]]" = weakref.WeakKeyDictionary()
-_OWNER: "weakref.WeakKeyDictionary[object, set[str]]" = weakref.WeakKeyDictionary()  # patched targets
-
-
-def _apply(root, swaps: list[_Swap], report: PatchReport, strict: bool) -> PatchReport:
-    if root in _APPLIED:
-        raise PatchError(f"{type(root).__name__} instance is already patched; call unpatch() first")
-    for s in swaps:
-        if s.attr in _OWNER.get(s.target, ()):
-            raise PatchError(f"{s.label} is already patched through another model; unpatch that one first")
-    if strict and report.left_alone:
-        raise PatchError("cannot patch (strict=True; strict=False patches the rest):\n"
-                         + "\n".join(f"  {what}: {why}" for what, why in report.left_alone))
-    done = []
-    for s in swaps:
-        old = s.target.__dict__.get(s.attr, _MISSING)
-        new = s.make(s.target)
-        object.__setattr__(s.target, s.attr, new)  # an instance attribute: the class is untouched
-        done.append((s.target, s.attr, old))
-        _OWNER.setdefault(s.target, set()).add(s.attr)
-        report.patched.append(s.label)
-    _APPLIED[root] = done
-    return report
-
-
-def is_patched(model) -> bool:
-    return model in _APPLIED
-
-
-def unpatch(model) -> None:
-    """Restore every method patch_* replaced for `model` (its blocks, tokenizer, trainer)."""
-    done = _APPLIED.pop(model, None)
-    if done is None:
-        raise PatchError(f"{type(model).__name__} instance is not patched by sar_fast.patch")
-    for target, attr, old in reversed(done):
-        if old is _MISSING:
-            object.__delattr__(target, attr)
-        else:
-            object.__setattr__(target, attr, old)
-        _OWNER[target].discard(attr)
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,7 +355,7 @@ def patch_flexvar(model, trainer=None, strict: bool = True, attention: bool = Tr
 
 
 def patch_model(model, strict: bool = True, trainer=None) -> PatchReport:
-    """Detect the family (VAR, or FlexVAR / SAR's FlexVAR) and patch `model` in place.
+    """Detect the family (VAR, FlexVAR / SAR's FlexVAR, or Infinity) and patch `model` in place.
 
     strict=True: anything that cannot be patched raises PatchError (nothing is patched);
     strict=False: patches what it can and lists the rest in the returned report.
@@ -446,7 +368,11 @@ def patch_model(model, strict: bool = True, trainer=None) -> PatchReport:
         return patch_var(model, strict=strict)
     if family == "FlexVAR":
         return patch_flexvar(model, trainer=trainer, strict=strict)
-    raise PatchError(f"sar_fast.patch supports VAR's VAR and FlexVAR's / SAR's FlexVAR; got an unknown "
+    if "Infinity" in {c.__name__ for c in type(model).__mro__}:
+        if trainer is not None:
+            raise PatchError("trainer= is for FlexVAR / SAR trainers; Infinity's needs no patch")
+        return patch_infinity(model, strict=strict)
+    raise PatchError(f"sar_fast.patch supports VAR's VAR, FlexVAR's / SAR's FlexVAR and Infinity; got an unknown "
                      f"class {type(model).__module__}.{type(model).__name__}")
 
 

@@ -79,3 +79,26 @@ def nearest(z: np.ndarray, book: np.ndarray) -> np.ndarray:
         d = ((book - row) ** 2).sum(1)
         out[n] = int(np.argmin(d))
     return out
+
+
+def padded_block_causal_attention(q, k, v, scale_lens, pad: int, softmax_scale=None, cached: bool = False):
+    """Row by row in float64: a real row of scale s takes a softmax over the keys of scales
+    <= s (cached: over every key), each of the last `pad` rows over key 0 alone.
+    q, k, v [B, H, *, D] -> [B, H, Lq, D]; differentiable (autograd gives the gradients)."""
+    q, k, v = q.double(), k.double(), v.double()
+    Lq, D = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    end, ends = 0, []  # keys visible to each real row: every key up to the end of its own scale
+    for n in scale_lens or ():
+        end += n
+        ends += [end] * n
+    rows = []
+    for i in range(Lq):
+        if i >= Lq - pad:
+            visible = 1
+        else:
+            visible = k.shape[2] if cached else ends[i]
+        scores = (q[:, :, i:i + 1] @ k[:, :, :visible].transpose(-1, -2)) * scale  # B, H, 1, n
+        weights = torch.softmax(scores, dim=-1)
+        rows.append(weights @ v[:, :, :visible])
+    return torch.cat(rows, dim=2)

@@ -5,6 +5,7 @@ Backend: SAR_FAST_BACKEND=auto|kernel|reference, or set_backend()/use_backend().
 from . import reference
 from .attention import ScaleLayout, cached_attention, scale_causal_attention, scale_layout
 from .backend import BACKENDS, BackendError, get_backend, set_backend, use_backend
+from .padded_attention import padded_cached_attention, padded_scale_causal_attention
 from .cross_entropy import fused_linear_cross_entropy, fused_linear_kl_div
 from .quantize import msq_decode, msq_encode
 from .sample import sample_survivors
@@ -13,6 +14,6 @@ from .scale_shift import resize_pos_table, scale_shift, ssr_inputs, transition_r
 __all__ = [
     "BACKENDS", "BackendError", "get_backend", "set_backend", "use_backend",
     "scale_shift", "ssr_inputs", "transition_rows", "resize_pos_table", "scale_causal_attention", "cached_attention",
-    "ScaleLayout", "scale_layout",
+    "ScaleLayout", "scale_layout", "padded_scale_causal_attention", "padded_cached_attention",
     "fused_linear_cross_entropy", "fused_linear_kl_div", "msq_encode", "msq_decode", "sample_survivors", "reference",
 ]

@@ -90,6 +90,34 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)
 
 
+def padded_scale_causal_mask(scale_lens: Sequence[int], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [L + pad, L + pad] mask of Infinity's SDPA bias: the block-causal mask over the
+    real tokens, then `pad` rows that see token 0 only; no real row sees a padded key."""
+    L = sum(int(n) for n in scale_lens)
+    mask = torch.zeros(L + pad, L + pad, dtype=torch.bool)
+    mask[:L, :L] = _scale_mask_cpu(tuple(int(n) for n in scale_lens))
+    mask[L:, 0] = True
+    return mask.to(device)
+
+
+def padded_scale_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lens: Sequence[int],
+                                  pad: int, softmax_scale: float | None = None) -> torch.Tensor:
+    """Infinity's padded layout through dense SDPA (see padded_scale_causal_mask)."""
+    mask = padded_scale_causal_mask(scale_lens, pad, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+
+
+def padded_cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int,
+                            softmax_scale: float | None = None) -> torch.Tensor:
+    """Sampling with a padded query block: the first rows see every cached key, the last
+    `pad` rows key 0 only."""
+    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    if pad:
+        mask[-pad:] = False
+        mask[-pad:, 0] = True
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+
+
 # ----------------------------------------------------------------------------------------
 # head + cross-entropy
 # ----------------------------------------------------------------------------------------
