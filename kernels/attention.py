@@ -169,11 +169,14 @@ def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, w
             k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)
             s = tl.where(_visible(q_sid, k_sid, window), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            # a row with nothing visible yet keeps max -inf and shifts by 0 (-inf - -inf is NaN);
+            # the max itself is never floored, or scores far below 0 would all underflow
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+            shift = m_new
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new

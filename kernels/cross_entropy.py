@@ -144,7 +144,9 @@ def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
         z = tl.where(col_ok[None, :], z, float("-inf"))
         tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
         new_max = tl.maximum(run_max, tile_max)
-        sumexp = sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        # shift by 0 while every logit so far is -inf (a filtered vocabulary): -inf - -inf is NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sumexp = sumexp * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         best = tl.where(tile_max > run_max, v0 + tile_arg, best)  # strict: ties keep the lower index
         run_max = new_max
         hit = (offs_v[None, :] == target[:, None]) & col_ok[None, :]
@@ -201,10 +203,11 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
         zs = tl.where(col_ok[None, :], zs, float("-inf"))
         zt = tl.where(col_ok[None, :], zt, float("-inf"))
 
+        # either side may hold -inf logits (filtered vocabularies): shift by 0 while its max is -inf
         new_s = tl.maximum(s_max, tl.max(zs, axis=1))
-        s_sumexp = s_sumexp * tl.exp(s_max - new_s) + tl.sum(tl.exp(zs - new_s[:, None]), axis=1)
+        s_shift = tl.where(new_s == float("-inf"), 0.0, new_s)
+        s_sumexp = s_sumexp * tl.exp(s_max - s_shift) + tl.sum(tl.exp(zs - s_shift[:, None]), axis=1)
         s_max = new_s
-        # the teacher may hold -inf logits (filtered vocabularies): shift by 0 while its max is -inf
         new_t = tl.maximum(t_max, tl.max(zt, axis=1))
         shift = tl.where(new_t == float("-inf"), 0.0, new_t)
         rescale = tl.exp(t_max - shift)
