@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import ArchConfigs
+from ._tuning import ArchConfigs, TunedKernel, length_bucket
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -53,28 +53,34 @@ def _tuned(kernel, table: dict[int, list[tuple]], fp32_table: dict[int, list[tup
     """`kernel` autotuned over the entries (BLOCK_M = query tile, BLOCK_N = key tile, warps,
     stages, largest head dim[, smallest head dim]) that `table` (`fp32_table` for fp32
     inputs) lists for the target's architecture; one small
-    config under the interpreter so tiny test inputs still span many tiles."""
+    config under the interpreter so tiny test inputs still span many tiles. Keyed on the head
+    dim and the query / key length buckets (and the dtypes)."""
     def make(entry):
         m, n, w, s = entry[:4]
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
+    key = ["HEAD_DIM", "q_bucket", "k_bucket"]
     if INTERPRETED:
-        return triton.autotune([make(interpreted_choice)], key=["HEAD_DIM"])(kernel)
+        return TunedKernel(triton.autotune([make(interpreted_choice)], key=key)(kernel), None)
     configs = ArchConfigs(table, make, admits=_admits_head_dim, fp32_table=fp32_table, dtype_arg="Q")
-    return triton.autotune(configs.configs, key=["HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": configs.prune})(kernel)
+    return TunedKernel(triton.autotune(configs.configs, key=key,
+                                       prune_configs_by={"early_config_prune": configs.prune})(kernel),
+                       configs, make)
 
 
 # --------------------------------------------------------------------------------------
 # range arithmetic shared by all kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _batch_head(H):
-    """(bh, b, h) of this program as int64: b * stride_b passes 2**31 once a tensor holds more
-    than 2**31 elements (B*H*L*D at d30 sizes), and an int32 product would wrap into another
-    sample's memory."""
-    bh = tl.program_id(1).to(tl.int64)
-    return bh, bh // H, bh % H
+def _tile_batch_head(H, tiles):
+    """(tile, bh, b, h) of this program. Grid axis 0 carries tiles x B*H, tile fastest (the
+    tiles of one head run together, sharing its K/V in L2): axes 1 and 2 stop at 65,535, which
+    a CFG-doubled batch of heads passes (2 x 1,100 x 30). bh, b, h are int64: b * stride_b
+    passes 2**31 once a tensor holds more than 2**31 elements (B*H*L*D at d30 sizes), and an
+    int32 product would wrap into another sample's memory."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // tiles
+    return (pid % tiles).to(tl.int32), bh, bh // H, bh % H
 
 
 @triton.jit
@@ -183,16 +189,17 @@ def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, w
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                H, Lq, Lk, num_scales, window, qk_scale,
+                H, Lq, Lk, num_scales, window, qk_scale, q_bucket, k_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     # Late query tiles see the most keys: launch them first for a better tail.
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh, b, h = _batch_head(H)
+    tiles = tl.cdiv(Lq, BLOCK_M)
+    tile, bh, b, h = _tile_batch_head(H, tiles)
+    m0 = (tiles - 1 - tile) * BLOCK_M
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -228,9 +235,10 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) per architecture family (the
-# largest listed arch <= the GPU's); autotuned once per head dim and dtype (not per L, so
-# FlexVAR's varying lengths do not retune). bench/compile_report.py checks every entry
-# compiles for sm_80/90/100, fits shared memory and spills nothing on sm_80/90.
+# largest listed arch <= the GPU's); autotuned once per head dim, dtype and power-of-two
+# length bucket (not per L: FlexVAR's varying lengths retune at most once per bucket).
+# bench/compile_report.py checks every entry compiles for sm_80/90/100, fits shared memory
+# and spills nothing on sm_80/90.
 # sm_80 (mma.sync keeps the [BLOCK_M, D] accumulator, the q fragments and the score tile in
 # registers): 4-warp 128-row tiles and 128 x 128 tiles spill at head dim 128.
 FWD_CONFIGS = {
@@ -273,8 +281,8 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
                       stride_dob, stride_doh, stride_dom, H, Lq,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[i] = sum_d O[i, d] * dO[i, d] (fp32)."""
-    bh, b, h = _batch_head(H)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile, bh, b, h = _tile_batch_head(H, tl.cdiv(Lq, BLOCK_M))
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = rows < Lq
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
@@ -321,16 +329,16 @@ def _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                     H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N  # early key tiles are seen by the most queries
-    bh, b, h = _batch_head(H)
+    tile, bh, b, h = _tile_batch_head(H, tl.cdiv(Lk, BLOCK_N))
+    n0 = tile * BLOCK_N  # early key tiles are seen by the most queries
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -394,16 +402,17 @@ def _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, L
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                   H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh, b, h = _batch_head(H)
+    tiles = tl.cdiv(Lq, BLOCK_M)
+    tile, bh, b, h = _tile_batch_head(H, tiles)
+    m0 = (tiles - 1 - tile) * BLOCK_M
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 
@@ -494,10 +503,19 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_args(blocks: tuple[int, int] | None) -> dict:
+def _launch_args(blocks: tuple[int, int] | None, *outputs: torch.Tensor) -> dict:
+    """Explicit tiles, or what the autotuned launch needs: outputs to re-poison (tests)."""
     if blocks is None:
-        return {}
+        return {"poisoned": outputs} if POISON_OUTPUTS else {}
     return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1}
+
+
+# length buckets of the autotune keys: 1, 2, 4, ..., 8192 tokens
+LENGTH_BUCKET_CAP = 8192
+
+
+def _buckets(Lq: int, Lk: int) -> tuple[int, int]:
+    return length_bucket(Lq, LENGTH_BUCKET_CAP), length_bucket(Lk, LENGTH_BUCKET_CAP)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tensor,
@@ -516,10 +534,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tens
         kernel = _cached_tuned if cached else _fwd_tuned
     else:
         kernel = _fwd_kernel
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     kernel[grid](q, k, v, out, lse, q_sid, k_sid, k_off, *_strides(q), *_strides(k), *_strides(v),
-                 *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E,
-                 HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
+                 *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E, *_buckets(Lq, Lk),
+                 HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks, out, lse))
     return out, lse
 
 
@@ -533,20 +551,20 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Lk = k.shape[2]
     num_scales = k_off.numel() - 1
     delta = _new((B, H, Lq), q, torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK), B * H)](
+    _bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK) * B * H,)](
         out, do, delta, *_strides(out), *_strides(do), H, Lq, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK)
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
-    common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
-    scales = (softmax_scale * LOG2E, softmax_scale)
+    common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    scales = (softmax_scale * LOG2E, softmax_scale, *_buckets(Lq, Lk))
 
     kernel = _dkdv_tuned if blocks is None else _bwd_dkdv_kernel
-    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
         q, k, v, do, dk, dv, lse, delta, q_sid, k_sid, q_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, Lq, Lk, num_scales, window, *scales, **common)
+        H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dk, dv))
     kernel = _dq_tuned if blocks is None else _bwd_dq_kernel
-    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
         q, k, v, do, dq, lse, delta, q_sid, k_sid, k_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Lq, Lk, num_scales, window, *scales, **common)
+        H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dq))
     return dq, dk, dv
