@@ -250,6 +250,13 @@ FWD_CONFIGS = {
 # sm_100 (tcgen05): the sm_90 list less the 4-warp 128 x 64 tile (spills 128-304 B at head
 # dims 16-64) and 128 x 128 (128 B at head dim 128)
 FWD_CONFIGS[100] = [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (64, 128, 4, 3, 64)]
+# sm_86/89/120 (99 KB of shared memory, mma.sync like sm_80; sm_120 has neither wgmma nor
+# tcgen05): the sm_80 list with the head-dim-128 tiles over 99 KB (64 x 128, 64 x 64 / 4 stages:
+# up to 144 KB) or spilling (64 x 64 / 3 stages: 8-24 B) limited to head dim 64, plus 64 x 32.
+# Shared memory as compiled (bench/compile_report.py --arch 86,120): <= 77 KB at head dim 128.
+FWD_CONFIGS[86] = [(128, 32, 8, 3, 128), (64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (64, 64, 4, 4, 64),
+                   (64, 32, 4, 3, 128), (128, 64, 8, 2, 64)]
+FWD_CONFIGS[120] = FWD_CONFIGS[86]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
 CACHED_CONFIGS = {
     80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
@@ -260,6 +267,9 @@ CACHED_CONFIGS = {
 # sm_100: 64 x 64 spills 96 B at head dim 128 and 128 x 64 / 4 warps up to 304 B
 CACHED_CONFIGS[100] = [(16, 64, 8, 3, 128), (32, 64, 8, 3, 128), (16, 32, 4, 3, 128), (64, 64, 4, 3, 64)]
 
+CACHED_CONFIGS[86] = [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 64), (16, 32, 4, 3, 128)]
+CACHED_CONFIGS[120] = CACHED_CONFIGS[86]
+
 # fp32 inputs (exact IEEE products on the FMA units, operands held per thread): 8 warps and
 # 16/32-row tiles; at head dim 128 only 16-row tiles (or 16-key ones for dK/dV, dQ) are free of
 # spills on both sm_80 and sm_90 (e.g. 32 x 32 spills 0.3-0.8 KB there). ptxas spills a few
@@ -268,6 +278,10 @@ FWD_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (16, 128, 8,
                     for arch in (80, 90, 100)}
 CACHED_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (16, 128, 8, 2, 128, 128), (32, 64, 8, 2, 64, 32)]
                        for arch in (80, 90, 100)}
+# 99 KB parts: fp32 16 x 128 takes 145 KB at head dim 128
+for _arch in (86, 120):
+    FWD_FP32_CONFIGS[_arch] = [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 64, 8, 2, 64, 32)]
+    CACHED_FP32_CONFIGS[_arch] = [(16, 64, 8, 2, 128), (32, 64, 8, 2, 64, 32)]
 
 _fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, FWD_FP32_CONFIGS, (16, 16, 4, 1))
 _cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, CACHED_FP32_CONFIGS, (16, 16, 4, 1))
@@ -457,6 +471,13 @@ DQ_CONFIGS = {
 }
 DQ_CONFIGS[100] = [(128, 32, 8, 3, 64), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)]  # 128 x 32: 24 B at 128
 
+# 99 KB parts: 64 x 64 dK/dV tiles take 112 KB at head dim 128 (limited to 64); dQ 64 x 64 /
+# 3 stages 107 KB (limited to 64), 128 x 32 98.6 KB (fits); at head dim 128 sm_120 still spills
+# 16-40 B in dK/dV (sm_86: 0 B with 16 x 128) -- 2-stage variants spill more.
+DKDV_CONFIGS[86] = [(16, 128, 8, 3, 128), (32, 64, 4, 3, 128), (64, 64, 8, 3, 64), (32, 128, 8, 3, 64)]
+DKDV_CONFIGS[120] = DKDV_CONFIGS[86]
+DQ_CONFIGS[86] = [(128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 64)]
+DQ_CONFIGS[120] = DQ_CONFIGS[86]
 DKDV_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 64), (32, 32, 8, 2, 64), (16, 32, 8, 2, 128, 128), (32, 16, 8, 2, 128, 128)]
                      for arch in (80, 90, 100)}
 DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90)}
