@@ -17,7 +17,9 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Kernel outputs start as NaN: an element no program writes fails the comparison."""
+    """Kernel outputs start as NaN: an element no program writes fails the comparison. On a
+    GPU the autotuner's first call benchmarks every config into the outputs, so the launch
+    poisons them again after it and reruns the winner (kernels/_tuning.TunedKernel)."""
     monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
 
 

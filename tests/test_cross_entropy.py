@@ -2,7 +2,8 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16 x 32 x 16 tiles,
 so N = 37, V = 75, C = 40 leave partial tiles along every axis. Every kernel output is
-allocated with NaN first (POISON_OUTPUTS), so an element a kernel skips fails a comparison.
+allocated with NaN first (POISON_OUTPUTS), so an element a kernel skips fails a comparison (on
+a GPU poisoned again after the autotuner's first call, which writes every config into them).
 """
 from __future__ import annotations
 
