@@ -28,6 +28,7 @@ import triton.language as tl
 from ._tuning import ArchConfigs, TunedKernel, length_bucket
 
 LOG2E = 1.4426950408889634
+FP32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 HEAD_DIMS = (16, 32, 64, 128)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -72,15 +73,14 @@ def _tuned(kernel, table: dict[int, list[tuple]], fp32_table: dict[int, list[tup
 # range arithmetic shared by all kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _tile_batch_head(H, tiles):
-    """(tile, bh, b, h) of this program. Grid axis 0 carries tiles x B*H, tile fastest (the
-    tiles of one head run together, sharing its K/V in L2): axes 1 and 2 stop at 65,535, which
-    a CFG-doubled batch of heads passes (2 x 1,100 x 30). bh, b, h are int64: b * stride_b
-    passes 2**31 once a tensor holds more than 2**31 elements (B*H*L*D at d30 sizes), and an
-    int32 product would wrap into another sample's memory."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // tiles
-    return (pid % tiles).to(tl.int32), bh, bh // H, bh % H
+def _tile_batch_head(H):
+    """(tile, bh, b, h) of this program. Grid axis 0 carries B*H, axis 1 the tiles: axes 1 and 2
+    stop at 65,535, which a CFG-doubled batch of heads passes (2 x 1,100 x 30), axis 0 at 2**31
+    (folding both into axis 0 needs a division whose registers made tight tiles spill). bh, b,
+    h are int64: b * stride_b passes 2**31 once a tensor holds more than 2**31 elements
+    (B*H*L*D at d30 sizes), and an int32 product would wrap into another sample's memory."""
+    bh = tl.program_id(0).to(tl.int64)
+    return tl.program_id(1), bh, bh // H, bh % H
 
 
 @triton.jit
@@ -175,14 +175,14 @@ def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, w
             k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)
             s = tl.where(_visible(q_sid, k_sid, window), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with nothing visible yet keeps max -inf and shifts by 0 (-inf - -inf is NaN);
-            # the max itself is never floored, or scores far below 0 would all underflow
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            # a row with nothing visible yet (max -inf) takes the lowest finite float instead, so
+            # -inf - max is -inf, not NaN; any score it later sees is above it (a floor at 0 made
+            # scores far below 0 all underflow)
+            m_new = tl.where(m_new == float("-inf"), FP32_LOWEST, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            shift = m_new
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -197,9 +197,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     # Late query tiles see the most keys: launch them first for a better tail.
-    tiles = tl.cdiv(Lq, BLOCK_M)
-    tile, bh, b, h = _tile_batch_head(H, tiles)
-    m0 = (tiles - 1 - tile) * BLOCK_M
+    tile, bh, b, h = _tile_batch_head(H)
+    m0 = (tl.num_programs(1) - 1 - tile) * BLOCK_M
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -295,7 +294,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
                       stride_dob, stride_doh, stride_dom, H, Lq,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[i] = sum_d O[i, d] * dO[i, d] (fp32)."""
-    tile, bh, b, h = _tile_batch_head(H, tl.cdiv(Lq, BLOCK_M))
+    tile, bh, b, h = _tile_batch_head(H)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = rows < Lq
@@ -351,7 +350,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
                      H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    tile, bh, b, h = _tile_batch_head(H, tl.cdiv(Lk, BLOCK_N))
+    tile, bh, b, h = _tile_batch_head(H)
     n0 = tile * BLOCK_N  # early key tiles are seen by the most queries
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
@@ -424,9 +423,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
                    H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    tiles = tl.cdiv(Lq, BLOCK_M)
-    tile, bh, b, h = _tile_batch_head(H, tiles)
-    m0 = (tiles - 1 - tile) * BLOCK_M
+    tile, bh, b, h = _tile_batch_head(H)
+    m0 = (tl.num_programs(1) - 1 - tile) * BLOCK_M
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 
@@ -555,7 +553,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tens
         kernel = _cached_tuned if cached else _fwd_tuned
     else:
         kernel = _fwd_kernel
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    grid = lambda meta: (B * H, triton.cdiv(Lq, meta["BLOCK_M"]))  # noqa: E731
     kernel[grid](q, k, v, out, lse, q_sid, k_sid, k_off, *_strides(q), *_strides(k), *_strides(v),
                  *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E, *_buckets(Lq, Lk),
                  HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks, out, lse))
@@ -572,19 +570,19 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Lk = k.shape[2]
     num_scales = k_off.numel() - 1
     delta = _new((B, H, Lq), q, torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK) * B * H,)](
+    _bwd_delta_kernel[(B * H, triton.cdiv(Lq, _DELTA_BLOCK))](
         out, do, delta, *_strides(out), *_strides(do), H, Lq, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK)
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
     common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
     scales = (softmax_scale * LOG2E, softmax_scale, *_buckets(Lq, Lk))
 
     kernel = _dkdv_tuned if blocks is None else _bwd_dkdv_kernel
-    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
+    kernel[lambda meta: (B * H, triton.cdiv(Lk, meta["BLOCK_N"]))](
         q, k, v, do, dk, dv, lse, delta, q_sid, k_sid, q_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dk, dv))
     kernel = _dq_tuned if blocks is None else _bwd_dq_kernel
-    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
+    kernel[lambda meta: (B * H, triton.cdiv(Lq, meta["BLOCK_M"]))](
         q, k, v, do, dq, lse, delta, q_sid, k_sid, k_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dq))

@@ -43,9 +43,10 @@ def _find_tile(meta_ptr, num_t, tiles, BLOCK_P: tl.constexpr, OUTPUT_SIDE: tl.co
     """(sample, transition, first pixel) of this program's tile; tiles of a transition cover
     its output map (OUTPUT_SIDE) or its source map. Axis 0 carries samples x `tiles` (all
     transitions' tiles of one sample, tile fastest): axis 1 stops at 65,535 samples."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // tiles
-    rest = pid % tiles
+    pid = tl.program_id(0)
+    b = pid // tiles  # int32: a 64-bit division costs registers
+    rest = (pid - b * tiles).to(tl.int64)
+    b = b.to(tl.int64)
     j = rest * 0
     first = rest * 0
     for k in range(num_t):
