@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import ArchConfigs
+from ._tuning import ArchConfigs, TunedKernel, length_bucket
 
 LOG2E = 1.4426950408889634
+FP32_LOWEST = tl.constexpr(-3.4028234663852886e38)
 HEAD_DIMS = (16, 32, 64, 128)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -53,28 +54,33 @@ def _tuned(kernel, table: dict[int, list[tuple]], fp32_table: dict[int, list[tup
     """`kernel` autotuned over the entries (BLOCK_M = query tile, BLOCK_N = key tile, warps,
     stages, largest head dim[, smallest head dim]) that `table` (`fp32_table` for fp32
     inputs) lists for the target's architecture; one small
-    config under the interpreter so tiny test inputs still span many tiles."""
+    config under the interpreter so tiny test inputs still span many tiles. Keyed on the head
+    dim and the query / key length buckets (and the dtypes)."""
     def make(entry):
         m, n, w, s = entry[:4]
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
+    key = ["HEAD_DIM", "q_bucket", "k_bucket"]
     if INTERPRETED:
-        return triton.autotune([make(interpreted_choice)], key=["HEAD_DIM"])(kernel)
+        return TunedKernel(triton.autotune([make(interpreted_choice)], key=key)(kernel), None)
     configs = ArchConfigs(table, make, admits=_admits_head_dim, fp32_table=fp32_table, dtype_arg="Q")
-    return triton.autotune(configs.configs, key=["HEAD_DIM"],
-                           prune_configs_by={"early_config_prune": configs.prune})(kernel)
+    return TunedKernel(triton.autotune(configs.configs, key=key,
+                                       prune_configs_by={"early_config_prune": configs.prune})(kernel),
+                       configs, make)
 
 
 # --------------------------------------------------------------------------------------
 # range arithmetic shared by all kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _batch_head(H):
-    """(bh, b, h) of this program as int64: b * stride_b passes 2**31 once a tensor holds more
-    than 2**31 elements (B*H*L*D at d30 sizes), and an int32 product would wrap into another
-    sample's memory."""
-    bh = tl.program_id(1).to(tl.int64)
-    return bh, bh // H, bh % H
+def _tile_batch_head(H):
+    """(tile, bh, b, h) of this program. Grid axis 0 carries B*H, axis 1 the tiles: axes 1 and 2
+    stop at 65,535, which a CFG-doubled batch of heads passes (2 x 1,100 x 30), axis 0 at 2**31
+    (folding both into axis 0 needs a division whose registers made tight tiles spill). bh, b,
+    h are int64: b * stride_b passes 2**31 once a tensor holds more than 2**31 elements
+    (B*H*L*D at d30 sizes), and an int32 product would wrap into another sample's memory."""
+    bh = tl.program_id(0).to(tl.int64)
+    return tl.program_id(1), bh, bh // H, bh % H
 
 
 @triton.jit
@@ -169,7 +175,10 @@ def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, w
             k_sid = tl.load(K_SID + cols, mask=in_k, other=2147483647)
             s = tl.where(_visible(q_sid, k_sid, window), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            # a row with nothing visible yet (max -inf) takes the lowest finite float instead, so
+            # -inf - max is -inf, not NaN; any score it later sees is above it (a floor at 0 made
+            # scores far below 0 all underflow)
+            m_new = tl.where(m_new == float("-inf"), FP32_LOWEST, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -180,16 +189,16 @@ def _fwd_tiles(acc, l_i, m_i, q, q_sid, K, V, K_SID, stride_kn, stride_vn, Lk, w
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                H, Lq, Lk, num_scales, window, qk_scale,
+                H, Lq, Lk, num_scales, window, qk_scale, q_bucket, k_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     # Late query tiles see the most keys: launch them first for a better tail.
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh, b, h = _batch_head(H)
+    tile, bh, b, h = _tile_batch_head(H)
+    m0 = (tl.num_programs(1) - 1 - tile) * BLOCK_M
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -225,9 +234,10 @@ def _fwd_kernel(Q, K, V, O, LSE, Q_SID, K_SID, K_OFF,
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) per architecture family (the
-# largest listed arch <= the GPU's); autotuned once per head dim and dtype (not per L, so
-# FlexVAR's varying lengths do not retune). bench/compile_report.py checks every entry
-# compiles for sm_80/90/100, fits shared memory and spills nothing on sm_80/90.
+# largest listed arch <= the GPU's); autotuned once per head dim, dtype and power-of-two
+# length bucket (not per L: FlexVAR's varying lengths retune at most once per bucket).
+# bench/compile_report.py checks every entry compiles for sm_80/90/100, fits shared memory
+# and spills nothing on sm_80/90.
 # sm_80 (mma.sync keeps the [BLOCK_M, D] accumulator, the q fragments and the score tile in
 # registers): 4-warp 128-row tiles and 128 x 128 tiles spill at head dim 128.
 FWD_CONFIGS = {
@@ -239,6 +249,13 @@ FWD_CONFIGS = {
 # sm_100 (tcgen05): the sm_90 list less the 4-warp 128 x 64 tile (spills 128-304 B at head
 # dims 16-64) and 128 x 128 (128 B at head dim 128)
 FWD_CONFIGS[100] = [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (64, 128, 4, 3, 64)]
+# sm_86/89/120 (99 KB of shared memory, mma.sync like sm_80; sm_120 has neither wgmma nor
+# tcgen05): the sm_80 list with the head-dim-128 tiles over 99 KB (64 x 128, 64 x 64 / 4 stages:
+# up to 144 KB) or spilling (64 x 64 / 3 stages: 8-24 B) limited to head dim 64, plus 64 x 32.
+# Shared memory as compiled (bench/compile_report.py --arch 86,120): <= 77 KB at head dim 128.
+FWD_CONFIGS[86] = [(128, 32, 8, 3, 128), (64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (64, 64, 4, 4, 64),
+                   (64, 32, 4, 3, 128), (128, 64, 8, 2, 64)]
+FWD_CONFIGS[120] = FWD_CONFIGS[86]
 # The KV-cache path has few queries per call (one scale): smaller query tiles.
 CACHED_CONFIGS = {
     80: [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 128)],
@@ -249,6 +266,9 @@ CACHED_CONFIGS = {
 # sm_100: 64 x 64 spills 96 B at head dim 128 and 128 x 64 / 4 warps up to 304 B
 CACHED_CONFIGS[100] = [(16, 64, 8, 3, 128), (32, 64, 8, 3, 128), (16, 32, 4, 3, 128), (64, 64, 4, 3, 64)]
 
+CACHED_CONFIGS[86] = [(16, 64, 4, 3, 128), (32, 64, 4, 3, 128), (64, 64, 4, 3, 64), (16, 32, 4, 3, 128)]
+CACHED_CONFIGS[120] = CACHED_CONFIGS[86]
+
 # fp32 inputs (exact IEEE products on the FMA units, operands held per thread): 8 warps and
 # 16/32-row tiles; at head dim 128 only 16-row tiles (or 16-key ones for dK/dV, dQ) are free of
 # spills on both sm_80 and sm_90 (e.g. 32 x 32 spills 0.3-0.8 KB there). ptxas spills a few
@@ -257,6 +277,10 @@ FWD_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (16, 128, 8,
                     for arch in (80, 90, 100)}
 CACHED_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (16, 128, 8, 2, 128, 128), (32, 64, 8, 2, 64, 32)]
                        for arch in (80, 90, 100)}
+# 99 KB parts: fp32 16 x 128 takes 145 KB at head dim 128
+for _arch in (86, 120):
+    FWD_FP32_CONFIGS[_arch] = [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 64, 8, 2, 64, 32)]
+    CACHED_FP32_CONFIGS[_arch] = [(16, 64, 8, 2, 128), (32, 64, 8, 2, 64, 32)]
 
 _fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, FWD_FP32_CONFIGS, (16, 16, 4, 1))
 _cached_tuned = _tuned(_fwd_kernel, CACHED_CONFIGS, CACHED_FP32_CONFIGS, (16, 16, 4, 1))
@@ -270,8 +294,8 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
                       stride_dob, stride_doh, stride_dom, H, Lq,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[i] = sum_d O[i, d] * dO[i, d] (fp32)."""
-    bh, b, h = _batch_head(H)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile, bh, b, h = _tile_batch_head(H)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = rows < Lq
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
@@ -318,16 +342,16 @@ def _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, Q_SID, K_SID, Q_OFF,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                     H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N  # early key tiles are seen by the most queries
-    bh, b, h = _batch_head(H)
+    tile, bh, b, h = _tile_batch_head(H)
+    n0 = tile * BLOCK_N  # early key tiles are seen by the most queries
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -391,16 +415,16 @@ def _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, L
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, Q_SID, K_SID, K_OFF,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, Lq, Lk, num_scales, window, qk_scale, softmax_scale,
+                   H, Lq, Lk, num_scales, window, qk_scale, softmax_scale, q_bucket, k_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh, b, h = _batch_head(H)
+    tile, bh, b, h = _tile_batch_head(H)
+    m0 = (tl.num_programs(1) - 1 - tile) * BLOCK_M
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
 
@@ -445,6 +469,13 @@ DQ_CONFIGS = {
 }
 DQ_CONFIGS[100] = [(128, 32, 8, 3, 64), (128, 64, 8, 3, 128), (64, 64, 4, 3, 128)]  # 128 x 32: 24 B at 128
 
+# 99 KB parts: 64 x 64 dK/dV tiles take 112 KB at head dim 128 (limited to 64); dQ 64 x 64 /
+# 3 stages 107 KB (limited to 64), 128 x 32 98.6 KB (fits); at head dim 128 sm_120 still spills
+# 16-40 B in dK/dV (sm_86: 0 B with 16 x 128) -- 2-stage variants spill more.
+DKDV_CONFIGS[86] = [(16, 128, 8, 3, 128), (32, 64, 4, 3, 128), (64, 64, 8, 3, 64), (32, 128, 8, 3, 64)]
+DKDV_CONFIGS[120] = DKDV_CONFIGS[86]
+DQ_CONFIGS[86] = [(128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 64)]
+DQ_CONFIGS[120] = DQ_CONFIGS[86]
 DKDV_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 64), (32, 32, 8, 2, 64), (16, 32, 8, 2, 128, 128), (32, 16, 8, 2, 128, 128)]
                      for arch in (80, 90, 100)}
 DQ_FP32_CONFIGS = {arch: [(16, 64, 8, 2, 128), (64, 32, 8, 2, 64), (32, 16, 8, 2, 128, 128)] for arch in (80, 90)}
@@ -491,10 +522,19 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_args(blocks: tuple[int, int] | None) -> dict:
+def _launch_args(blocks: tuple[int, int] | None, *outputs: torch.Tensor) -> dict:
+    """Explicit tiles, or what the autotuned launch needs: outputs to re-poison (tests)."""
     if blocks is None:
-        return {}
+        return {"poisoned": outputs} if POISON_OUTPUTS else {}
     return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1}
+
+
+# length buckets of the autotune keys: 1, 2, 4, ..., 8192 tokens
+LENGTH_BUCKET_CAP = 8192
+
+
+def _buckets(Lq: int, Lk: int) -> tuple[int, int]:
+    return length_bucket(Lq, LENGTH_BUCKET_CAP), length_bucket(Lk, LENGTH_BUCKET_CAP)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tensor,
@@ -513,10 +553,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: torch.Tens
         kernel = _cached_tuned if cached else _fwd_tuned
     else:
         kernel = _fwd_kernel
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (B * H, triton.cdiv(Lq, meta["BLOCK_M"]))  # noqa: E731
     kernel[grid](q, k, v, out, lse, q_sid, k_sid, k_off, *_strides(q), *_strides(k), *_strides(v),
-                 *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E,
-                 HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
+                 *_strides(out), H, Lq, Lk, num_scales, window, softmax_scale * LOG2E, *_buckets(Lq, Lk),
+                 HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks, out, lse))
     return out, lse
 
 
@@ -530,20 +570,20 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Lk = k.shape[2]
     num_scales = k_off.numel() - 1
     delta = _new((B, H, Lq), q, torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK), B * H)](
+    _bwd_delta_kernel[(B * H, triton.cdiv(Lq, _DELTA_BLOCK))](
         out, do, delta, *_strides(out), *_strides(do), H, Lq, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK)
     dq, dk, dv = _new(q.shape, q), _new(k.shape, k), _new(v.shape, v)
-    common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **_launch_args(blocks))
-    scales = (softmax_scale * LOG2E, softmax_scale)
+    common = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    scales = (softmax_scale * LOG2E, softmax_scale, *_buckets(Lq, Lk))
 
     kernel = _dkdv_tuned if blocks is None else _bwd_dkdv_kernel
-    kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+    kernel[lambda meta: (B * H, triton.cdiv(Lk, meta["BLOCK_N"]))](
         q, k, v, do, dk, dv, lse, delta, q_sid, k_sid, q_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, Lq, Lk, num_scales, window, *scales, **common)
+        H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dk, dv))
     kernel = _dq_tuned if blocks is None else _bwd_dq_kernel
-    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+    kernel[lambda meta: (B * H, triton.cdiv(Lq, meta["BLOCK_M"]))](
         q, k, v, do, dq, lse, delta, q_sid, k_sid, k_off,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Lq, Lk, num_scales, window, *scales, **common)
+        H, Lq, Lk, num_scales, window, *scales, **common, **_launch_args(blocks, dq))
     return dq, dk, dv

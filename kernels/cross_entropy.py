@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import ArchConfigs
+from sar_fast.ops.gpu import is_deterministic
+
+from ._tuning import ArchConfigs, TunedKernel, length_bucket, poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -69,17 +71,21 @@ _INTERPRETED_SHAPE = (16, 32, 16, 4, 1)  # tiny tiles: small test shapes span se
 
 def _tuned(table: dict[int, list[tuple]], fp32_table: dict[int, list[tuple]], key: list[str], group: bool,
            **autotune_kwargs):
-    """triton.autotune over the entries `table` lists for the target's architecture."""
+    """triton.autotune over the entries `table` lists for the target's architecture, keyed on
+    `key`, the dtypes and the row-count bucket `n_bucket` (an argument of every kernel here)."""
     def make(entry):
         n, v, k, w, s = entry
         extra = {"GROUP_N": 2 if _INTERPRET else 8} if group else {}
         return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, **extra}, num_warps=w, num_stages=s)
 
-    if _INTERPRET:
-        return triton.autotune([make(_INTERPRETED_SHAPE)], key=key, **autotune_kwargs)
-    configs = ArchConfigs(table, make, fp32_table=fp32_table, dtype_arg="h_ptr")
-    return triton.autotune(configs.configs, key=key, prune_configs_by={"early_config_prune": configs.prune},
-                           **autotune_kwargs)
+    def wrap(kernel):
+        if _INTERPRET:
+            return TunedKernel(triton.autotune([make(_INTERPRETED_SHAPE)], key=key, **autotune_kwargs)(kernel), None)
+        configs = ArchConfigs(table, make, fp32_table=fp32_table, dtype_arg="h_ptr")
+        return TunedKernel(triton.autotune(configs.configs, key=key,
+                                           prune_configs_by={"early_config_prune": configs.prune},
+                                           **autotune_kwargs)(kernel), configs, make)
+    return wrap
 
 
 _EVEN_K = {"EVEN_K": lambda args: args["C"] % args["BLOCK_K"] == 0}
@@ -114,12 +120,12 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, C, stride_h, stride_w, scale,
     return acc * scale
 
 
-@_tuned(CE_FORWARD_CONFIGS, CE_FORWARD_FP32_CONFIGS, key=["C", "V"], group=False)
+@_tuned(CE_FORWARD_CONFIGS, CE_FORWARD_FP32_CONFIGS, key=["C", "V", "n_bucket"], group=False)
 @triton.heuristics(_EVEN_K)
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])
 def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
                        max_ptr, sumexp_ptr, argmax_ptr, target_logit_ptr, logit_sum_ptr,
-                       N, V, C, stride_h, stride_w, v_per_split,
+                       N, V, C, stride_h, stride_w, v_per_split, n_bucket,
                        HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -144,7 +150,9 @@ def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
         z = tl.where(col_ok[None, :], z, float("-inf"))
         tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
         new_max = tl.maximum(run_max, tile_max)
-        sumexp = sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        # shift by 0 while every logit so far is -inf (a filtered vocabulary): -inf - -inf is NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        sumexp = sumexp * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         best = tl.where(tile_max > run_max, v0 + tile_arg, best)  # strict: ties keep the lower index
         run_max = new_max
         hit = (offs_v[None, :] == target[:, None]) & col_ok[None, :]
@@ -161,12 +169,12 @@ def _ce_forward_kernel(h_ptr, w_ptr, b_ptr, target_ptr,
         tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
 
 
-@_tuned(KL_FORWARD_CONFIGS, KL_FORWARD_FP32_CONFIGS, key=["C", "V", "TEACHER"], group=False)
+@_tuned(KL_FORWARD_CONFIGS, KL_FORWARD_FP32_CONFIGS, key=["C", "V", "TEACHER", "n_bucket"], group=False)
 @triton.heuristics(_EVEN_K)
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])
 def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
                        s_max_ptr, s_sumexp_ptr, t_max_ptr, t_sumexp_ptr, cross_ptr,
-                       N, V, C, stride_h, stride_w, stride_t, v_per_split, inv_temp,
+                       N, V, C, stride_h, stride_w, stride_t, v_per_split, inv_temp, n_bucket,
                        TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row: student and teacher online log-sum-exp and cross = sum_j e^(t_j - m_t) (t_j - s_j).
@@ -201,10 +209,11 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
         zs = tl.where(col_ok[None, :], zs, float("-inf"))
         zt = tl.where(col_ok[None, :], zt, float("-inf"))
 
+        # either side may hold -inf logits (filtered vocabularies): shift by 0 while its max is -inf
         new_s = tl.maximum(s_max, tl.max(zs, axis=1))
-        s_sumexp = s_sumexp * tl.exp(s_max - new_s) + tl.sum(tl.exp(zs - new_s[:, None]), axis=1)
+        s_shift = tl.where(new_s == float("-inf"), 0.0, new_s)
+        s_sumexp = s_sumexp * tl.exp(s_max - s_shift) + tl.sum(tl.exp(zs - s_shift[:, None]), axis=1)
         s_max = new_s
-        # the teacher may hold -inf logits (filtered vocabularies): shift by 0 while its max is -inf
         new_t = tl.maximum(t_max, tl.max(zt, axis=1))
         shift = tl.where(new_t == float("-inf"), 0.0, new_t)
         rescale = tl.exp(t_max - shift)
@@ -221,12 +230,13 @@ def _kl_forward_kernel(h_ptr, w_ptr, b_ptr, teacher_ptr,
     tl.store(cross_ptr + out, cross, mask=row_ok)
 
 
-@_tuned(GRAD_LOGITS_CONFIGS, GRAD_LOGITS_FP32_CONFIGS, key=["C", "V", "MODE"], group=True, reset_to_zero=["dbias_ptr"])
+@_tuned(GRAD_LOGITS_CONFIGS, GRAD_LOGITS_FP32_CONFIGS, key=["C", "V", "MODE", "n_bucket"], group=True,
+        reset_to_zero=["dbias_ptr"])
 @triton.heuristics(_EVEN_K)
-@triton.jit
+@triton.jit(do_not_specialize=["n_bucket"])
 def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, target_ptr, teacher_ptr, lse_ptr, teacher_lse_ptr, coef_ptr,
                         g_ptr, dbias_ptr,
-                        N, V, C, stride_h, stride_w, stride_t, stride_g, smooth, smooth_over_v, inv_temp,
+                        N, V, C, stride_h, stride_w, stride_t, stride_g, smooth, smooth_over_v, inv_temp, n_bucket,
                         MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
@@ -278,10 +288,23 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, target_ptr, teacher_ptr, lse_ptr, t
 # launch helpers
 # ------------------------------------------------------------------------------------------
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:
-        fill = float("nan") if dtype.is_floating_point else -(2**31 - 1)
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        poison_(out)
+    return out
+
+
+def _poisoned(*outputs: torch.Tensor) -> dict:
+    """Launch option: the outputs a test poisoned, re-poisoned after autotuning."""
+    return {"poisoned": outputs} if POISON_OUTPUTS else {}
+
+
+# row-count buckets of the autotune keys: 1, 2, 4, ..., 65,536 rows
+ROWS_BUCKET_CAP = 2**16
+
+
+def _rows_bucket(N: int) -> int:
+    return length_bucket(N, ROWS_BUCKET_CAP)
 
 
 def _dot_precision(t: torch.Tensor) -> str:
@@ -297,7 +320,12 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _num_splits(N: int, V: int, device: torch.device) -> int:
-    """Vocabulary splits so that a small N still fills the GPU (~2 programs per SM)."""
+    """Vocabulary splits so that a small N still fills the GPU (~2 programs per SM); in
+    deterministic mode from V alone (the splits' merge order then depends on nothing else:
+    same bits on every rank, batch size and GPU; at most one 512-column split per program,
+    so a large N pays a few extra [splits, N] partials)."""
+    if is_deterministic():
+        return triton.cdiv(V, 512)
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -337,7 +365,8 @@ def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)  # noqa: E731
     _ce_forward_kernel[grid](hidden, weight, bias if bias is not None else hidden, target,
                              m, s, best, tlogit, lsum, N, V, C, hidden.stride(0), weight.stride(0), per_split,
-                             HAS_BIAS=bias is not None, SMOOTH=smooth, DOT_PRECISION=_dot_precision(hidden))
+                             _rows_bucket(N), HAS_BIAS=bias is not None, SMOOTH=smooth,
+                             DOT_PRECISION=_dot_precision(hidden), **_poisoned(m, s, best, tlogit, lsum))
     lse, top, _ = _merge_lse(m, s)
     # argmax: the first split (lowest vocabulary range) that reaches the row max
     argmax = best.gather(0, (m == top).to(torch.int8).argmax(dim=0, keepdim=True)).squeeze(0).long()
@@ -364,8 +393,8 @@ def kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), S)  # noqa: E731
     _kl_forward_kernel[grid](hidden, weight, bias if bias is not None else hidden, teacher,
                              sm, ss, tm, ts, cross, N, V, C, hidden.stride(0), weight.stride(0), teacher.stride(0),
-                             per_split, 1.0 / temperature, TEACHER=mode, HAS_BIAS=bias is not None,
-                             DOT_PRECISION=_dot_precision(hidden))
+                             per_split, 1.0 / temperature, _rows_bucket(N), TEACHER=mode, HAS_BIAS=bias is not None,
+                             DOT_PRECISION=_dot_precision(hidden), **_poisoned(sm, ss, tm, ts, cross))
     lse, _, _ = _merge_lse(sm, ss)
     teacher_lse, _, rescale = _merge_lse(tm, ts)
     t_sumexp = (ts * rescale).sum(dim=0)
@@ -432,8 +461,9 @@ def head_backward(coef: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             target[start:stop] if target is not None else dummy, t, lse[start:stop],
             teacher_lse[start:stop] if teacher_lse is not None else dummy, coef[start:stop], g, partial,
             n, V, C, h.stride(0), weight.stride(0), t.stride(0) if teacher is not None else 0, g.stride(0),
-            float(label_smoothing), float(label_smoothing) / V, inv_temp,
-            MODE=mode, HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, DOT_PRECISION=_dot_precision(hidden))
+            float(label_smoothing), float(label_smoothing) / V, inv_temp, _rows_bucket(n),
+            MODE=mode, HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, DOT_PRECISION=_dot_precision(hidden),
+            **_poisoned(g))
         if need_hidden:
             torch.mm(g, weight, out=dh[start:stop])
         if need_weight:

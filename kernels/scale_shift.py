@@ -15,10 +15,11 @@ pixel o of side n_out, src = (o + 0.5) * n_in / n_out - 0.5, i0 = floor(src), t 
 taps i0-1 .. i0+2 clamped to [0, n_in-1] with Keys' weights (A = -0.75); rows are
 interpolated first, then the four row results. Arithmetic is fp32.
 
-Programs: axis 0 walks the tiles of all transitions (BLOCK_P pixels each, found by a short
-scan of the table, so the tiling needs no extra table per block size), axis 1 the batch,
-axis 2 blocks of BLOCK_C channels (at most MAX_BLOCK_C: a wide map, C = 1024, would
-otherwise hold 1024 channels per pixel in registers and spill).
+Programs: axis 0 walks the samples x the tiles of all transitions (BLOCK_P pixels each,
+found by a short scan of the table, so the tiling needs no extra table per block size; the
+batch folded in because axes 1-2 stop at 65,535), axis 1 blocks of BLOCK_C channels (at
+most MAX_BLOCK_C: a wide map, C = 1024, would otherwise hold 1024 channels per pixel in
+registers and spill).
 The launchers take plain tensors; validation and autograd live in sar_fast.ops.scale_shift.
 """
 from __future__ import annotations
@@ -38,10 +39,14 @@ MAX_BLOCK_C = 128  # channels per program: 8 outputs per thread at BLOCK_P 16 an
 
 
 @triton.jit
-def _find_tile(meta_ptr, num_t, BLOCK_P: tl.constexpr, OUTPUT_SIDE: tl.constexpr):
-    """(transition, first pixel) of this program's tile; tiles of a transition cover its
-    output map (OUTPUT_SIDE) or its source map."""
-    rest = tl.program_id(0).to(tl.int64)
+def _find_tile(meta_ptr, num_t, tiles, BLOCK_P: tl.constexpr, OUTPUT_SIDE: tl.constexpr):
+    """(sample, transition, first pixel) of this program's tile; tiles of a transition cover
+    its output map (OUTPUT_SIDE) or its source map. Axis 0 carries samples x `tiles` (all
+    transitions' tiles of one sample, tile fastest): axis 1 stops at 65,535 samples."""
+    pid = tl.program_id(0)
+    b = pid // tiles  # int32: a 64-bit division costs registers
+    rest = (pid - b * tiles).to(tl.int64)
+    b = b.to(tl.int64)
     j = rest * 0
     first = rest * 0
     for k in range(num_t):
@@ -49,12 +54,12 @@ def _find_tile(meta_ptr, num_t, BLOCK_P: tl.constexpr, OUTPUT_SIDE: tl.constexpr
             side = tl.load(meta_ptr + k * META_WIDTH + META_N_OUT)
         else:
             side = tl.load(meta_ptr + k * META_WIDTH + META_N_IN)
-        tiles = tl.cdiv(side * side, BLOCK_P)
-        hit = (rest >= 0) & (rest < tiles)
+        span = tl.cdiv(side * side, BLOCK_P)
+        hit = (rest >= 0) & (rest < span)
         j = tl.where(hit, k, j)
         first = tl.where(hit, rest * BLOCK_P, first)
-        rest -= tiles
-    return j, first
+        rest -= span
+    return b, j, first
 
 
 @triton.jit
@@ -96,13 +101,12 @@ def _adjoint_weight(o, i, n_in, n_out):
     return tl.where(o < n_out, w, 0.0)
 
 
-@triton.jit(do_not_specialize=["num_t", "rows_out", "codes_stride_b"])
-def _scale_shift_fwd_kernel(out_ptr, src_ptr, codes_ptr, meta_ptr, num_t, C,
+@triton.jit(do_not_specialize=["num_t", "tiles", "rows_out", "codes_stride_b"])
+def _scale_shift_fwd_kernel(out_ptr, src_ptr, codes_ptr, meta_ptr, num_t, tiles, C,
                             rows_out, codes_stride_b, book_stride,
                             GATHER: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    j, first = _find_tile(meta_ptr, num_t, BLOCK_P, True)
-    b = tl.program_id(1).to(tl.int64)
+    b, j, first = _find_tile(meta_ptr, num_t, tiles, BLOCK_P, True)
     row = meta_ptr + j * META_WIDTH
     out_start = tl.load(row + META_OUT_START)
     src_off = tl.load(row + META_SRC_OFF)
@@ -111,7 +115,7 @@ def _scale_shift_fwd_kernel(out_ptr, src_ptr, codes_ptr, meta_ptr, num_t, C,
 
     p = first.to(tl.int32) + tl.arange(0, BLOCK_P)
     p_ok = p < n_out * n_out
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = p_ok[:, None] & (c < C)[None, :]
     iy0, ty = _source_coord(p // n_out, n_in, n_out)
     ix0, tx = _source_coord(p % n_out, n_in, n_out)
@@ -157,14 +161,13 @@ def _candidate_outputs(i, ok, n_in, n_out):
     return first, tl.max(tl.where(ok, last - first + 1, 0), axis=0)
 
 
-@triton.jit(do_not_specialize=["num_t", "rows_out"])
-def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, C, rows_out,
+@triton.jit(do_not_specialize=["num_t", "tiles", "rows_out"])
+def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, tiles, C, rows_out,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Adjoint in gather form: each source pixel sums the output pixels whose taps reach it
     (no atomics, deterministic), with weights recomputed exactly as the forward does (hence
     the forward's tile lookup and indexing prologue, repeated)."""
-    j, first = _find_tile(meta_ptr, num_t, BLOCK_P, False)
-    b = tl.program_id(1).to(tl.int64)
+    b, j, first = _find_tile(meta_ptr, num_t, tiles, BLOCK_P, False)
     row = meta_ptr + j * META_WIDTH
     out_start = tl.load(row + META_OUT_START)
     dst_off = tl.load(row + META_SRC_OFF)
@@ -177,7 +180,7 @@ def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, C, rows
 
     q = first.to(tl.int32) + tl.arange(0, BLOCK_P)
     q_ok = q < n_in * n_in
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     iy = q // n_in
     ix = q % n_in
@@ -237,12 +240,13 @@ def launch_forward(out: torch.Tensor, src: torch.Tensor, codes: torch.Tensor | N
     dflt_p, dflt_w = default_config(C)
     block_p = block_p or dflt_p
     block_c = block_channels(C)
-    grid = (num_tiles(out_sides, block_p), B, triton.cdiv(C, block_c))
-    if grid[0] == 0 or B == 0:
+    tiles = num_tiles(out_sides, block_p)
+    grid = (tiles * B, triton.cdiv(C, block_c))
+    if grid[0] == 0:
         return
     gather = codes is not None
     _scale_shift_fwd_kernel[grid](
-        out, src, codes if gather else src, meta, meta.shape[0], C,
+        out, src, codes if gather else src, meta, meta.shape[0], tiles, C,
         out.shape[1], codes.stride(0) if gather else 0, src.stride(0) if gather else 0,
         GATHER=gather, BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=num_warps or dflt_w)
@@ -257,10 +261,11 @@ def launch_backward(grad_src: torch.Tensor, grad_out: torch.Tensor, meta: torch.
     dflt_p, dflt_w = default_config(C)
     block_p = block_p or dflt_p
     block_c = block_channels(C)
-    grid = (num_tiles(in_sides, block_p), B, triton.cdiv(C, block_c))
-    if grid[0] == 0 or B == 0:
+    tiles = num_tiles(in_sides, block_p)
+    grid = (tiles * B, triton.cdiv(C, block_c))
+    if grid[0] == 0:
         return
     _scale_shift_bwd_kernel[grid](
-        grad_src, grad_out, meta, meta.shape[0], C, grad_out.shape[1],
+        grad_src, grad_out, meta, meta.shape[0], tiles, C, grad_out.shape[1],
         BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=num_warps or dflt_w)

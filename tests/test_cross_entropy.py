@@ -2,7 +2,8 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16 x 32 x 16 tiles,
 so N = 37, V = 75, C = 40 leave partial tiles along every axis. Every kernel output is
-allocated with NaN first (POISON_OUTPUTS), so an element a kernel skips fails a comparison.
+allocated with NaN first (POISON_OUTPUTS), so an element a kernel skips fails a comparison (on
+a GPU poisoned again after the autotuner's first call, which writes every config into them).
 """
 from __future__ import annotations
 
@@ -309,6 +310,49 @@ def test_kl_teacher_with_filtered_vocabulary():
     _close(loss, want)
     for got, exp in zip(_grads(loss, [h, w, b]), _grads(want, [h64, w64, b64])):
         _close(got, exp)
+
+
+FILTERED = 128  # -inf student logits over the first 128 columns: a whole first tile on any config
+
+
+def _filtered_head(v=300):
+    """A head whose bias is -inf over the first FILTERED columns (a filtered vocabulary)."""
+    h, w, b = _inputs(v=v)
+    with torch.no_grad():
+        b[:FILTERED] = float("-inf")
+    return h, w, b
+
+
+def test_ce_student_row_starting_with_filtered_tiles():
+    """Every student logit of the first vocabulary tile(s) is -inf: the online log-sum-exp must
+    not form -inf - -inf (NaN) before it meets a finite logit."""
+    v = 300
+    h, w, b = _filtered_head(v)
+    target = torch.randint(FILTERED, v, (N,), device=DEVICE)
+    loss = ops.fused_linear_cross_entropy(h, w, b, target, reduction="none")
+    h64, w64, b64 = _leaves64(h, w, b)
+    want = _ce64(h64, w64, b64, target, None, 0.0, -100, "none")
+    _close(loss, want, what="loss")
+    for name, got, exp in zip(("hidden", "weight", "bias"), _grads(loss.sum(), [h, w, b]),
+                              _grads(want.sum(), [h64, w64, b64])):
+        _close(got, exp, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("teacher", ["logits", "hidden"])
+def test_kl_student_row_starting_with_filtered_tiles(teacher):
+    """As above for the KL; the teacher filters the same columns (else KL is infinite)."""
+    v = 300
+    h, w, b = _filtered_head(v)
+    t_hidden = torch.randn(N, h.shape[1], device=DEVICE)
+    t_logits = F.linear(t_hidden, w.detach(), b.detach()) if teacher == "logits" else None
+    t_hidden = t_hidden if teacher == "hidden" else None
+    loss = fused_linear_kl_div(h, w, b, target_logits=t_logits, target_hidden=t_hidden, reduction="none")
+    h64, w64, b64 = _leaves64(h, w, b)
+    want = _kl64(h64, w64, b64, t_logits, t_hidden, None, "none", 1.0)
+    _close(loss, want, what="loss")
+    for name, got, exp in zip(("hidden", "weight", "bias"), _grads(loss.sum(), [h, w, b]),
+                              _grads(want.sum(), [h64, w64, b64])):
+        _close(got, exp, what=f"grad {name}")
 
 
 def test_kl_to_itself_is_zero():

@@ -1,5 +1,9 @@
 """Autotune config lists per architecture and dtype (kernels/_tuning.py): which list a launch
-is tuned over, and that every launch the ops can make keeps at least one config."""
+is tuned over, and that every launch the ops can make keeps at least one config (that fits the
+arch's shared memory)."""
+import os
+import sys
+
 import pytest
 import torch
 import triton
@@ -94,3 +98,61 @@ def test_attention_entries_may_name_their_smallest_head_dim():
     assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 64), {"HEAD_DIM": d})] == [16, 32, 64]
     assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 128, 128), {"HEAD_DIM": d})] == [128]
     assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 64, 32), {"HEAD_DIM": d})] == [32, 64]
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from compile_report import SMEM_LIMIT  # noqa: E402  (the per-arch opt-in limits the report checks)
+
+SMEM_ARCHS = (80, 86, 89, 90, 100, 120)
+
+
+def attention_smem(kernel: str, entry: tuple, head_dim: int, itemsize: int) -> int:
+    """Upper bound on the shared memory Triton gives an attention kernel, in bytes.
+
+    Triton's pipeliner keeps num_stages - 1 copies of each tile a loop streams (K and V for
+    the forward and dQ; Q and dO for dK/dV), the tiles loaded once before the loop stay in
+    shared memory as MMA operands (Q for the forward; Q, dO for dQ; K, V for dK/dV), and each
+    probability tile fed to a second product may take one [M, N] layout-conversion buffer
+    (one in the forward and dQ, two in dK/dV); 2 KB covers barriers and static shared memory.
+    Against the compile report (`--arch 86,89,120 --dtypes bf16,fp32 --head-dims 64,128
+    --subset ci`: 267 GEMM-kernel variants, attention and CE/KL) it is never below the measured
+    size, and over by at most the conversion buffers the compiler often shares (e.g. dQ 128 x 32
+    / 3 stages at head dim 128: 98,560 B measured, 108,544 modelled)."""
+    m, n, stages = entry[0], entry[1], max(entry[3] - 1, 1)
+    d = head_dim
+    if kernel in ("fwd", "cached"):
+        tiles = m * d + stages * 2 * n * d + m * n
+    elif kernel == "dq":
+        tiles = 2 * m * d + stages * 2 * n * d + m * n
+    else:  # dkdv
+        tiles = 2 * n * d + stages * 2 * m * d + 2 * m * n
+    return itemsize * tiles + 2048
+
+
+def ce_smem(kernel: str, entry: tuple, itemsize: int) -> int:
+    """Same model for the CE/KL GEMM tiles: num_stages - 1 copies of the hidden [BLOCK_N,
+    BLOCK_K] and weight [BLOCK_V, BLOCK_K] tiles; for KL and grad-logits a second hidden tile
+    (a teacher run through the same head) and one fp32 [BLOCK_N, BLOCK_V] conversion buffer (a
+    teacher logit tile: 32 KB measured for fp32 128 x 64 x 16 on sm_86/89/120)."""
+    n, v, k, _, stages = entry
+    if kernel in ("kl", "grad"):
+        return itemsize * max(stages - 1, 1) * (2 * n + v) * k + 4 * n * v + 2048
+    return itemsize * max(stages - 1, 1) * (n + v) * k + 2048
+
+
+@pytest.mark.parametrize("arch", SMEM_ARCHS)
+def test_every_launch_keeps_a_config_that_fits_shared_memory(arch):
+    """The 99 KB parts (sm_86/89/120) once tuned with the sm_80/sm_100 lists: at head dim 128
+    no dQ config of the sm_100 list fit sm_120, and the autotuner fails a launch with none."""
+    limit = SMEM_LIMIT[arch]
+    for name, (half, fp32) in ATTENTION_TABLES.items():
+        for table, itemsize in ((half, 2), (fp32, 4)):
+            entries = table[_tuning.family(arch, list(table))]
+            for head_dim in att.HEAD_DIMS:
+                fits = [e for e in entries if att._admits_head_dim(e, {"HEAD_DIM": head_dim})
+                        and attention_smem(name, e, head_dim, itemsize) <= limit]
+                assert fits, (name, arch, itemsize, head_dim)
+    for name, (half, fp32) in CE_TABLES.items():
+        for table, itemsize in ((half, 2), (fp32, 4)):
+            entries = table[_tuning.family(arch, list(table))]
+            assert any(ce_smem(name, e, itemsize) <= limit for e in entries), (name, arch, itemsize)

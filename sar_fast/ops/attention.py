@@ -19,6 +19,7 @@ from torch._guards import detect_fake_mode
 
 from . import backend, reference
 from ._checks import check_tensor
+from .gpu import device_guard
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL = "attention"
@@ -112,7 +113,9 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: tor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, base-2 log-sum-exp). cached: every query sees every key (KV cache)."""
     q, k, v = (_last_dim_dense(t) for t in (q, k, v))
-    return backend.load_kernels(_KERNEL).forward(q, k, v, q_sid, k_sid, k_off, softmax_scale, window, cached=cached)
+    with device_guard(q):
+        return backend.load_kernels(_KERNEL).forward(q, k, v, q_sid, k_sid, k_off, softmax_scale, window,
+                                                     cached=cached)
 
 
 @_attention_fwd.register_fake
@@ -127,8 +130,9 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float,
                    window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_last_dim_dense(t) for t in (grad_out, q, k, v, out))
-    return backend.load_kernels(_KERNEL).backward(grad_out, q, k, v, out, lse.contiguous(), q_sid, k_sid,
-                                                  q_off, k_off, softmax_scale, window)
+    with device_guard(q):
+        return backend.load_kernels(_KERNEL).backward(grad_out, q, k, v, out, lse.contiguous(), q_sid, k_sid,
+                                                      q_off, k_off, softmax_scale, window)
 
 
 @_attention_bwd.register_fake

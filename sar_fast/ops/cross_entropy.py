@@ -14,6 +14,7 @@ import torch
 
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
+from .gpu import device_guard
 
 _KERNEL = "cross_entropy"
 _REDUCTIONS = ("none", "sum", "mean")
@@ -34,7 +35,8 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def _ce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
             label_smoothing: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token unweighted CE, log-sum-exp, argmax), each [N]."""
-    return _kernels().ce_forward(hidden, weight, bias, target, label_smoothing, ignore_index)
+    with device_guard(hidden):
+        return _kernels().ce_forward(hidden, weight, bias, target, label_smoothing, ignore_index)
 
 
 @_ce_fwd.register_fake
@@ -51,7 +53,8 @@ def _ce_bwd(grad_ce: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k = _kernels()
     coef = torch.where(target != ignore_index, grad_ce.float(), 0.0)
-    with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs run in the operands' dtype
+    # the GEMMs run in the operands' dtype
+    with torch.autocast(hidden.device.type, enabled=False), device_guard(hidden):
         dh, dw, db = k.head_backward(coef, hidden, weight, bias, lse, k.MODE_TARGET, target=target,
                                      label_smoothing=label_smoothing, need_hidden=need_hidden,
                                      need_weight=need_weight, need_bias=need_bias)
@@ -98,7 +101,8 @@ def _kl_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             teacher_logits: torch.Tensor | None, teacher_hidden: torch.Tensor | None, temperature: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token KL, student log-sum-exp, teacher log-sum-exp), each [N], of logits / T."""
-    return _kernels().kl_forward(hidden, weight, bias, teacher_logits, teacher_hidden, temperature)
+    with device_guard(hidden):
+        return _kernels().kl_forward(hidden, weight, bias, teacher_logits, teacher_hidden, temperature)
 
 
 @_kl_fwd.register_fake
@@ -115,7 +119,7 @@ def _kl_bwd(grad_kl: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
     k = _kernels()
     mode = k.MODE_TEACHER_LOGITS if teacher_logits is not None else k.MODE_TEACHER_HIDDEN
     teacher = teacher_logits if teacher_logits is not None else teacher_hidden
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False), device_guard(hidden):
         dh, dw, db = k.head_backward(grad_kl.float().contiguous(), hidden, weight, bias, lse, mode,
                                      teacher=teacher, teacher_lse=teacher_lse, temperature=temperature,
                                      need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
