@@ -266,9 +266,11 @@ def test_init_is_read_by_rank_zero_only(tmp_path):
         "import sar_fast.models.checkpoint as ck\n"
         "reads = []\n"
         "real = ck.read_checkpoint_file\n"
-        # the preflight memory-maps the file on every rank (headers and shapes, not the weights):
+        # the preflight memory-maps the file on every rank (shapes_only: headers and shapes, not
+        # the weights):
         # count the reads that load the weights
-        "ck.read_checkpoint_file = lambda *a, **k: ((None if k.get('mmap') else reads.append(a[0])), "
+        "ck.read_checkpoint_file = lambda *a, **k: ((None if k.get('mmap') or k.get('shapes_only') "
+        "else reads.append(a[0])), "
         "real(*a, **k))[1]\n"
         "from sar_fast.train import Trainer, parse_config\n"
         f"t = Trainer(parse_config(['--out', {str(tmp_path / 'run')!r}, '--init', {str(tmp_path / 'init.pth')!r},"
