@@ -92,9 +92,44 @@ class StandInDriver:
         raise RuntimeError("stand-in driver: nothing can run here")
 
 
-def _jit_functions():
-    from triton.runtime.jit import _triton_jit_function_registry
+def _jit_functions() -> list:
+    """Every JITFunction imported so far: triton >= 3.7 keeps a registry of them; 3.6 has
+    none, so there they are collected from the imported sar_fast.kernels modules (the only
+    kernels this report launches)."""
+    try:
+        from triton.runtime.jit import _triton_jit_function_registry
+    except ImportError:
+        return _kernel_jit_functions()
     return list(_triton_jit_function_registry.values())
+
+
+def _kernel_jit_functions() -> list:
+    """The JITFunctions of the imported sar_fast.kernels modules; autotuned and heuristic
+    kernels wrap theirs (`.fn`, possibly several layers deep)."""
+    from triton.runtime.jit import JITFunction
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "sar_fast.kernels" or name.startswith("sar_fast.kernels.")):
+            continue
+        for value in vars(module).values():
+            while not isinstance(value, JITFunction) and hasattr(value, "fn") and value is not value.fn:
+                value = value.fn
+            if isinstance(value, JITFunction):
+                found[_jit_name(value)] = value
+    return list(found.values())
+
+
+def _jit_name(fn) -> str:
+    """'module:qualname', the key triton's own registry uses."""
+    return f"{fn.module}:{fn.fn.__qualname__}"
+
+
+def _jit_function(name: str):
+    """The JITFunction called `name` ('module:qualname') among the imported ones."""
+    for fn in _jit_functions():
+        if _jit_name(fn) == name:
+            return fn
+    raise KeyError(f"no imported Triton kernel {name!r}")
 
 
 @contextlib.contextmanager
@@ -289,7 +324,7 @@ def record(arch: int, dtypes: Iterable[str], head_dims: Iterable[int]) -> list[R
     label = [""]
 
     def on_request(fn, info):
-        name = f"{fn.module}:{fn.fn.__qualname__}"
+        name = _jit_name(fn)
         spec = info["specialization_data"]
         key = (name, spec)
         if key not in found:
@@ -343,8 +378,7 @@ def compile_request(req: Request) -> dict:
     import importlib
     module = req.name.split(":")[0]
     importlib.import_module(module)
-    from triton.runtime.jit import _triton_jit_function_registry
-    fn = _triton_jit_function_registry[req.name]
+    fn = _jit_function(req.name)
     row = {k: v for k, v in dataclasses.asdict(req).items() if k != "spec"}
     start = time.perf_counter()
     try:
