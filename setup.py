@@ -46,7 +46,7 @@ def read_sources() -> tuple[list[str], list[str]]:
 
 
 def minimum_torch() -> str:
-    """The torch requirement of pyproject.toml (its one definition), e.g. '2.6'."""
+    """The torch requirement of pyproject.toml (its one definition), e.g. '2.11'."""
     found = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     if found is None:
         sys.exit("pyproject.toml: no \"torch>=X.Y\" dependency found")

@@ -145,8 +145,13 @@ def _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake) -> 
             tracker.reset_mod_stats()
             step_module(labels, codes, schedule, codebook, 0).backward()
         parallel.reduce_gradients(model)
-        optimizer.step()
+        # read before the optimiser step: fused AdamW updates in place and its states are added
+        # by the caller, while on fake DTensors its sharding propagation allocates fake copies
+        # of every parameter (~9x the shards here), which the GPU never holds. torch 2.14 caches
+        # that propagation after a process's first step, 2.11 redoes it every step: counting it
+        # made the estimate depend on the torch release and on what ran before in the process.
         peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
+        optimizer.step()
     return peak, sum(p.numel() for p in model.parameters())
 
 
