@@ -146,10 +146,10 @@ def _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake) -> 
             step_module(labels, codes, schedule, codebook, 0).backward()
         parallel.reduce_gradients(model)
         # read before the optimiser step: fused AdamW updates in place and its states are added
-        # by the caller, while on fake DTensors its sharding propagation allocates fake copies
-        # of every parameter (~9x the shards here), which the GPU never holds. torch 2.14 caches
-        # that propagation after a process's first step, 2.11 redoes it every step: counting it
-        # made the estimate depend on the torch release and on what ran before in the process.
+        # by the caller, while DTensor's dispatch of the fused op on fake tensors allocates fake
+        # copies of parameters, gradients and states (4x the shards on a plain 4-layer FSDP
+        # model), which the GPU never holds: on every step in torch 2.11, on a process's first
+        # in 2.14. Counting them made the estimate depend on the release and on what ran before.
         peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
         optimizer.step()
     return peak, sum(p.numel() for p in model.parameters())

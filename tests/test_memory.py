@@ -42,8 +42,8 @@ def test_estimate_drives_the_reshard_policy_of_the_step():
     drives it: begin_step / set_micro_batch / reduce_gradients); 'pass' holds about one
     block's at a time. A model-dominated config shows it: measured 0.69x the full fp32 model
     above 'pass' on torch 2.11 and 2.14 alike. The estimate must not depend on what ran
-    before it in the process (fake DTensor propagation in the optimiser step once made the
-    first estimate of a process 1.9x the next on 2.14, and hid the policy on 2.11)."""
+    before it in the process (fake copies from DTensor's dispatch of the fused AdamW step
+    once made a process's first estimate 1.9x the next on 2.14, and hid the policy on 2.11)."""
     cfg = parse_config(["--model", "flexvar-tiny", "--depth", "8", "--embed-dim", "512", "--num-heads", "4",
                         "--batch-size", "4", "--schedule", "1,2,3,4", "--objective", "sar", "--sampling", "argmax",
                         "--estimate-memory", "--precision", "fp32"])
