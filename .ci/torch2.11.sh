@@ -9,8 +9,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # The lent GPU's image (Python 3.12, torch 2.11.0, triton 3.6.0) rebuilt on the CPU, so the
 # package, its tests and the trainer keep working there, not only on the pin above. Pins:
 # .ci/constraints-torch2.11.txt (numpy < 2.4 for triton 3.6's interpreter, setuptools < 82
-# for torch 2.11); pip refuses anything that would replace them. pip's cache makes every run
-# after the first fast (the first downloads torch 2.11 with its CUDA libraries, ~3 GB).
+# for torch 2.11); pip refuses anything that would replace them.
 # The subset (CI as a whole stays under 30 minutes on 2 cores; this stage ~10 of them):
 # - op tests under the interpreter: the Triton ops (attention, fused CE/KL, scale shift),
 #   the backend dispatch, the extension's ops (quantiser, sampler) built against 2.11, and
@@ -35,7 +34,9 @@ if [[ -z "$py312" ]]; then
   exit 1
 fi
 echo "Python 3.12: ${py312}"
-venv211="${SAR_FAST_VENV211:-build/venv-torch2.11}"
+# kept outside the clone, so a later CI run on this machine reuses it: pip then only checks
+# the pins (the first run downloads torch 2.11 with its CUDA libraries, ~3 GB)
+venv211="${SAR_FAST_VENV211:-${XDG_CACHE_HOME:-$HOME/.cache}/sar_fast/venv-torch2.11}"
 "$py312" -m venv "$venv211"
 py211="${venv211}/bin/python"
 "$py211" -m pip install -c .ci/constraints-torch2.11.txt torch==2.11.0 "numpy<2.4" "setuptools>=70.1,<82" wheel

@@ -249,7 +249,7 @@ def _reduce_now(units: list) -> None:
     (what a synced backward's hook runs), then what FSDP's end-of-backward callback runs.
     The internals differ by release: one optional `_fsdp_param_group` per state and one
     `reduce_scatter_state` in torch 2.11; lists of both (`_fsdp_param_groups`,
-    `reduce_scatter_states`) in 2.14. `probe_reduce_now` checks this at start-up."""
+    `reduce_scatter_states`) in 2.14. `reduce_now_works` probes it at start-up."""
     states = [unit._get_fsdp_state() for unit in units]
     groups = []
     for state in reversed(states):  # the backward's order: blocks last to first, root last
@@ -302,11 +302,12 @@ def _probe_reduce_now(mesh, mp_policy, device: torch.device, check_values: bool 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     gen = torch.Generator().manual_seed(0)
-    plain = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    cpu = torch.device("cpu")  # explicit: the caller may be inside a torch.device("meta") context
+    plain = nn.Sequential(nn.Linear(8, 8, device=cpu), nn.Linear(8, 4, device=cpu))
     with torch.no_grad():
         for p in plain.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    inputs = [torch.randn(3, 8, generator=gen).to(device) for _ in range(3)]
+            p.copy_(torch.randn(p.shape, generator=gen, device=cpu))
+    inputs = [torch.randn(3, 8, generator=gen, device=cpu).to(device) for _ in range(3)]
     plain = plain.to(device)
     sharded = copy.deepcopy(plain)
     # inputs cast to the parameters' dtype (the probe's layers do not cast themselves)
