@@ -235,7 +235,7 @@ def reduce_gradients(model: nn.Module) -> None:
     one all-reduce across replicas) per unit of the gradients accumulated over all passes
     and micro-batches (`_reduce_now`), then free the gathered weights so the next step
     gathers the updated ones. Under the public fallback the last micro-batch's backward has
-    already reduced (once per pass through a unit) and only the weights are freed."""
+    already reduced (up to once per pass through a unit) and only the weights are freed."""
     if getattr(model, "_sar_reshard_policy", "pass") != "step":
         return
     if getattr(model, "_sar_reduce_now", False):
@@ -286,7 +286,7 @@ def reduce_now_works(mesh, mp_policy, device: torch.device) -> bool:
         if problem is not None:
             warnings.warn(f"--reshard step: FSDP2's internals failed the start-up probe on torch "
                           f"{torch.__version__} ({problem}); falling back to its public gradient sync in "
-                          f"the last micro-batch's backward: the same gradients, but one reduce-scatter "
+                          f"the last micro-batch's backward: the same gradients, but up to one reduce-scatter "
                           f"per pass through each block instead of one per step", RuntimeWarning, stacklevel=3)
         _PROBED[key] = problem is None
     return _PROBED[key]
