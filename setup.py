@@ -46,7 +46,7 @@ def read_sources() -> tuple[list[str], list[str]]:
 
 
 def minimum_torch() -> str:
-    """The oldest supported torch, from pyproject.toml's [tool.sar_fast] (its one definition), e.g. '2.6'."""
+    """The oldest supported torch, from pyproject.toml's [tool.sar_fast] (its one definition), e.g. '2.11'."""
     found = re.search(r'^torch = "torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     if found is None:
         sys.exit('pyproject.toml: no `torch = "torch>=X.Y"` in [tool.sar_fast]')

@@ -76,10 +76,8 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     fake=False runs the same step for real on the CPU (1 rank, Triton's interpreter, fp32
     parameters only): the measurement the fake estimate is tested against."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from . import ops, parallel
-    from .build import build_optimizer
     from .models import ModelConfig, ScaleAR, preset_config
 
     accum = cfg.optim.grad_accum if grad_accum is None else grad_accum
@@ -103,37 +101,12 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
             model = ScaleAR(mcfg)
         info = parallel.DistInfo(0, world_size, 0, device)
         model = parallel.shard_model(model, info, precision, ac, compile_blocks=False, reshard=reshard)
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-        fake_mode.__enter__()
-        model.to_empty(device=device)
-        if not fake:  # real values after to_empty (the meta model's tables hold garbage)
-            with torch.no_grad():
-                for p in model.parameters():
-                    torch.nn.init.normal_(p, std=0.02)
-        model.set_label_range_check(False)
-        optimizer = build_optimizer(model, cfg.optim, torch.device("cuda"))  # fused AdamW, as on the GPU
-        codebook = torch.randn(mcfg.vocab_size, mcfg.code_dim, device=device)
-        labels = torch.zeros(micro, dtype=torch.long, device=device)
-        codes = torch.zeros(micro, L, dtype=torch.long, device=device)
-        # MemTracker refuses a top-level module called twice (SAR calls the root 3x per step):
-        # the step runs inside a wrapper module whose stats are reset before each call
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
-        step_module = _Step(model, cfg.objective)
-        with tracker:
-            parallel.begin_step(model)
-            for m in range(accum):
-                parallel.set_micro_batch(model, last=m == accum - 1)
-                tracker.reset_mod_stats()
-                step_module(labels, codes, schedule, codebook, 0).backward()
-            parallel.reduce_gradients(model)
-            optimizer.step()
-            peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
-        n_params = sum(p.numel() for p in model.parameters())
+        # entered with `with`: an exception inside must not leave fake mode on for the process
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+            peak, n_params = _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake)
         # one step (half the time): AdamW's two fp32 states, created by this first step,
         # live through every later step's peak, so they are added to it
         peak += 8 * n_params // world_size
-        fake_mode.__exit__(None, None, None)
     # the fused loss's backward writes grad-logit chunks into a bounded workspace the fakes do not allocate
     kern = ops.backend.load_kernels("cross_entropy")
     itemsize = 2 if precision == "bf16" else 4
@@ -141,6 +114,45 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     return Estimate(peak_gib=(peak + workspace) / GIB, params_gib=4 * n_params / world_size / GIB,
                     optimizer_gib=8 * n_params / world_size / GIB, micro_batch=micro, grad_accum=accum,
                     activation_checkpointing=ac, reshard=reshard)
+
+
+def _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake) -> tuple[int, int]:
+    """(tracked peak bytes, parameter count) of one optimiser step of the sharded `model`,
+    driven as Trainer.train_step drives it."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from . import parallel
+    from .build import build_optimizer
+    model.to_empty(device=device)
+    if not fake:  # real values after to_empty (the meta model's tables hold garbage)
+        with torch.no_grad():
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+    model.set_label_range_check(False)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cuda"))  # fused AdamW, as on the GPU
+    codebook = torch.randn(mcfg.vocab_size, mcfg.code_dim, device=device)
+    labels = torch.zeros(micro, dtype=torch.long, device=device)
+    codes = torch.zeros(micro, L, dtype=torch.long, device=device)
+    # MemTracker refuses a top-level module called twice (SAR calls the root 3x per step):
+    # the step runs inside a wrapper module whose stats are reset before each call
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    step_module = _Step(model, cfg.objective)
+    with tracker:
+        parallel.begin_step(model)
+        for m in range(accum):
+            parallel.set_micro_batch(model, last=m == accum - 1)
+            tracker.reset_mod_stats()
+            step_module(labels, codes, schedule, codebook, 0).backward()
+        parallel.reduce_gradients(model)
+        # read before the optimiser step: fused AdamW updates in place and its states are added
+        # by the caller, while DTensor's dispatch of the fused op on fake tensors allocates fake
+        # copies of parameters, gradients and states (4x the shards on a plain 4-layer FSDP
+        # model), which the GPU never holds: on every step in torch 2.11, on a process's first
+        # in 2.14. Counting them made the estimate depend on the release and on what ran before.
+        peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
+        optimizer.step()
+    return peak, sum(p.numel() for p in model.parameters())
 
 
 class _Step(torch.nn.Module):

@@ -19,9 +19,11 @@ TF, null-class prefix and student, and one backward through two of them):
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +198,7 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
     if reshard == "step":
         for unit in fsdp_units(model):
             unit.set_reshard_after_backward(False, recurse=False)
+        model._sar_reduce_now = reduce_now_works(mesh, mp, info.device)
     return model
 
 
@@ -221,39 +224,136 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
 
 def begin_step(model: nn.Module) -> None:
     """Before a step's first forward. 'step' policy: no unit reduces its gradient in the
-    backward (they accumulate unsharded until `reduce_gradients`)."""
+    backward (they accumulate unsharded until `reduce_gradients`, or, where FSDP's internals
+    failed the start-up probe, until the last micro-batch's backward)."""
     if getattr(model, "_sar_reshard_policy", "pass") == "step":
         for unit in fsdp_units(model):
             unit.set_requires_gradient_sync(False, recurse=False)
 
 
 def set_micro_batch(model: nn.Module, last: bool) -> None:
-    """'pass' policy: gradient sync only in the last micro-batch's backward (FSDP's no_sync)."""
-    if getattr(model, "_sar_reshard_policy", "pass") == "pass":
+    """Gradient sync only in the last micro-batch's backward (FSDP's no_sync): the 'pass'
+    policy, and the 'step' policy's public fallback."""
+    policy = getattr(model, "_sar_reshard_policy", "pass")
+    if policy == "pass" or (policy == "step" and not getattr(model, "_sar_reduce_now", False)):
         model.set_requires_gradient_sync(last)
 
 
 def reduce_gradients(model: nn.Module) -> None:
     """After the step's last backward. 'step' policy: one reduce-scatter (and, under HSDP,
     one all-reduce across replicas) per unit of the gradients accumulated over all passes
-    and micro-batches, then free the gathered weights so the next step gathers the
-    updated ones. FSDP2 has no public call for "reduce now": this drives its parameter
-    groups' own post-backward (the code path of a synced backward) once."""
+    and micro-batches (`_reduce_now`), then free the gathered weights so the next step
+    gathers the updated ones. Under the public fallback the last micro-batch's backward has
+    already reduced (up to once per pass through a unit) and only the weights are freed."""
     if getattr(model, "_sar_reshard_policy", "pass") != "step":
         return
-    units = fsdp_units(model)
-    groups = [g for unit in reversed(units) for g in unit._get_fsdp_state()._fsdp_param_groups]
+    if getattr(model, "_sar_reduce_now", False):
+        _reduce_now(fsdp_units(model))
+    reshard_all(model)
+
+
+def _reduce_now(units: list) -> None:
+    """The one place that drives FSDP2 internals: FSDP2 has no public call for "reduce the
+    accumulated gradients now". Runs each parameter group's post-backward with reduction on
+    (what a synced backward's hook runs), then what FSDP's end-of-backward callback runs.
+    The internals differ by release: one optional `_fsdp_param_group` per state and one
+    `reduce_scatter_state` in torch 2.11; lists of both (`_fsdp_param_groups`,
+    `reduce_scatter_states`) in 2.14. `reduce_now_works` probes it at start-up."""
+    states = [unit._get_fsdp_state() for unit in units]
+    groups = []
+    for state in reversed(states):  # the backward's order: blocks last to first, root last
+        if hasattr(state, "_fsdp_param_groups"):
+            groups += state._fsdp_param_groups
+        elif state._fsdp_param_group is not None:
+            groups.append(state._fsdp_param_group)
     for g in groups:
         g.reduce_grads = g.all_reduce_grads = True  # what set_requires_gradient_sync(True) sets
         g.post_backward()
     for g in groups:
         g.finalize_backward()
-    comm_ctx = units[0]._get_fsdp_state()._comm_ctx
-    for rs_state in comm_ctx.reduce_scatter_states:  # release the reduce-scatter inputs
+    comm_ctx = states[0]._comm_ctx
+    if hasattr(comm_ctx, "reduce_scatter_states"):
+        pending = list(comm_ctx.reduce_scatter_states)
+        comm_ctx.reduce_scatter_states.clear()
+    else:
+        pending = [comm_ctx.reduce_scatter_state] if comm_ctx.reduce_scatter_state is not None else []
+        comm_ctx.reduce_scatter_state = None
+    for rs_state in pending:  # the compute stream may reuse the reduce-scatter inputs only after them
         if rs_state.event is not None:
             torch.accelerator.current_stream().wait_event(rs_state.event)
-    comm_ctx.reduce_scatter_states.clear()
-    reshard_all(model)
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def reduce_now_works(mesh, mp_policy, device: torch.device) -> bool:
+    """Whether the 'step' policy may use `_reduce_now` (probed once per process and kind of
+    group); if not, it falls back to FSDP2's public controls with a warning."""
+    key = (dist.get_backend(), device.type, mesh.ndim, mp_policy.param_dtype)
+    if key not in _PROBED:
+        problem = _probe_reduce_now(mesh, mp_policy, device, check_values=key[0] != "fake")
+        if problem is not None:
+            warnings.warn(f"--reshard step: FSDP2's internals failed the start-up probe on torch "
+                          f"{torch.__version__} ({problem}); falling back to its public gradient sync in "
+                          f"the last micro-batch's backward: the same gradients, but up to one reduce-scatter "
+                          f"per pass through each block instead of one per step", RuntimeWarning, stacklevel=3)
+        _PROBED[key] = problem is None
+    return _PROBED[key]
+
+
+def _probe_reduce_now(mesh, mp_policy, device: torch.device, check_values: bool = True) -> str | None:
+    """Why `_reduce_now` cannot be trusted here, or None. A 2-layer model sharded as the 'step'
+    policy shards it, two steps of (two micro-batches, then one) with two forwards per
+    backward and sync off, each ended by `_reduce_now`: every gradient must equal a plain
+    copy's (all ranks feed the same inputs, so the rank average is that gradient). All ranks
+    reach the same verdict (one all-reduce). A fake process group (the memory estimate)
+    carries no values: there only the control flow runs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")  # explicit: the caller may be inside a torch.device("meta") context
+    plain = nn.Sequential(nn.Linear(8, 8, device=cpu), nn.Linear(8, 4, device=cpu))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, device=cpu))
+    inputs = [torch.randn(3, 8, generator=gen, device=cpu).to(device) for _ in range(3)]
+    plain = plain.to(device)
+    sharded = copy.deepcopy(plain)
+    # inputs cast to the parameters' dtype (the probe's layers do not cast themselves)
+    mp = MixedPrecisionPolicy(param_dtype=mp_policy.param_dtype, reduce_dtype=mp_policy.reduce_dtype)
+    for layer in sharded:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(sharded, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    units = fsdp_units(sharded)
+    tolerance = 1e-5 if mp_policy.param_dtype in (None, torch.float32) else 5e-2
+    problem = None
+    try:
+        for unit in units:
+            unit.set_reshard_after_backward(False, recurse=False)
+        for micro_batches in ((inputs[0], inputs[1]), (inputs[2],)):
+            for unit in units:
+                unit.set_requires_gradient_sync(False, recurse=False)
+            for x in micro_batches:
+                for net in (sharded, plain):
+                    (net(x).float().square().mean() + net(2 * x).float().mean()).backward()
+            _reduce_now(units)
+            for unit in units:
+                unit.reshard()
+            for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+                if p.grad is None:
+                    raise RuntimeError(f"no gradient for {name} after the reduction")
+                got = p.grad.full_tensor().float()
+                if check_values and (got - q.grad).norm() > tolerance * q.grad.norm():
+                    raise RuntimeError(f"{name}: reduced gradient differs from the plain model's")
+            sharded.zero_grad(set_to_none=True)
+            plain.zero_grad(set_to_none=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the internals is the verdict
+        problem = f"{type(e).__name__}: {e}"
+    verdict = torch.tensor([0.0 if problem is None else 1.0], device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if problem is None and check_values and verdict.item() > 0:
+        problem = "the probe failed on another rank"
+    return problem
 
 
 def reshard_all(model: nn.Module) -> None:

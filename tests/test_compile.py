@@ -113,6 +113,12 @@ def test_failures_names_each_violation():
     # sm_100 is held to compiling and fitting, fp32 (IEEE products) to no tensor cores
     assert compile_report.failures([{**base, "arch": 100, "stack": 64, "tensor_cores": "tcgen05"}]) == []
     assert compile_report.failures([{**base, "dtype": "fp32", "tensor_cores": "none"}]) == []
+    # a stack ACCEPTED_STACK allows: only under its Triton release, and only up to its bytes
+    (release, arch, kernel, config), allowed = next(iter(compile_report.ACCEPTED_STACK.items()))
+    accepted = {**base, "arch": arch, "kernel": kernel, "config": config, "stack": allowed}
+    assert compile_report.failures([{**accepted, "triton": f"{release}.0"}]) == []
+    assert len(compile_report.failures([{**accepted, "triton": "9.9.0"}])) == 1
+    assert len(compile_report.failures([{**accepted, "triton": f"{release}.0", "stack": allowed + 8}])) == 1
     # ... unless torch asked for TF32 products
     bad = compile_report.failures([{**base, "dtype": "fp32", "config": "c TF32", "tensor_cores": "none"}])
     assert len(bad) == 1 and bad[0].startswith("tensor cores"), bad

@@ -38,19 +38,24 @@ def test_estimate_follows_batch_ranks_and_checkpointing():
 
 
 def test_estimate_drives_the_reshard_policy_of_the_step():
-    """--reshard step keeps every block's weights and its accumulated gradients unsharded
-    through the step (as the trainer drives it: begin_step / set_micro_batch /
-    reduce_gradients); a model-dominated config shows it: measured 3.2x the full fp32 model
-    above 'pass' (an estimate that ignored the policy gave the same peak for both)."""
-    cfg = parse_config(["--model", "flexvar-tiny", "--depth", "4", "--embed-dim", "256", "--num-heads", "4",
+    """--reshard step keeps every block's weights gathered through the step (as the trainer
+    drives it: begin_step / set_micro_batch / reduce_gradients); 'pass' holds about one
+    block's at a time. A model-dominated config shows it: measured 0.69x the full fp32 model
+    above 'pass' on torch 2.11 and 2.14 alike. The estimate must not depend on what ran
+    before it in the process (fake copies from DTensor's dispatch of the fused AdamW step
+    once made a process's first estimate 1.9x the next on 2.14, and hid the policy on 2.11)."""
+    cfg = parse_config(["--model", "flexvar-tiny", "--depth", "8", "--embed-dim", "512", "--num-heads", "4",
                         "--batch-size", "4", "--schedule", "1,2,3,4", "--objective", "sar", "--sampling", "argmax",
                         "--estimate-memory", "--precision", "fp32"])
-    step = memory.estimate(cfg, world_size=2, grad_accum=1, reshard="step")
     per_pass = memory.estimate(cfg, world_size=2, grad_accum=1, reshard="pass")
+    step = memory.estimate(cfg, world_size=2, grad_accum=1, reshard="step")
+    again = memory.estimate(cfg, world_size=2, grad_accum=1, reshard="pass")
     full_model = step.params_gib * 2  # fp32, 2 shards
     assert (step.reshard, per_pass.reshard) == ("step", "pass")
-    assert step.peak_gib - per_pass.peak_gib >= 1.0 * full_model, (step, per_pass)
-    assert memory.estimate(cfg, world_size=2, grad_accum=1).reshard == cfg.system.reshard == "step"
+    assert again.peak_gib == per_pass.peak_gib, (per_pass, again)
+    assert step.peak_gib - per_pass.peak_gib >= 0.5 * full_model, (step, per_pass)
+    default = memory.estimate(cfg, world_size=2, grad_accum=1)
+    assert cfg.system.reshard == default.reshard == "step" and default.peak_gib == step.peak_gib
 
 
 def test_flexvar_d16_preset_fits_80_gb_on_8_gpus():

@@ -70,8 +70,13 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+# Looked up once: the answer cannot change in a running process, and the ops ask on every call,
+# which torch.compile must trace (dynamo in torch 2.11 refuses to trace importlib.util.find_spec).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
