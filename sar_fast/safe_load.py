@@ -39,7 +39,7 @@ from typing import Any, Iterable
 import torch
 
 __all__ = ["CheckpointError", "InputError", "StandIn", "load_file", "load_bytes", "scan_item", "exit_once",
-           "describe_folder", "inspect_pickle_globals", "restricted_pickle_load"]
+           "describe_folder", "require_nonempty_file", "inspect_pickle_globals", "restricted_pickle_load"]
 
 
 class CheckpointError(ValueError):
@@ -180,14 +180,20 @@ def inspect_pickle_globals(data: bytes | io.BufferedIOBase, path: str = "<bytes>
 def _scan_file(path: str) -> tuple[str, dict[str, type]]:
     """('zip' | 'legacy', the stand-ins its pickles need) or a CheckpointError saying what the
     file is instead, or which global it refuses."""
+    require_nonempty_file(path, "a checkpoint written by torch.save")
+    with open(path, "rb") as f:
+        return _scan_stream(f, path, stand_ins_allowed=True)
+
+
+def require_nonempty_file(path: str, expected: str) -> None:
+    """A CheckpointError saying what `path` is instead (a folder, an empty file), or
+    FileNotFoundError, unless it is a file with content; `expected` names what it should be."""
     if os.path.isdir(path):
         raise CheckpointError(describe_folder(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); expected a checkpoint written by torch.save")
-    with open(path, "rb") as f:
-        return _scan_stream(f, path, stand_ins_allowed=True)
+        raise CheckpointError(f"{path} is empty (0 bytes); expected {expected}")
 
 
 def _scan_stream(f: io.BufferedIOBase, path: str, stand_ins_allowed: bool) -> tuple[str, dict[str, type]]:

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..hub import resolve_weights_path
-from ..safe_load import CheckpointError, describe_folder, load_file
+from ..safe_load import CheckpointError, describe_folder, load_file, require_nonempty_file
 from ..schedules import STANDARD_SCHEDULE, total_length
 from .transformer import ModelConfig, ScaleAR
 
@@ -63,12 +63,7 @@ def read_safetensors(path: str, shapes_only: bool = False) -> dict[str, torch.Te
 
 def _read_safetensors_file(path: str, shapes_only: bool) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
-    if os.path.isdir(path):
-        raise CheckpointError(describe_folder(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); expected a safetensors file")
+    require_nonempty_file(path, "a safetensors file")
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
