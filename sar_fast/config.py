@@ -97,6 +97,9 @@ class SystemConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass "
                                                    "(less memory, more compute)")
     compile: bool = option(False, "torch.compile every block")
+    deterministic: bool = option(False, "bit-identical runs: the fused ops launch their first admitted config "
+                                        "and split by vocabulary size only (no autotuning; also "
+                                        "$SAR_FAST_DETERMINISTIC=1 or torch.use_deterministic_algorithms)")
     reshard: str = option("step", "FSDP communication per optimiser step: 'step' gathers each block once and "
                                   "reduce-scatters its gradient once (weights + fp32 grads unsharded during the "
                                   "step, as DDP); 'pass' reshards after every forward/backward (least memory, "

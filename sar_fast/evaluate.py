@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-class", type=int, default=50, help="images per class (default: %(default)s)")
     g.add_argument("--classes", type=int, default=None, help="use classes 0..C-1 (default: all the model's classes)")
     g.add_argument("--seed", type=int, default=0, help="base seed; image (c, i) is seeded from (seed, c, i)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the fused ops launch their first admitted config (no autotuning): the same images "
+                        "bit for bit on any GPU count (also $SAR_FAST_DETERMINISTIC=1)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (per rank)")
     g.add_argument("--shard-size", type=int, default=500, help="images per shard file (the unit of resuming)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if metric == "digits" and args.vae != EMBEDDED:
         raise SystemExit(f"error: --metric digits needs --vae {EMBEDDED}")
     weights = check_metric_inputs(args, metric)  # before anything slow
+    if args.deterministic:
+        from . import ops
+        ops.set_deterministic(True)
 
     import torch.distributed as dist
 

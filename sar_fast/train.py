@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from . import checkpointing, logs, parallel
+from . import checkpointing, logs, ops, parallel
 from .cli import one_line
 from .build import build_optimizer, build_run_model_rank0, build_tokenizer, param_groups
 from .config import TrainConfig, parse_config
@@ -77,6 +77,8 @@ class Trainer:
         if not dist.is_initialized():  # plain `python -m sar_fast.train`: a 1-rank group
             dist.init_process_group("gloo" if info.device.type == "cpu" else "nccl",
                                     store=dist.HashStore(), rank=0, world_size=1)
+        if cfg.system.deterministic:
+            ops.set_deterministic(True)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         precision = cfg.system.precision

@@ -7,6 +7,7 @@ the GPU-only tests here run in bench/gpu_first.sh's correctness step."""
 from __future__ import annotations
 
 import contextlib
+import os
 import importlib
 
 import pytest
@@ -449,3 +450,46 @@ def test_codebook_gradient_bitwise_repeatable_on_gpu():
             (g,) = torch.autograd.grad((ops.scale_shift(codes, book, schedule) * weights).sum(), book)
         grads.append(g)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_trainer_and_evaluate_flags_turn_deterministic_mode_on(tmp_path, monkeypatch):
+    """--deterministic of `sar_fast.train` and `sar_fast.evaluate` reaches the ops (read
+    where the runs read it: after their start-up, before any op launches)."""
+    import subprocess
+    import sys
+
+    from conftest import PACKAGE_PATH
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PATH, OMP_NUM_THREADS="1")
+    env.pop("SAR_FAST_DETERMINISTIC", None)
+    script = (
+        "import sys, torch.distributed as dist\n"
+        "from sar_fast import ops\n"
+        "from sar_fast.train import Trainer, parse_config\n"
+        "flags = ['--out', sys.argv[1], '--depth', '1', '--embed-dim', '32', '--num-heads', '2',\n"
+        "         '--batch-size', '8', '--workers', '0', '--resume', 'none'] + sys.argv[2:]\n"
+        "Trainer(parse_config(flags))\n"
+        "print('deterministic', ops.is_deterministic())\n"
+        "dist.destroy_process_group()\n")
+    for extra, expected in ([], False), (["--deterministic"], True):
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"run{expected}"), *extra], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"deterministic {expected}" in res.stdout
+    from sar_fast import evaluate, parallel
+    seen = []
+
+    def stop_at_start_up(*args, **kwargs):
+        seen.append(ops.is_deterministic())
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("SAR_FAST_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(evaluate, "check_args", lambda args: None)
+    monkeypatch.setattr(evaluate, "check_metric_inputs", lambda args, metric: None)
+    monkeypatch.setattr(parallel, "init_distributed", stop_at_start_up)
+    try:
+        for extra in ([], ["--deterministic"]):
+            with pytest.raises(KeyboardInterrupt):
+                evaluate.main(["--ckpt", str(tmp_path / "x.pth"), *extra])
+    finally:
+        ops.set_deterministic(None)
+    assert seen == [False, True]
