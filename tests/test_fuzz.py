@@ -403,25 +403,25 @@ def _probe_kernel():
     import triton
     import triton.language as tl
 
-    from sar_fast.kernels.attention import _batch_head
+    from sar_fast.kernels.attention import _tile_batch_head
 
     @triton.jit
     def probe(out_ptr, H, stride_b, stride_h):
-        bh, b, h = _batch_head(H)
+        _, bh, b, h = _tile_batch_head(H)
         tl.store(out_ptr + bh, b * stride_b + h * stride_h)
-    probe.fn.__globals__["_batch_head"] = _batch_head  # jit resolves names in this module
+    probe.fn.__globals__["_tile_batch_head"] = _tile_batch_head  # jit resolves names in this module
     return probe
 
 
 def test_attention_batch_head_offsets_are_64_bit():
-    """_batch_head computes b * stride_b in int64: at d30 sizes a [B, H, L, D] tensor passes
+    """_tile_batch_head computes b * stride_b in int64: at d30 sizes a [B, H, L, D] tensor passes
     2**31 elements and an int32 product wraps. Run the helper itself (the interpreter wraps
     int32 like the GPU does) for a batch stride past 2**31 / B."""
     probe = _probe_kernel()
     B, H = 3, 2
     stride_b, stride_h = 2**30 + 12345, 7  # as a [B, H, L, D] tensor of 2**30 elements per sample
     out = torch.zeros(B * H, dtype=torch.int64, device=TRITON_DEVICE)
-    probe[(1, B * H)](out, H, stride_b, stride_h)
+    probe[(B * H, 1)](out, H, stride_b, stride_h)  # B*H on grid axis 0, as the kernels launch
     want = [(i // H) * stride_b + (i % H) * stride_h for i in range(B * H)]
     assert out.cpu().tolist() == want
     assert max(want) > 2**31  # the case that wraps in int32
