@@ -115,16 +115,27 @@ def _jit_functions() -> list:
 
 
 def _kernel_jit_functions() -> list:
-    """The JITFunctions of the imported sar_fast.kernels modules; autotuned and heuristic
-    kernels wrap theirs (`.fn`, possibly several layers deep)."""
+    """The JITFunctions of every sar_fast.kernels module (imported here if need be); tuned,
+    autotuned and heuristic kernels wrap theirs (`.autotuner`, `.fn`, several layers deep)."""
+    import importlib
+    import pkgutil
+
     from triton.runtime.jit import JITFunction
+
+    import sar_fast.kernels as package
+    from sar_fast.kernels._tuning import TunedKernel
+    for info in pkgutil.iter_modules(package.__path__):  # a worker may not have imported them all yet
+        importlib.import_module(f"{package.__name__}.{info.name}")
     found = {}
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "sar_fast.kernels" or name.startswith("sar_fast.kernels.")):
             continue
         for value in vars(module).values():
-            while not isinstance(value, JITFunction) and hasattr(value, "fn") and value is not value.fn:
-                value = value.fn
+            while not isinstance(value, JITFunction):  # TunedKernel -> Autotuner -> Heuristics -> JITFunction
+                inner = value.autotuner if isinstance(value, TunedKernel) else getattr(value, "fn", None)
+                if inner is None or inner is value:
+                    break
+                value = inner
             if isinstance(value, JITFunction):
                 found[_jit_name(value)] = value
     return list(found.values())

@@ -134,3 +134,19 @@ ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 380 bytes c
                        shared=4096)
     bad = compile_report.failures([], {"ok": True, "error": "", "rows": [row]})
     assert len(bad) == 1 and "quantiser spill" in bad[0]
+
+
+def test_kernel_lookup_without_triton_registry_finds_every_kernel_in_a_fresh_process():
+    """triton 3.6 has no JIT-function registry: the report then collects the kernels from
+    sar_fast.kernels, and a fresh worker process may not have imported every module yet."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import compile_report as cr; "
+            "print(sorted(n.split(':')[1] for n in map(cr._jit_name, cr._kernel_jit_functions())))")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "bench")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = set(eval(res.stdout.strip().splitlines()[-1]))  # a printed list of str
+    for kernel in ("_fwd_kernel", "_grad_logits_kernel", "_kl_forward_kernel"):
+        assert kernel in names, (kernel, sorted(names))
