@@ -175,13 +175,12 @@ def _first_line(e: BaseException) -> str:
 def _checkpoint_error(e: BaseException, path: str) -> CheckpointError:
     """One CheckpointError from what DCP raised: its CheckpointException wraps each failing
     rank's exception (ours, naming the item, when it is a refusal)."""
-    failures = getattr(e, "failures", None) or {}
-    for _rank, (exc, _trace) in sorted(failures.items()):
-        if isinstance(exc, CheckpointError):
-            return exc
-    for _rank, (exc, _trace) in sorted(failures.items()):
-        return CheckpointError(f"{path}: not a readable sar_fast checkpoint: {type(exc).__name__}: {_first_line(exc)}")
-    return CheckpointError(f"{path}: not a readable sar_fast checkpoint: {type(e).__name__}: {_first_line(e)}")
+    failed = [exc for _rank, (exc, _trace) in sorted((getattr(e, "failures", None) or {}).items())]
+    refusal = next((exc for exc in failed if isinstance(exc, CheckpointError)), None)
+    if refusal is not None:
+        return refusal
+    cause = failed[0] if failed else e
+    return CheckpointError(f"{path}: not a readable sar_fast checkpoint: {type(cause).__name__}: {_first_line(cause)}")
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
@@ -311,7 +310,8 @@ def load_checkpoint(path: str, model, optimizer, info) -> dict:
         rng_path = os.path.join(path, "rng", f"rank{info.rank}.pt")
         if os.path.isfile(rng_path):  # absent when resuming with a different number of ranks
             rng = load_file(rng_path)
-        _SafeFileSystemReader(path).read_metadata()  # a crafted index fails here, on every rank alike
+        reader = _SafeFileSystemReader(path)
+        reader.read_metadata()  # a crafted index fails here, on every rank alike
     except (CheckpointError, OSError) as e:
         error = str(e)
     errors = [e for e in parallel.all_gather_object(error) if e is not None]
@@ -320,7 +320,7 @@ def load_checkpoint(path: str, model, optimizer, info) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, storage_reader=_SafeFileSystemReader(path), planner=_SafeLoadPlanner(path))
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(path))
     except CheckpointException as e:  # every rank gets every rank's failures
         raise _checkpoint_error(e, path) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
