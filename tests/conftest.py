@@ -5,13 +5,12 @@
 sar_fast/ is imported; from any other directory the installed package is. Either way
 sar_fast.kernels must come from the same tree as sar_fast (the install maps the top-level
 kernels/ there); a checkout whose kernels resolve elsewhere (another checkout's editable
-install, or none) gets its own kernels/ bound here, and the header says which tree is tested.
+install, or none) gets its own kernels/ bound by sar_fast itself, and the header says which
+tree is tested.
 """
 import importlib
-import importlib.abc
 import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -56,22 +55,11 @@ _checkout_kernels = os.path.join(PACKAGE_PATH, "kernels")
 _expected_kernels = [os.path.join(_sar_fast_dir, "kernels"), _checkout_kernels]
 
 
-class _CheckoutKernels(importlib.abc.MetaPathFinder):
-    """Maps sar_fast.kernels to this checkout's kernels/ (what an editable install of it does)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname == "sar_fast.kernels":
-            return importlib.util.spec_from_file_location(
-                fullname, os.path.join(_checkout_kernels, "__init__.py"),
-                submodule_search_locations=[_checkout_kernels])
-        return None
-
-
+# sar_fast binds a bare checkout's kernels/ itself (sar_fast/__init__.py), ahead of another
+# tree's editable install: kernels and package must come from the same tree
 if _package_dir("sar_fast.kernels") not in _expected_kernels:
-    if not os.path.isfile(os.path.join(_checkout_kernels, "__init__.py")):
-        raise ImportError(f"sar_fast from {_sar_fast_dir} has no matching sar_fast.kernels "
-                          f"(found {_package_dir('sar_fast.kernels')}); reinstall sar_fast")
-    sys.meta_path.insert(0, _CheckoutKernels())
+    raise ImportError(f"sar_fast from {_sar_fast_dir} has no matching sar_fast.kernels "
+                      f"(found {_package_dir('sar_fast.kernels')}); reinstall sar_fast")
 assert _package_dir("sar_fast.kernels") in _expected_kernels
 
 
