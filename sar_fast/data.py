@@ -9,7 +9,6 @@ on the sampler at the start of every epoch.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -282,11 +281,8 @@ class EmbeddedDigitsDataset(Dataset):
 
 # ---------------------------------------------------------------------- code cache
 def file_sha256(path: str, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .models.checkpoint import files_sha256
+    return files_sha256([path], block)
 
 
 def read_cache_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:

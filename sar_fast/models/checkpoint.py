@@ -388,7 +388,6 @@ def write_pth(obj: Any, path: str) -> None:
 def weights_sha256(spec: str | os.PathLike, block: int = 1 << 20) -> str:
     """sha256 of a weights file (an hf:// id resolved); of a sharded index, over the index and
     every shard it names, in name order: what identifies the weights."""
-    import hashlib
     path = resolve_weights_path(spec)
     files = [path]
     if path.endswith(".index.json"):
@@ -396,6 +395,12 @@ def weights_sha256(spec: str | os.PathLike, block: int = 1 << 20) -> str:
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         files += [os.path.join(os.path.dirname(path), s) for s in shards]
+    return files_sha256(files, block)
+
+
+def files_sha256(files: Sequence[str], block: int = 1 << 20) -> str:
+    """sha256 over the bytes of `files`, one after the other, read in blocks."""
+    import hashlib
     digest = hashlib.sha256()
     for name in files:
         with open(name, "rb") as f:
