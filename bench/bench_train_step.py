@@ -17,8 +17,8 @@ model-shaped matmul reaches here, plus bytes at the rate a large copy reaches he
 measured at start-up). A phase whose measured/predicted ratio stands out costs more than
 its work. Each objective also gets one accounted step: its peak memory (allocated and
 reserved, CUDA; "n/a" on the CPU) and its model FLOPs counted by the trainer's own FLOP
-model (sar_fast.logs.PassFlops: the passes the step really ran), which give tokens/s and MFU
-against the GPU's dense bf16 peak (logs.peak_flops; null on the CPU or an unknown GPU).
+model (sar_fast.train.flops.PassFlops: the passes the step really ran), which give tokens/s and MFU
+against the GPU's dense bf16 peak (flops.peak_flops; null on the CPU or an unknown GPU).
 Writes DIR/bench_train_step.json, an objective at a time as each is measured.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import JsonReport, add_smoke_flag, median_ms, time_ms  # noqa: E402
-from sar_fast import logs  # noqa: E402
+from sar_fast.train import flops  # noqa: E402
 from sar_fast.models import build_model  # noqa: E402
 from sar_fast.sar import OFFICIAL, SARConfig, _needed_scales, sar_step  # noqa: E402
 from sar_fast.schedules import STANDARD_SCHEDULE, scale_offsets, total_length  # noqa: E402
@@ -201,7 +201,7 @@ def main() -> None:
 
     gemm_rate, byte_rate = calibrate(device, amp or torch.float32, batch * L, mc.embed_dim)
     params = sum(p.numel() for p in model.parameters())
-    peak = logs.peak_flops(device)
+    peak = flops.peak_flops(device)
     report = JsonReport(
         os.path.join(args.out, "bench_train_step.json"),
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
@@ -209,7 +209,7 @@ def main() -> None:
         tokens_per_image=L, repeats=repeats, gemm_flop_s=gemm_rate, copy_byte_s=byte_rate, peak_flop_s=peak,
         cases={})
     results = report.doc
-    pass_flops = logs.PassFlops(model.blocks[0], model.config)
+    pass_flops = flops.PassFlops(model.blocks[0], model.config)
     for name in names:
         med = statistics.median(times[name])
         pred = predict(cfgs[name], mc, batch, schedule, params, 2 if amp else 4)
@@ -224,7 +224,7 @@ def main() -> None:
     report.close()
 
 
-def accounted_step(run_step, device: torch.device, pass_flops: logs.PassFlops, step_s: float,
+def accounted_step(run_step, device: torch.device, pass_flops: flops.PassFlops, step_s: float,
                    peak: float | None) -> dict:
     """One more step: its peak memory (GiB; "n/a" off CUDA) and model FLOPs (PassFlops: the
     passes it ran), and the MFU those FLOPs make at the measured step time."""

@@ -17,7 +17,7 @@
 #   bench_train_step.json   step 2;  bench_attention.json: step 3;  bench_cross_entropy.json: step 4
 #   trainer_metrics.jsonl   step 5 (the trainer's metrics.jsonl);  bench_quantize.json: step 6
 #
-# Budget on one H200 (16 cores), estimated from the FLOP/byte model (sar_fast/logs.py,
+# Budget on one H200 (16 cores), estimated from the FLOP/byte model (sar_fast/train/flops.py,
 # bench/bench_train_step.py) and compile counts; compiles dominate, the measured work is
 # seconds. Triton's on-disk cache carries compiled kernels from step 1 to steps 2-4.
 #   step                          timeout  estimate  why

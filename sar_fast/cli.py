@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable
+
+import torch
 
 from .hub import HubError, resolve_weights_path
 from .safe_load import CheckpointError, InputError, describe_folder
@@ -71,3 +74,53 @@ def require_weights_file(flag: str, spec: str, alternatives: str = "") -> str:
     if not os.path.isfile(path):
         raise InputError(f"error: {flag} {spec}: no such file" + (f" (or pass {alternatives})" if alternatives else ""))
     return path
+
+
+class Progress:
+    """A progress bar on stderr (the trainer's steps, the cache's images): tqdm when
+    installed, else a line with count, rate and ETA every few seconds and at the end."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "it"):
+        self.enabled, self.total, self.n, self.desc, self.unit = enabled, total, initial, desc, unit
+        self._bar, self._last, self._n0, self._t0 = None, 0.0, initial, time.monotonic()
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                                 file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.update(n)
+        elif now - self._last >= 5.0 or self.n >= self.total:
+            self._last = now
+            rate = (self.n - self._n0) / max(now - self._t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s {text}"
+                  .rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """What a --device flag names: 'auto' (or None) is CUDA when available, else the CPU;
+    a CUDA device must exist."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RuntimeError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was requested but no CUDA device is available")
+    return dev

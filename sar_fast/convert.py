@@ -30,8 +30,13 @@ import torch
 
 from .cli import InputError, require_weights_file, run_main
 from .hub import is_hub_id
-from .models.checkpoint import (find_model_mapping, is_safetensors_path, read_checkpoint_file, write_pth,
-                                write_safetensors)
+from .models.checkpoint import (
+    find_model_mapping,
+    is_safetensors_path,
+    read_checkpoint_file,
+    write_pth,
+    write_safetensors,
+)
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 

@@ -39,11 +39,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from . import __version__, logs
-from .embedded import DIGITS_SCHEDULE, EMBEDDED
+from . import __version__
+from .data.digits import DIGITS_SCHEDULE
 from .models.generate import generate
+from .models.tokenizers.grey import EMBEDDED
 from .sampling import CFG_RAMPS
 from .schedules import parse_schedule
+from . import files
 
 FLEXVAR_EVAL_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SAR_CFG_BY_DEPTH = {16: 2.2, 20: 2.6, 24: 3.3}
@@ -296,12 +298,11 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     import torch.distributed as dist
 
-    from .models import load_checkpoint
-    from .parallel import init_distributed, shutdown
-    from .build import build_tokenizer, check_model_fits_tokenizer
-
     from .hub import is_hub_id, parse_hub_id
+    from .models import load_checkpoint
     from .models.checkpoint import weights_sha256
+    from .models.tokenizers import build_tokenizer, check_model_fits_tokenizer
+    from .train.parallel import init_distributed, shutdown
     out = args.out or (f"eval-{os.path.basename(parse_hub_id(args.ckpt).filename)}" if is_hub_id(args.ckpt)
                        else os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval"))
     info = init_distributed(args.device)
@@ -413,7 +414,7 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
     metric_s = time.time() - t0
 
     grid = torch.from_numpy(images[pick_grid(labels, settings.num_classes)]).permute(0, 3, 1, 2).float() / 255
-    logs.write_png(os.path.join(out, "grid.png"), logs.image_grid(grid, nrow=min(8, settings.per_class)))
+    files.write_png(os.path.join(out, "grid.png"), files.image_grid(grid, nrow=min(8, settings.per_class)))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     summary = (f"{os.path.basename(args.ckpt)} [{settings.preset}: cfg {settings.cfg} {settings.cfg_ramp} top-k "
                f"{settings.top_k} top-p {settings.top_p}] {total} images: {shown or 'no metric'}")

@@ -11,15 +11,14 @@ import sys
 import numpy as np
 import torch
 
-from . import logs
-from .build import build_tokenizer, check_model_fits_tokenizer
-from .cli import require_weights_file, run_main
-from .embedded import EMBEDDED
+from .cli import require_weights_file, resolve_device, run_main
 from .models import load_checkpoint
 from .models.generate import generate
-from .parallel import resolve_device
+from .models.tokenizers import build_tokenizer, check_model_fits_tokenizer
+from .models.tokenizers.grey import EMBEDDED
 from .sampling import CFG_RAMPS
 from .schedules import parse_schedule
+from . import files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         images.append(out.images.float().cpu())
         print(f"[sample] {min(start + args.batch_size, len(labels))}/{len(labels)}", file=sys.stderr, flush=True)
     images = torch.cat(images)
-    logs.write_png(args.out, logs.image_grid(images, nrow=args.nrow))
+    files.write_png(args.out, files.image_grid(images, nrow=args.nrow))
     if args.npz:
         arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
         np.savez(args.npz, arr_0=arr)

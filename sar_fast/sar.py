@@ -55,7 +55,7 @@ SCALE_WEIGHTINGS = ("token", "scale")
 
 @dataclass
 class SARConfig:
-    """One step's objective. The metadata is the trainer's command line (sar_fast.config
+    """One step's objective. The metadata is the trainer's command line (sar_fast.train.config
     makes a flag of every field but `seed`, which comes from the run's --seed)."""
     objective: str = field(default="sar", metadata={"choices": OBJECTIVES, "help": (
         "tf: teacher forcing; sar: TF + SSR + CSFL; official: the public SAR step as written (slower, same "

@@ -10,7 +10,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sar_fast import checkpointing, parallel, train
+from sar_fast.train import checkpointing, parallel
+from sar_fast.train import trainer as train
 
 
 def main():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sar_fast import cache
-from sar_fast.data import CodeDataset, DataError, ImageFolderDataset, check_code_cache
+from sar_fast.data.codes import CodeDataset, check_code_cache
+from sar_fast.data.images import DataError, ImageFolderDataset
 from sar_fast.train import parse_config
 
 pytest.importorskip("PIL")

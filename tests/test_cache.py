@@ -8,8 +8,10 @@ import torch
 from conftest import need_module
 
 from sar_fast import cache
-from sar_fast.data import CodeDataset, EmbeddedDigitsDataset, ImageFolderDataset, file_sha256, read_cache_manifest
-from sar_fast.embedded import GreyLevelTokenizer
+from sar_fast.data.codes import CodeDataset, file_sha256, read_cache_manifest
+from sar_fast.data.digits import EmbeddedDigitsDataset
+from sar_fast.data.images import ImageFolderDataset
+from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
 
 need_module("PIL")
 from PIL import Image  # noqa: E402

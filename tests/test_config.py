@@ -1,11 +1,11 @@
-"""The trainer's configuration (sar_fast.config): the command line is generated from the
+"""The trainer's configuration (sar_fast.train.config): the command line is generated from the
 dataclasses, presets are data checked against them, the objective is SARConfig itself."""
 import argparse
 import dataclasses
 
 import pytest
 
-from sar_fast import config
+from sar_fast.train import config
 from sar_fast.sar import SARConfig
 from sar_fast.train import parse_config
 
@@ -103,10 +103,10 @@ def test_to_dict_is_json_ready_and_nested():
 
 
 def test_device_flags_mean_the_same_everywhere():
-    """--device of train, sample and cache all go through parallel.resolve_device."""
+    """--device of train, sample and cache all go through cli.resolve_device."""
     import torch
 
-    from sar_fast.parallel import resolve_device
+    from sar_fast.cli import resolve_device
     assert resolve_device("cpu") == torch.device("cpu")
     expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("auto") == resolve_device(None) == expected

@@ -10,9 +10,12 @@ from torch.utils.data import DataLoader
 
 from conftest import need_module
 
-from sar_fast.data import (EmbeddedDigitsDataset, ImageFolderDataset, ResumableDistributedSampler, collate,
-                           scan_image_folder, schedule_token_index)
-from sar_fast.embedded import DIGITS_SCHEDULE, GreyLevelTokenizer, digits_to_images, load_digits_dataset
+from sar_fast.data.digits import EmbeddedDigitsDataset
+from sar_fast.data.images import ImageFolderDataset, scan_image_folder
+from sar_fast.data.loader import ResumableDistributedSampler, collate
+from sar_fast.data.codes import schedule_token_index
+from sar_fast.data.digits import DIGITS_SCHEDULE, digits_to_images, load_digits_dataset
+from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
 from sar_fast.schedules import scale_offsets
 
 PIL = need_module("PIL")

@@ -60,7 +60,8 @@ DRIVER = r"""
 import io, json, os, runpy, sys, tempfile, traceback
 import importlib
 import torch  # imported once, before the forks, with what the entry points share (not the entry points
-for name in ("sar_fast.config", "sar_fast.data", "sar_fast.build", "sar_fast.parallel", "sar_fast.models"):
+for name in ("sar_fast.train.config", "sar_fast.data.loader", "sar_fast.train.build", "sar_fast.train.parallel",
+             "sar_fast.models"):
     importlib.import_module(name)  # themselves: runpy runs those fresh, as -m does)
 cases = json.loads(sys.argv[1])
 results = []

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sar_fast import evaluate
-from sar_fast.sampler import generate, sample_top_k_top_p
+from sar_fast.models.generate import generate
+from sar_fast.sampling import sample_top_k_top_p
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +73,7 @@ def test_inverse_cdf_draw_matches_a_plain_loop_and_respects_top_k():
 
 
 def test_generate_with_uniforms_depends_on_the_row_only(tiny_ckpt):
-    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
     from sar_fast.models import load_checkpoint
     model, tok = load_checkpoint(tiny_ckpt).eval(), GreyLevelTokenizer()
     labels = torch.tensor([3, 1, 4, 1, 5])
@@ -179,13 +180,13 @@ def test_missing_inception_weights_fail_before_sampling(tiny_ckpt, tmp_path, mon
 
 
 def test_inception_metric_through_the_cli(tiny_ckpt, tmp_path):
-    from sar_fast import logs
+    from sar_fast import files
     pytest.importorskip("torch_fidelity")
     weights = _random_inception_file(tmp_path)
     folder = tmp_path / "real"
     folder.mkdir()
     for i, img in enumerate(np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)):
-        logs.write_png(str(folder / f"{i}.png"), img)
+        files.write_png(str(folder / f"{i}.png"), img)
     record = evaluate.main(["--ckpt", tiny_ckpt, "--out", str(tmp_path / "o"), "--device", "cpu", "--classes", "2",
                             "--per-class", "2", "--metric", "inception", "--reference", str(folder),
                             "--inception", weights])

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from sar_fast import parallel
+from sar_fast.train import parallel
 
 
 @pytest.fixture

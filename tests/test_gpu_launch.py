@@ -475,7 +475,8 @@ def test_trainer_and_evaluate_flags_turn_deterministic_mode_on(tmp_path, monkeyp
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"deterministic {expected}" in res.stdout
-    from sar_fast import evaluate, parallel
+    from sar_fast import evaluate
+    from sar_fast.train import parallel
     seen = []
 
     def stop_at_start_up(*args, **kwargs):

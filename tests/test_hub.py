@@ -137,7 +137,7 @@ def test_parse_hub_id():
 def test_flags_take_hub_ids(hub_cache, tmp_path):
     """--init passes config validation (no 'no such file'), convert reads an id, and an id
     missing from the offline cache is one line naming it, exit 2."""
-    from sar_fast.config import parse_config
+    from sar_fast.train.config import parse_config
     sd = _golden("var")["state_dict"]
     put(hub_cache, "FoundationVision/var", COMMIT_MAIN, "var_d16.safetensors", _safetensors_bytes(tmp_path, sd))
     cfg = parse_config(["--init", "hf://FoundationVision/var/var_d16.safetensors", "--out", str(tmp_path / "run")])
@@ -159,7 +159,7 @@ def test_flags_take_hub_ids(hub_cache, tmp_path):
 def test_torchrun_two_ranks_init_from_a_hub_id(hub_cache, tmp_path):
     """Each rank resolves the id to the same cached file before any process group; rank 0
     reads the weights and broadcasts them: a step at lr 0 exports them unchanged."""
-    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
     from sar_fast.models import build_model, save_export
     tok = GreyLevelTokenizer()
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ presets' choice of micro-batches / activation checkpointing."""
 import pytest
 import torch.distributed as dist
 
-from sar_fast import memory
-from sar_fast.config import PRESETS, parse_config, resolve
+from sar_fast.train import memory
+from sar_fast.train.config import PRESETS, parse_config, resolve
 
 SMALL = ["--model", "flexvar-tiny", "--depth", "2", "--embed-dim", "64", "--num-heads", "4", "--batch-size", "8",
          "--schedule", "1,2,3,4", "--objective", "sar", "--sampling", "argmax", "--estimate-memory",

@@ -58,7 +58,7 @@ def test_frechet_rejects_bad_shapes():
 
 
 def test_digits_metric_ranks_real_digits_above_noise_and_shuffled_labels():
-    from sar_fast.embedded import load_digits_dataset
+    from sar_fast.data.digits import load_digits_dataset
     from sar_fast.metrics.digits import digits_metrics
     grey, labels = load_digits_dataset("train")
     real, y = grey[:400].float() / 16, labels[:400]
@@ -98,7 +98,7 @@ def random_inception(tmp_path_factory):
 
 def test_inception_metrics_end_to_end_with_random_weights(random_inception, tmp_path):
     # few images: each costs a 299x299 Inception pass on the CPU
-    from sar_fast import logs
+    from sar_fast import files
     from sar_fast.metrics.inception import InceptionMetrics
     rng = np.random.default_rng(0)
     gen = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
@@ -106,7 +106,7 @@ def test_inception_metrics_end_to_end_with_random_weights(random_inception, tmp_
     folder = tmp_path / "real"
     folder.mkdir()
     for i, img in enumerate(real):
-        logs.write_png(str(folder / f"{i:03d}.png"), img)
+        files.write_png(str(folder / f"{i:03d}.png"), img)
     metrics = InceptionMetrics(random_inception, "cpu", batch_size=6, cache_dir=str(tmp_path / "cache"))
     seen = []
     extract = metrics.features

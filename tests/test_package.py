@@ -3,7 +3,6 @@ imports alike), read from the source with `ast` so that nothing is imported to c
 import ast
 import os
 
-import pytest
 
 from conftest import ROOT
 
@@ -115,14 +114,42 @@ def test_sampling_helpers_are_a_leaf():
     assert graph["sar_fast.sampling"] == set()
 
 
-# programs built on the trainer (they run Trainer in-process); nothing imports them in turn
-PROGRAMS_ON_THE_TRAINER = {"sar_fast.study"}
+# The layers, lowest first: a module may import its own layer and those below it, never one
+# above. The library is what other VAR projects use; data and metrics serve the trainer and
+# the applications; the applications are entry modules that nothing imports.
+LIBRARY = ("sar_fast", "sar_fast.ops", "sar_fast.models", "sar_fast.patch", "sar_fast.kernels", "sar_fast.sar",
+           "sar_fast.schedules", "sar_fast.sampling", "sar_fast.rng", "sar_fast.nn", "sar_fast.safe_load",
+           "sar_fast.hub", "sar_fast.cli", "sar_fast.files", "sar_fast._C_loader")
+APPLICATIONS = ("sar_fast.evaluate", "sar_fast.sample", "sar_fast.cache", "sar_fast.memory", "sar_fast.study",
+                "sar_fast.convert")
+LAYERS = [LIBRARY, ("sar_fast.data",), ("sar_fast.metrics",), ("sar_fast.train",), APPLICATIONS]
 
 
-@pytest.mark.parametrize("module", ["sar_fast.sampler", "sar_fast.train", "sar_fast.study"])
-def test_nothing_inside_imports_the_entry_points(module):
-    """sampler.py is the old public name of the sampling API and train.py the program: no
-    package module depends on either, except the programs that drive the trainer."""
-    graph = import_graph(_modules(ROOT))
-    allowed = PROGRAMS_ON_THE_TRAINER if module == "sar_fast.train" else set()
-    assert not [m for m, targets in graph.items() if module in targets and m not in allowed]
+def layer_of(module: str) -> int:
+    """The layer of a module: that of the longest listed prefix naming it or a package above it."""
+    best, depth = None, -1
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and prefix.count(".") > depth:
+                best, depth = i, prefix.count(".")
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of a higher layer, and of an application from outside it."""
+    top = len(LAYERS) - 1
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                  if layer_of(t) > layer_of(m)
+                  or (layer_of(t) == top and t.split(".")[:2] != m.split(".")[:2]))
+
+
+def test_layers():
+    found = upward_imports(import_graph(_modules(ROOT)))
+    assert not found, "imports from a higher layer or of an application:\n" + "\n".join(found)
+
+
+def test_layers_check_can_fail():
+    assert upward_imports({"sar_fast.ops.attention": {"sar_fast.train.parallel"}})
+    assert upward_imports({"sar_fast.study.runner": {"sar_fast.evaluate"}})
+    assert not upward_imports({"sar_fast.study.runner": {"sar_fast.study.design", "sar_fast.train"}})

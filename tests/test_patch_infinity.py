@@ -179,7 +179,7 @@ def test_width_not_a_multiple_of_128_keeps_the_bias_but_patches_attention():
 def test_flash_attn_shim_imports_and_matches_per_sequence_sdpa(monkeypatch):
     import sys
 
-    from sar_fast.patch_infinity import install_flash_attn_shim
+    from sar_fast.patch.infinity import install_flash_attn_shim
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     try:
         import flash_attn  # noqa: F401

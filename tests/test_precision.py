@@ -97,7 +97,7 @@ def test_fsdp_bf16_policy_keeps_fp32_residual_and_matches_autocast(one_rank_grou
     """The trainer's FSDP2 bf16 policy against the fp32 model and against the fp32 model
     under autocast (the original code): block inputs fp32, head + loss operands bf16, and
     the loss / gradients no further from fp32 than autocast's."""
-    from sar_fast.parallel import DistInfo, shard_model
+    from sar_fast.train.parallel import DistInfo, shard_model
 
     labels, x, target = _batch()
     with ops.use_backend("reference"):

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 
-from sar_fast import checkpointing
+from sar_fast.train import checkpointing
 from sar_fast.models import CheckpointError, load_checkpoint, load_tokenizer, read_checkpoint_file
 from sar_fast.models.tokenizers import read_state_dict
 from sar_fast.safe_load import StandIn, inspect_pickle_globals, load_file, restricted_pickle_load

@@ -213,7 +213,7 @@ def test_convert_refuses_what_it_cannot_do(tmp_path):
 
 # ------------------------------------------------------------------ training and sampling: same results
 def _digits_model(path):
-    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
     from sar_fast.models import build_model
     tok = GreyLevelTokenizer()
     torch.manual_seed(0)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from sar_fast.models import build_model
-from sar_fast.sampler import guidance_weight, generate, sample_top_k_top_p
+from sar_fast.models.generate import generate
+from sar_fast.sampling import guidance_weight, sample_top_k_top_p
 
 
 def _random_model(arch, **kw):
@@ -93,7 +94,7 @@ def test_bad_sampler_input():
 def test_sample_cli_writes_png_and_npz(tmp_path):
     import numpy as np
 
-    from sar_fast.embedded import GreyLevelTokenizer
+    from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
     from sar_fast.models import save_export
     from sar_fast.sample import main
     tok = GreyLevelTokenizer()

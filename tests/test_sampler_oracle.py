@@ -6,7 +6,8 @@ import torch
 
 import oracles
 from sar_fast.models import build_model
-from sar_fast.sampler import CFG_RAMPS, generate, guidance_weight, sample_top_k_top_p
+from sar_fast.models.generate import generate
+from sar_fast.sampling import CFG_RAMPS, guidance_weight, sample_top_k_top_p
 
 
 # test_sampler.py builds its models the same way at a fixed schedule; this one takes the

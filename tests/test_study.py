@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, need_module
-from sar_fast import study
+from sar_fast.study import design, report, runner
 
 METRIC_KEYS = ("frechet", "accuracy", "nll", "gap_sample", "gap_argmax")
 
@@ -40,12 +40,12 @@ def test_verdicts_follow_the_intervals():
     shift = {"sf_full": +1.0, "sf_alternate": -1.0, "sf_interleave": 0.0, "sar_published": -0.5,
              "sar_all_cfg_g0.1": -1.0, "sar_all_cfg_g1": +0.5, "sar_all_argmax_g0.1": 0.0, "sar_all_sample_g0.1": -2.0}
     results = _results(shift, gap_shift={"sar_published": 0.0, "sar_all_cfg_g0.1": -0.05})
-    rows = study.summarize(results)
-    claims = study.verdicts(rows, results=results)
+    rows = report.summarize(results)
+    claims = report.verdicts(rows, results=results)
     assert _verdict(claims, "naive", "sf_full") == "reproduced"
     assert _verdict(claims, "naive", "sf_alternate") == "contradicted"
     assert _verdict(claims, "naive", "sf_interleave") == "not resolved at this scale"
-    assert study.best_sar_all(rows) == "sar_all_cfg_g0.1"
+    assert report.best_sar_all(rows) == "sar_all_cfg_g0.1"
     assert _verdict(claims, "SAR improves", "sar_published") == "reproduced"
     # cfg beats argmax but loses to sample at the best gamma: contradicted
     assert _verdict(claims, "CFG sampling", "sar_all_cfg_g0.1") == "contradicted"
@@ -57,11 +57,11 @@ def test_verdicts_follow_the_intervals():
 
 def test_no_verdict_below_five_seeds_or_without_a_gain():
     results = _results({"sf_full": +1.0, "sar_published": +1.0}, seeds=4)
-    claims = study.verdicts(study.summarize(results), results=results)
+    claims = report.verdicts(report.summarize(results), results=results)
     assert _verdict(claims, "naive", "sf_full") == "not resolved (fewer than 5 seeds)"
     assert _verdict(claims, "the gain", "sar_published") == "not resolved (fewer than 5 seeds)"
     results = _results({"sar_published": +1.0})
-    claims = study.verdicts(study.summarize(results), results=results)
+    claims = report.verdicts(report.summarize(results), results=results)
     assert _verdict(claims, "SAR improves", "sar_published") == "contradicted"
     assert _verdict(claims, "the gain", "sar_published").startswith("not resolved")
 
@@ -78,7 +78,7 @@ def test_quick_study_pipeline_and_resume(tmp_path):
     out = tmp_path / "study"
     proc = _run(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    arms = list(study.arms())
+    arms = list(design.arms())
     assert len(arms) == 15
     summary = json.loads((out / "study.json").read_text())
     assert list(summary["arms"]) == arms
@@ -99,7 +99,7 @@ def test_quick_study_pipeline_and_resume(tmp_path):
     assert (out / "study.png").stat().st_size > 0
     assert len(list((out / "results").glob("*.json"))) == 30
     first = json.loads((out / "results" / "sf_full__seed2.json").read_text())
-    assert first["steps"] == study.QUICK.arm_steps and first["objective"]["objective"] == "sf_full"
+    assert first["steps"] == design.QUICK.arm_steps and first["objective"]["objective"] == "sf_full"
     # resume: a rerun trains only what is missing
     os.remove(out / "results" / "sf_full__seed2.json")
     proc = _run(out)
@@ -111,6 +111,6 @@ def test_quick_study_pipeline_and_resume(tmp_path):
 
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
-        study.main(["--out", str(tmp_path), "--arms", "tf,sar_magic"])
+        runner.main(["--out", str(tmp_path), "--arms", "tf,sar_magic"])
     with pytest.raises(SystemExit, match="--seeds"):
-        study.main(["--out", str(tmp_path), "--seeds", "1"])
+        runner.main(["--out", str(tmp_path), "--seeds", "1"])

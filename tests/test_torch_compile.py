@@ -7,7 +7,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from sar_fast import ops, parallel
+from sar_fast import ops
+from sar_fast.train import parallel
 from sar_fast.models import ScaleAR, preset_config
 from sar_fast.sar import SARConfig, sar_step
 

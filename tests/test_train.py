@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import PACKAGE_PATH
-from sar_fast.checkpointing import list_checkpoints, resolve_resume
+from sar_fast.train.checkpointing import list_checkpoints, resolve_resume
 from sar_fast.models import load_checkpoint
 from sar_fast.train import parse_config
 
@@ -259,7 +259,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_batches_are_range_checked_on_the_host():
-    from sar_fast.data import check_batch_ranges
+    from sar_fast.data.loader import check_batch_ranges
     check_batch_ranges(torch.tensor([0, 9]), torch.tensor([[0, 16]]), 10, 17)
     with pytest.raises(ValueError, match="labels in \\[0, 10\\] but the model has 10 classes"):
         check_batch_ranges(torch.tensor([0, 10]), None, 10, 17)
@@ -270,7 +270,7 @@ def test_batches_are_range_checked_on_the_host():
 def test_exit_process_runs_exit_handlers_and_keeps_the_code():
     """The trainer's clean exit skips the interpreter's teardown but not Python's exit
     handlers (e.g. a thread pool's join) nor buffered output."""
-    code = ("import atexit, sys; from sar_fast import parallel; "
+    code = ("import atexit, sys; from sar_fast.train import parallel; "
             "atexit.register(lambda: print('handler ran', flush=True)); "
             "sys.stdout.write('buffered '); parallel.exit_process(3)")
     res = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)

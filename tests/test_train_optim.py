@@ -14,7 +14,7 @@ import torch
 
 import oracles
 from conftest import ROOT
-from sar_fast.checkpointing import list_checkpoints
+from sar_fast.train.checkpointing import list_checkpoints
 
 SMALL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--batch-size", "16", "--num-samples", "0",
          "--log-every", "1", "--no-progress", "--workers", "0", "--top-k", "0", "--cond-drop", "0"]
@@ -184,7 +184,7 @@ def test_init_loads_the_given_weights(code_cache, tmp_path):
     """Step 0 of a run with --init has the checkpoint's loss on that batch (the whole cache),
     computed here by the oracle; with --lr 0 its export is the checkpoint itself. The
     from-scratch flags (--depth 2) must lose to --init."""
-    from sar_fast.data import CodeDataset
+    from sar_fast.data.codes import CodeDataset
     from sar_fast.models import build_model, load_checkpoint, save_export
     from sar_fast.models.tokenizers import load_tokenizer
     from sar_fast.sar import SARConfig

@@ -111,7 +111,7 @@ def test_sigterm_writes_only_the_checkpoint(tmp_path):
     grids (they are end-of-run work; today they were in the SIGTERM path)."""
     from test_train import SMALL, _wait_for
 
-    from sar_fast.checkpointing import list_checkpoints
+    from sar_fast.train.checkpointing import list_checkpoints
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "sar_fast.train", "--out", str(out), *SMALL, "--pretrain-steps", "0",
            "--max-steps", "100000", "--objective", "tf", "--ckpt-every", "100000", "--num-samples", "4", "--export"]
@@ -131,7 +131,7 @@ def test_extras_only_at_the_end(tmp_path):
     """Checkpoints every step, but one sample grid and one export: at the last step."""
     from test_train import _train
 
-    from sar_fast.checkpointing import list_checkpoints
+    from sar_fast.train.checkpointing import list_checkpoints
     out = tmp_path / "run"
     _train(1, out, "--pretrain-steps", "0", "--max-steps", "3", "--objective", "tf", "--ckpt-every", "1",
            "--keep-last", "5")
@@ -149,9 +149,9 @@ def test_d16_checkpoint_write_is_bounded(tmp_path):
     to the step sooner than that and completes to the same files."""
     import torch.distributed as dist
 
-    from sar_fast import checkpointing, parallel
-    from sar_fast.build import build_optimizer
-    from sar_fast.config import OptimConfig
+    from sar_fast.train import checkpointing, parallel
+    from sar_fast.train.build import build_optimizer
+    from sar_fast.train.config import OptimConfig
     from sar_fast.models import ScaleAR, preset_config
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -188,7 +188,7 @@ def test_resume_auto_is_rank_zeros_choice(tmp_path):
     script.write_text(
         "import os, sys, json, torch.distributed as dist\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "from sar_fast import checkpointing, parallel\n"
+        "from sar_fast.train import checkpointing, parallel\n"
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         f"root = os.path.join({str(tmp_path)!r}, f'rank{{r}}')\n"
@@ -209,14 +209,14 @@ def test_resume_auto_is_rank_zeros_choice(tmp_path):
 def test_mfu_counts_every_pass():
     """A SAR step with CFG on every scale: TF (with graph) + null-class prefix (forward
     only) + student (with graph): (3 + 1 + 3) forward-equivalents of B x L tokens."""
-    from sar_fast import logs
+    from sar_fast.train import flops
     from sar_fast.models import ScaleAR, preset_config
     from sar_fast.sar import SARConfig, sar_step
     from sar_fast.schedules import scale_offsets
     schedule, B = (1, 2, 3), 3
     model = ScaleAR(preset_config("flexvar-tiny", vocab_size=17, code_dim=4, schedule=schedule, depth=2,
                                   embed_dim=32, num_heads=2, cond_drop_rate=0.0))
-    counter = logs.PassFlops(model.blocks[0], model.config)
+    counter = flops.PassFlops(model.blocks[0], model.config)
     counter.enabled = True
     L = scale_offsets(schedule)[-1]
     codes = torch.randint(0, 17, (B, L))
@@ -226,8 +226,8 @@ def test_mfu_counts_every_pass():
     out.loss.backward()
     flops, tokens = counter.take()
     c = model.config
-    per_token = logs.flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio,
-                                     logs.mean_visible_keys(schedule))
+    per_token = flops.flops_per_token(c.depth, c.embed_dim, c.vocab_size, c.mlp_ratio,
+                                     flops.mean_visible_keys(schedule))
     assert tokens == 3 * B * L
     assert flops == pytest.approx(7 * per_token * B * L)
     assert counter.take() == (0.0, 0)
@@ -236,7 +236,7 @@ def test_mfu_counts_every_pass():
 def test_nvml_follows_cuda_visible_devices(monkeypatch):
     """CUDA_VISIBLE_DEVICES=2 makes cuda:0 the machine's third GPU: the monitor must read
     NVML's device 2 (matched by UUID), not NVML's device 0."""
-    from sar_fast import logs
+    from sar_fast.train import gpu_monitor
     uuids = [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(4)]
     fake = types.SimpleNamespace(
         nvmlInit=lambda: None,
@@ -246,9 +246,9 @@ def test_nvml_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     props = types.SimpleNamespace(uuid=uuids[2][4:], pci_domain_id=0, pci_bus_id=2, pci_device_id=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
-    assert logs.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
+    assert gpu_monitor.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
     props.uuid = None  # no UUID: the PCI bus id decides
-    assert logs.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
+    assert gpu_monitor.GpuMonitor(torch.device("cuda", 0)).handle == ("nvml", 2)
 
 
 # ------------------------------------------------------------------ 4. start-up
@@ -298,7 +298,7 @@ def test_collective_timeout_shortens_after_the_first_step(tmp_path):
         "import torch\n"
         "from torch.distributed.distributed_c10d import _get_default_group\n"
         "timeout = lambda: _get_default_group()._get_backend(torch.device('cpu')).options._timeout.total_seconds()\n"
-        "import sar_fast.parallel as parallel\n"
+        "import sar_fast.train.parallel as parallel\n"
         "from sar_fast.train import Trainer, parse_config\n"
         "seen = []\n"
         "real = parallel.set_collective_timeout\n"

@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sar_fast import parallel, train
+from sar_fast.train import parallel
+from sar_fast.train import trainer as train
 
 
 class HostSyncs(TorchDispatchMode):

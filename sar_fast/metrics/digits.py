@@ -2,7 +2,7 @@
 trained deterministically on the CPU in about a second.
 
 - `frechet`: Fréchet distance between the classifier's penultimate features (32-d) of the
-  samples and of the held-out real digits (the 'val' split of sar_fast.embedded, which the
+  samples and of the held-out real digits (the 'val' split of sar_fast.data.digits, which the
   generator never trains on) - an FID in miniature;
 - `accuracy`: the fraction of samples the classifier assigns to the class they were
   generated for (its own accuracy on real held-out digits is reported as `real_accuracy`).
@@ -63,7 +63,8 @@ def to_grey01(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 def digits_classifier() -> DigitsClassifier:
     """The classifier, trained once per process: full-batch Adam on the 'train' split with a
     fixed seed (about a second on one core; the same weights on every run of one machine)."""
-    from ..embedded import DIGITS_MAX_GREY, load_digits_dataset
+    from ..data.digits import load_digits_dataset
+    from ..models.tokenizers.grey import DIGITS_MAX_GREY
     grey, labels = load_digits_dataset("train")
     x = grey.float() / DIGITS_MAX_GREY
     generator = torch.Generator().manual_seed(_TRAIN_SEED)
@@ -94,7 +95,8 @@ def digits_features(images) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _reference() -> tuple[np.ndarray, np.ndarray, float]:
-    from ..embedded import DIGITS_MAX_GREY, load_digits_dataset
+    from ..data.digits import load_digits_dataset
+    from ..models.tokenizers.grey import DIGITS_MAX_GREY
     grey, labels = load_digits_dataset("val")
     features, predicted = digits_features(grey.float() / DIGITS_MAX_GREY)
     mu, sigma = feature_statistics(features)

@@ -1,8 +1,19 @@
 """Scale-wise AR transformers (FlexVAR, VAR), their checkpoints, and the tokenizers."""
-from .checkpoint import (CheckpointError, clean_key, export_from_state_dict, export_state_dict, extract_state_dict,
-                         infer_config, load_checkpoint, read_checkpoint_file, read_safetensors, save_export,
-                         weights_sha256, write_safetensors)
-from .tokenizers import FlexVQ16, VARVQVAE, load_tokenizer
+from .checkpoint import (
+    CheckpointError,
+    clean_key,
+    export_from_state_dict,
+    export_state_dict,
+    extract_state_dict,
+    infer_config,
+    load_checkpoint,
+    read_checkpoint_file,
+    read_safetensors,
+    save_export,
+    weights_sha256,
+    write_safetensors,
+)
+from .tokenizers import VARVQVAE, FlexVQ16, load_tokenizer
 from .transformer import ARCHS, ModelConfig, ScaleAR, preset_config
 
 

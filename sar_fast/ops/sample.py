@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C_loader
-from ..sampling import check_draw_arguments, sample_survivors as reference_sample_survivors
+from ..sampling import check_draw_arguments
+from ..sampling import sample_survivors as reference_sample_survivors
 from .backend import BackendError, any_fake, get_backend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the op's; float64 logits take the reference

@@ -12,10 +12,13 @@ import warnings
 from typing import Any, Mapping
 
 import torch
+import torch.nn as nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, read_checkpoint_file
+from ..transformer import ScaleAR
 from .base import MultiScaleTokenizer, read_state_dict
 from .flexvq import FlexVQ16
+from .grey import EMBEDDED, GreyLevelTokenizer
 from .varvq import VARVQVAE
 
 TOKENIZERS = {"flexvar": FlexVQ16, "var": VARVQVAE}
@@ -65,5 +68,24 @@ def preflight_tokenizer(path: str | os.PathLike) -> str:
         raise CheckpointError(e if os.fspath(path) in str(e) else f"{os.fspath(path)}: {e}") from None
 
 
-__all__ = ["preflight_tokenizer", "FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind",
-           "load_tokenizer", "read_state_dict"]
+
+
+def build_tokenizer(spec: str, device: torch.device | str) -> nn.Module:
+    """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, a
+    .safetensors of one, an hf:// id, or EMBEDDED for the weight-free grey-level one), frozen
+    (eval) on `device`."""
+    tok = GreyLevelTokenizer() if spec == EMBEDDED else load_tokenizer(spec)
+    return tok.to(device).eval()
+
+
+def check_model_fits_tokenizer(model: ScaleAR, tokenizer: nn.Module, model_flag: str) -> None:
+    """The model must predict the tokenizer's codes (vocabulary, code dim) in its scheme
+    (FlexVAR's independent scales or VAR's residual ones)."""
+    if (model.vocab_size, model.code_dim) != (tokenizer.vocab_size, tokenizer.Cvae) or tokenizer.mode != model.arch:
+        raise SystemExit(f"error: the {model.arch} model ({model.vocab_size} codes of dim {model.code_dim}) does not "
+                         f"match the {tokenizer.mode} tokenizer ({tokenizer.vocab_size} codes of dim "
+                         f"{tokenizer.Cvae}); {model_flag} and --vae do not fit together")
+
+__all__ = ["build_tokenizer", "check_model_fits_tokenizer", "EMBEDDED", "GreyLevelTokenizer", "preflight_tokenizer",
+           "FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind", "load_tokenizer",
+           "read_state_dict"]

@@ -19,8 +19,13 @@ import torch.nn as nn
 from ... import ops
 from ...ops.reference import Phi
 from ...schedules import total_length, validate_schedule
-from ..checkpoint import (CheckpointError, check_state_fits, check_weight_values, extract_state_dict,
-                          read_checkpoint_file)
+from ..checkpoint import (
+    CheckpointError,
+    check_state_fits,
+    check_weight_values,
+    extract_state_dict,
+    read_checkpoint_file,
+)
 
 # per-scale codes: a list of [B, s*s] tensors, or all scales concatenated [B, L]
 Codes = Union[torch.Tensor, Sequence[torch.Tensor]]

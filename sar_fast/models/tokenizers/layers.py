@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -28,15 +28,19 @@ import threading
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.futures import Future
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.futures import Future
 
+from ..safe_load import CheckpointError, load_bytes, load_file, restricted_pickle_load, scan_item
 from . import parallel
-from .safe_load import CheckpointError, load_bytes, load_file, restricted_pickle_load, scan_item
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"

@@ -6,7 +6,7 @@ the customised FlashAttention, FlexAttention or dense-bias SDPA call of `SelfAtt
     ...                                          # train / sample as before; unpatch(infinity)
 
 Facts of Infinity's code this module relies on (infinity/models/basic.py, infinity.py,
-flex_attn.py); every attribute is also listed in REQUIRED (sar_fast.patch_core) and checked:
+flex_attn.py); every attribute is also listed in REQUIRED (sar_fast.patch.core) and checked:
 
   Infinity.forward           pads x to a multiple of `pad_to_multiplier` (need_to_pad rows
                              after the last scale) in the SDPA and FlexAttention branches; the
@@ -46,9 +46,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-from . import ops as _ops
-from .ops.attention import HEAD_DIMS
-from .patch_core import REQUIRED, PatchError, PatchReport, _apply, _require, _Swap
+from .. import ops as _ops
+from ..ops.attention import HEAD_DIMS
+from .core import REQUIRED, PatchError, PatchReport, _apply, _require, _Swap
 
 REQUIRED.update({
     "Infinity": {

@@ -1,73 +1,22 @@
-"""The embedded default: a real dataset and a tokenizer that need no download.
-
-Data: scikit-learn's 8x8 handwritten digits (1797 images, grey levels 0..16, 10 classes),
-which ship inside the scikit-learn wheel. Tokenizer: `GreyLevelTokenizer`, whose latent is
-the grey image itself (code dim 1) and whose codebook is `levels` evenly spaced grey
-values, so the codes of every scale are the area-downsampled image rounded to the nearest
-grey level. It follows the interface of the real tokenizers (sar_fast.models.tokenizers):
-`encode(images in [-1, 1], schedule) -> list of [B, s*s]`, `decode(codes) -> [B, 3, H, W]
-in [0, 1]`, `codebook()`, `tf_inputs`, `Cvae`, `vocab_size`, `downsample`, `mode`.
-"""
+"""The weight-free grey-level tokenizer of the embedded default: its latent is the grey image
+itself (code dim 1) and its codebook evenly spaced grey values, so the codes of every scale
+are the area-downsampled image rounded to the nearest level."""
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
-from .models.tokenizers.base import Codes, flatten_codes
-from .schedules import validate_schedule
+from ... import ops
+from ...schedules import validate_schedule
+from .base import Codes, flatten_codes
 
-EMBEDDED = "embedded-digits"  # what --data / --vae take to mean this dataset / tokenizer
-DIGITS_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-DIGITS_SIDE = 8
-DIGITS_NUM_CLASSES = 10
-DIGITS_MAX_GREY = 16  # the dataset's grey levels are the integers 0..16
-SPLITS = ("train", "val", "all")
+EMBEDDED = "embedded-digits"  # what --data / --vae take to mean the embedded dataset / this tokenizer
+DIGITS_MAX_GREY = 16  # the embedded digits' grey levels are the integers 0..16
 
 
-def load_digits_dataset(split: str = "train", val_fraction: float = 0.1,
-                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 1, 8, 8] with grey levels 0..16, labels int64 [N]).
 
-    The split is stratified and deterministic: within each class a permutation seeded by
-    `seed` puts round(val_fraction * class size) images in 'val', the rest in 'train';
-    'all' is the whole set in its original order. Samples keep the original order.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the embedded digits dataset needs scikit-learn "
-                          "(pip install scikit-learn, or pip install 'sar_fast[train]')") from e
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # [N, 1, 8, 8]
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    if split == "all":
-        return images, labels
-    rng = np.random.default_rng(seed)
-    is_val = np.zeros(len(labels), dtype=bool)
-    for c in range(DIGITS_NUM_CLASSES):
-        members = np.flatnonzero(bunch.target == c)
-        n_val = int(round(val_fraction * len(members)))
-        is_val[rng.permutation(members)[:n_val]] = True
-    keep = torch.from_numpy(is_val if split == "val" else ~is_val)
-    if not bool(keep.any()):
-        raise ValueError(f"split {split!r} is empty with val_fraction={val_fraction}")
-    return images[keep], labels[keep]
-
-
-def digits_to_images(grey: torch.Tensor) -> torch.Tensor:
-    """Digits grey levels 0..16 (any dtype) -> float32 images in [-1, 1], same shape."""
-    return grey.float().mul(2.0 / DIGITS_MAX_GREY).sub(1.0)
 
 
 class GreyLevelTokenizer(nn.Module):
@@ -117,7 +66,7 @@ class GreyLevelTokenizer(nn.Module):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype} "
-                            "(digits grey levels: use sar_fast.embedded.digits_to_images)")
+                            "(digits grey levels: use sar_fast.data.digits.digits_to_images)")
         if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 1:
             raise ValueError(f"images must be [B, 1 or 3, H, W] with B >= 1, got shape {tuple(images.shape)}")
         if images.device != self.grey_values.device:

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..cli import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -41,20 +43,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """What a --device flag names: 'auto' (or None) is CUDA when available, else the CPU;
-    a CUDA device must exist."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise RuntimeError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was requested but no CUDA device is available")
-    return dev
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:

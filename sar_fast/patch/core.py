@@ -1,4 +1,4 @@
-"""The bookkeeping sar_fast.patch and sar_fast.patch_infinity share: the REQUIRED table (each
+"""The bookkeeping sar_fast.patch.var and sar_fast.patch.infinity share: the REQUIRED table (each
 family module adds its classes' entries), the error and report types, and applying /
 undoing the per-instance swaps."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # THE table: every attribute of the original classes the patch reads or replaces, and why
-# (filled by sar_fast.patch for VAR / FlexVAR / SAR and by sar_fast.patch_infinity).
+# (filled by sar_fast.patch.var for VAR / FlexVAR / SAR and by sar_fast.patch.infinity).
 REQUIRED: dict[str, dict[str, str]] = {}
 
 

@@ -17,9 +17,10 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .embedded import DIGITS_SCHEDULE, EMBEDDED
-from .sar import OFFICIAL, SARConfig
-from .schedules import STANDARD_SCHEDULE, parse_schedule
+from ..data.digits import DIGITS_SCHEDULE
+from ..models.tokenizers.grey import EMBEDDED
+from ..sar import OFFICIAL, SARConfig
+from ..schedules import STANDARD_SCHEDULE, parse_schedule
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -285,7 +286,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig, preset: str) -> None:
     """Fail fast, naming the flag, before any process group or model exists."""
-    from .cli import InputError, require_weights_file
+    from ..cli import InputError, require_weights_file
 
     def need_dir(flag: str, path: str | None) -> None:
         if path is not None and not os.path.isdir(path):
@@ -341,10 +342,11 @@ def validate(cfg: TrainConfig, preset: str) -> None:
 def preflight_inputs(cfg: TrainConfig) -> None:
     """Read the headers of every input file before any rank starts work (safe_load.py), so a
     bad file is one message from rank 0 and a non-zero exit on every rank, not a hang."""
-    from .data import check_code_cache, scan_image_folder
-    from .models.checkpoint import preflight_checkpoint, weights_sha256
-    from .models.tokenizers import preflight_tokenizer
-    from .safe_load import CheckpointError, exit_once
+    from ..data.codes import check_code_cache
+    from ..data.images import scan_image_folder
+    from ..models.checkpoint import preflight_checkpoint, weights_sha256
+    from ..models.tokenizers import preflight_tokenizer
+    from ..safe_load import CheckpointError, exit_once
     data = cfg.data
     try:
         if cfg.model.init:

@@ -38,15 +38,18 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from . import checkpointing, logs, ops, parallel
-from .cli import one_line
-from .build import build_optimizer, build_run_model_rank0, build_tokenizer, param_groups
+from .. import ops
+from ..cli import one_line
+from ..data.loader import DataSource
+from ..models import ModelConfig, save_export
+from ..models.tokenizers import build_tokenizer
+from ..rng import SampleKey
+from ..safe_load import CheckpointError, exit_once
+from ..sar import SARConfig, sar_step
+from .. import cli, files
+from . import checkpointing, flops, gpu_monitor, logs, parallel
+from .build import build_optimizer, build_run_model_rank0, param_groups
 from .config import TrainConfig, parse_config
-from .data import DataSource
-from .models import ModelConfig, save_export
-from .rng import SampleKey
-from .safe_load import CheckpointError, exit_once
-from .sar import SARConfig, sar_step
 
 __all__ = ["Trainer", "main", "param_groups", "parse_config"]
 
@@ -98,7 +101,7 @@ class Trainer:
         self.model_config: ModelConfig = model.config
         if full_state is None:
             model.to(info.device)
-        self.pass_flops = logs.PassFlops(model.blocks[0], model.config)
+        self.pass_flops = flops.PassFlops(model.blocks[0], model.config)
         self.model = parallel.shard_model(model, info, self.precision, cfg.system.activation_checkpointing,
                                           cfg.system.compile, reshard=cfg.system.reshard,
                                           replicas=cfg.system.replicas)
@@ -204,9 +207,9 @@ class Trainer:
         self.resume()
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_stop_signal", signum))
         self.metrics_log = logs.JsonlLogger(os.path.join(cfg.run.out, "metrics.jsonl")) if info.is_main else None
-        self.progress = logs.Progress(self.total_steps, self.state.step, enabled=info.is_main and every.progress)
-        self.throughput = logs.Throughput(self.model_config, info.device, info.world_size)
-        self.gpu = logs.GpuMonitor(info.device)
+        self.progress = cli.Progress(self.total_steps, self.state.step, enabled=info.is_main and every.progress)
+        self.throughput = flops.Throughput(self.model_config, info.device, info.world_size)
+        self.gpu = gpu_monitor.GpuMonitor(info.device)
         first_step, unsettled = self.state.step, None
         try:
             while self.state.step < self.total_steps:
@@ -319,10 +322,10 @@ class Trainer:
                                       seed=self.cfg.run.seed, phi=self.phi)
         parallel.reshard_all(self.model)  # the 'step' policy keeps gathered weights after a forward
         if self.info.is_main:
-            grid = logs.image_grid(self.tok.decode(samples.codes), nrow=min(10, opts.num_samples))
+            grid = files.image_grid(self.tok.decode(samples.codes), nrow=min(10, opts.num_samples))
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-            logs.write_png(os.path.join(out, "samples", f"step_{self.state.step:08d}.png"), grid)
-            logs.write_png(os.path.join(out, "samples.png"), grid)
+            files.write_png(os.path.join(out, "samples", f"step_{self.state.step:08d}.png"), grid)
+            files.write_png(os.path.join(out, "samples.png"), grid)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,9 +342,3 @@ def main(argv: list[str] | None = None) -> None:
         parallel.shutdown(clean=False)
         raise
     parallel.shutdown(clean=True)
-
-
-if __name__ == "__main__":
-    from .cli import run_main
-    run_main(main)
-    parallel.exit_process(0)

@@ -6,30 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models import ScaleAR, load_checkpoint, preset_config
+from ..models.tokenizers import check_model_fits_tokenizer
 from .config import OptimConfig
-from .embedded import EMBEDDED, GreyLevelTokenizer
-from .models import ScaleAR, load_checkpoint, load_tokenizer, preset_config
-
-
-def build_tokenizer(spec: str, device: torch.device | str) -> nn.Module:
-    """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, a
-    .safetensors of one, an hf:// id, or EMBEDDED for the weight-free grey-level one), frozen
-    (eval) on `device`."""
-    tok = GreyLevelTokenizer() if spec == EMBEDDED else load_tokenizer(spec)
-    return tok.to(device).eval()
-
-
-def check_model_fits_tokenizer(model: ScaleAR, tokenizer: nn.Module, model_flag: str) -> None:
-    """The model must predict the tokenizer's codes (vocabulary, code dim) in its scheme
-    (FlexVAR's independent scales or VAR's residual ones)."""
-    if (model.vocab_size, model.code_dim) != (tokenizer.vocab_size, tokenizer.Cvae) or tokenizer.mode != model.arch:
-        raise SystemExit(f"error: the {model.arch} model ({model.vocab_size} codes of dim {model.code_dim}) does not "
-                         f"match the {tokenizer.mode} tokenizer ({tokenizer.vocab_size} codes of dim "
-                         f"{tokenizer.Cvae}); {model_flag} and --vae do not fit together")
 
 
 def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> ScaleAR:
-    """The model a run trains (`args`: sar_fast.config.ModelArgs): the --init checkpoint, or
+    """The model a run trains (`args`: sar_fast.train.config.ModelArgs): the --init checkpoint, or
     a fresh model of the --model preset sized to the tokenizer."""
     overrides = {"cond_drop_rate": args.cond_drop}
     if args.drop_path is not None:
@@ -50,8 +33,8 @@ def build_run_model_rank0(args, schedule: tuple[int, ...], tokenizer: nn.Module,
     by `parallel.load_full_state`); every other rank builds the model on the meta device
     (no memory) from the config rank 0 broadcasts. Without --init, or on one rank, the
     model of `build_run_model` (and None)."""
+    from ..models import ModelConfig
     from . import parallel
-    from .models import ModelConfig
     if not args.init or info.world_size == 1:
         return build_run_model(args, schedule, tokenizer), None
     full, config = None, None

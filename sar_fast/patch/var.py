@@ -1,5 +1,5 @@
 """Put sar_fast's fused ops into model objects of the original VAR / FlexVAR / SAR projects
-(Infinity: sar_fast.patch_infinity, reachable as patch_infinity / patch_model here).
+(Infinity: sar_fast.patch.infinity; `sar_fast.patch` exports both).
 
     from sar_fast.patch import patch_model, unpatch
     report = patch_model(var)            # VAR, or FlexVAR / SAR's FlexVAR (family detected)
@@ -35,17 +35,17 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import ops as _ops
-from .ops.attention import HEAD_DIMS  # the head dims the attention kernel takes
-from .patch_core import _MISSING, REQUIRED, PatchError, PatchReport, _apply, _require, _Swap, is_patched, unpatch
-from .patch_infinity import patch_infinity
+from .. import ops as _ops
+from ..ops.attention import HEAD_DIMS  # the head dims the attention kernel takes
+from .core import _MISSING, REQUIRED, PatchError, PatchReport, _apply, _require, _Swap, is_patched, unpatch
+from .infinity import patch_infinity
 
 __all__ = ["PatchError", "PatchReport", "REQUIRED", "patch_model", "patch_var", "patch_flexvar", "patch_infinity",
            "unpatch", "is_patched", "hidden_states"]
 
 
 # ------------------------------------------------------------------------------------------
-# THE table (sar_fast.patch_core.REQUIRED, one for every family): every attribute of the
+# THE table (sar_fast.patch.core.REQUIRED, one for every family): every attribute of the
 # original classes the patch reads or replaces, and why.
 # Class names are those of the original projects (VAR: FoundationVision/VAR models/;
 # FlexVAR: jiaosiyu1999/FlexVAR models/ + trainer.py; SAR: GengzeZhou/SAR, same classes).

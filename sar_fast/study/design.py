@@ -1,0 +1,96 @@
+"""What the study compares and where its results live: the arms, the sizes (full and --quick),
+and the per-result JSON files (written atomically, so a rerun skips what is done)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from ..sar import OFFICIAL
+
+BASE_SEED = 0
+
+
+GAMMAS = (0.01, 0.1, 1.0)
+
+
+SAR_SAMPLINGS = ("argmax", "sample", "cfg")
+
+
+SF_ARMS = ("sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
+
+
+CONTROL = "tf"
+
+
+def _gamma_name(gamma: float) -> str:
+    return f"g{gamma:g}"
+
+
+def arms() -> dict[str, dict]:
+    """Arm name -> the objective fields it sets (the rest: the tiny preset's objective)."""
+    out = {CONTROL: dict(objective="tf"),
+           # OFFICIAL's loss on the fast path (sar.py tests that objective 'official' gives the same)
+    "sar_published": OFFICIAL | dict(objective="sar")}
+    for sampling in SAR_SAMPLINGS:
+        for gamma in GAMMAS:
+            out[f"sar_all_{sampling}_{_gamma_name(gamma)}"] = dict(objective="sar", transitions="all",
+                                                                   sampling=sampling, gamma=gamma)
+    for name in SF_ARMS:
+        out[name] = dict(objective=name)
+    return out
+
+
+@dataclass(frozen=True)
+class StudySize:
+    """Everything that sizes the study. All but `seeds` make every result's key (results of
+    another size are never mixed in; more seeds extend a study)."""
+    depth: int
+    embed_dim: int
+    num_heads: int
+    batch_size: int
+    base_steps: int           # the most teacher-forcing steps of the base
+    base_chunk: int           # held-out NLL is measured after every chunk (the plateau check)
+    base_lr: float
+    base_warmup: int
+    arm_steps: int
+    arm_lr: float
+    arm_warmup: int
+    seeds: int
+    samples_per_class: int
+
+    def key(self) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Sized to fit 60 minutes on 2 quiet CPU cores (docs/study.md has the arithmetic).
+FULL = StudySize(depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=800, base_chunk=100, base_lr=1e-3,
+                 base_warmup=20, arm_steps=100, arm_lr=3e-4, arm_warmup=5, seeds=5, samples_per_class=30)
+
+
+# A pipeline check, not a result: a model too small and runs too short to mean anything.
+QUICK = StudySize(depth=1, embed_dim=32, num_heads=2, batch_size=16, base_steps=8, base_chunk=4, base_lr=1e-3,
+                  base_warmup=2, arm_steps=2, arm_lr=3e-4, arm_warmup=1, seeds=2, samples_per_class=2)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ one arm
+def result_path(out: str, arm: str, seed: int) -> str:
+    return os.path.join(out, "results", f"{arm}__seed{seed}.json")
