@@ -1,4 +1,8 @@
-"""sar_fast: SAR post-training for scale-wise autoregressive image models (VAR, FlexVAR)."""
+"""sar_fast: SAR post-training for scale-wise autoregressive image models (VAR, FlexVAR).
+
+The library is at the top (sar, schedules, sampling, rng, nn, ops/, models/, patch/), data/
+and metrics/ serve the trainer (train/) and the applications (evaluate, sample, cache,
+memory, convert, study/); docs/design.md draws the tree."""
 import importlib.abc as _abc
 import importlib.util as _util
 import os as _os

@@ -1,5 +1,6 @@
-"""Tokenise an image folder once into a memory-mapped code cache (the tokenizer is frozen,
-so training can read codes instead of running the VAE every step).
+"""The cache command: tokenise an image folder once into a memory-mapped code cache (the
+tokenizer is frozen, so training can read codes instead of running the VAE every step). The
+writer and reader are sar_fast.data.codes.
 
     python -m sar_fast.cache --data DIR --vae FlexVAE.pth --out CACHE [--flip]
     python -m sar_fast.cache --data embedded-digits --vae embedded-digits --out CACHE

@@ -1,13 +1,6 @@
-"""The embedded default: a real dataset and a tokenizer that need no download.
-
-Data: scikit-learn's 8x8 handwritten digits (1797 images, grey levels 0..16, 10 classes),
-which ship inside the scikit-learn wheel. Tokenizer: `GreyLevelTokenizer`, whose latent is
-the grey image itself (code dim 1) and whose codebook is `levels` evenly spaced grey
-values, so the codes of every scale are the area-downsampled image rounded to the nearest
-grey level. It follows the interface of the real tokenizers (sar_fast.models.tokenizers):
-`encode(images in [-1, 1], schedule) -> list of [B, s*s]`, `decode(codes) -> [B, 3, H, W]
-in [0, 1]`, `codebook()`, `tf_inputs`, `Cvae`, `vocab_size`, `downsample`, `mode`.
-"""
+"""The embedded default's data: scikit-learn's 8x8 handwritten digits (1797 images, grey
+levels 0..16, 10 classes), which ship inside the scikit-learn wheel, so no download is
+needed. Its tokenizer is sar_fast.models.tokenizers.GreyLevelTokenizer."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,5 @@
-"""Training data: an ImageNet-style image folder, a code cache, the embedded digits, a
-resumable distributed sampler, and the trainer's DataSource that turns them into batches
-of (labels, codes, schedule). No torchvision: images go through PIL and numpy.
+"""ImageNet-style image folders: scanning, bad-image detection, and the resize / crop /
+flip of VAR and FlexVAR. No torchvision: images go through PIL and numpy.
 
 Augmentation is reproducible: the random crop/flip of sample i in epoch e is drawn from a
 generator seeded by (seed, e, i), so it does not depend on worker count or on where a run

@@ -1,6 +1,5 @@
-"""Model and tokenizer building, one place for the trainer, `sar_fast.sample` and
-`sar_fast.cache`: a tokenizer from a checkpoint path or the embedded default, the model a
-run trains and its optimiser, and the check that a model and a tokenizer fit together."""
+"""The model a run trains (from --init or a preset sized to the tokenizer, built on rank 0
+only for a multi-rank start) and its optimiser with parameter groups."""
 from __future__ import annotations
 
 import torch

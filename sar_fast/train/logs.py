@@ -1,4 +1,4 @@
-"""Run outputs: progress bar, JSONL metrics, throughput/MFU, loss-curve and sample-grid PNGs."""
+"""Run outputs: the JSONL metrics, one record per logged step, and the loss-curve PNG."""
 from __future__ import annotations
 
 import json

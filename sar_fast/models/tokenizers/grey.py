@@ -1,6 +1,9 @@
 """The weight-free grey-level tokenizer of the embedded default: its latent is the grey image
-itself (code dim 1) and its codebook evenly spaced grey values, so the codes of every scale
-are the area-downsampled image rounded to the nearest level."""
+itself (code dim 1) and its codebook `levels` evenly spaced grey values, so the codes of
+every scale are the area-downsampled image rounded to the nearest level. It follows the
+interface of the real tokenizers: `encode(images in [-1, 1], schedule) -> list of [B, s*s]`,
+`decode(codes) -> [B, 3, H, W] in [0, 1]`, `codebook()`, `tf_inputs`, `Cvae`, `vocab_size`,
+`downsample`, `mode`."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -14,9 +17,6 @@ from .base import Codes, flatten_codes
 
 EMBEDDED = "embedded-digits"  # what --data / --vae take to mean the embedded dataset / this tokenizer
 DIGITS_MAX_GREY = 16  # the embedded digits' grey levels are the integers 0..16
-
-
-
 
 
 class GreyLevelTokenizer(nn.Module):
