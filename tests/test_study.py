@@ -114,3 +114,70 @@ def test_bad_arguments_are_named(tmp_path):
         runner.main(["--out", str(tmp_path), "--arms", "tf,sar_magic"])
     with pytest.raises(SystemExit, match="--seeds"):
         runner.main(["--out", str(tmp_path), "--seeds", "1"])
+
+
+# ------------------------------------------------------------------ statistics (issue: study v2)
+def test_paired_t_matches_closed_forms():
+    """t quantiles and p-values with closed forms: df 1 (Cauchy) and df 2."""
+    import math
+    from sar_fast.metrics.stats import paired_t
+    # n = 2 (df 1): t_{1, 0.975} = tan(0.475 pi); p = 1 - (2 / pi) atan(|t|)
+    r = paired_t([3.0, 5.0], [1.0, 1.0])          # differences 2, 4
+    sd, se = math.sqrt(2.0), math.sqrt(2.0) / math.sqrt(2.0)
+    assert r["mean"] == pytest.approx(3.0) and r["se"] == pytest.approx(se) and r["df"] == 1
+    half = math.tan(0.475 * math.pi) * sd / math.sqrt(2.0)
+    assert (r["low"], r["high"]) == (pytest.approx(3.0 - half), pytest.approx(3.0 + half))
+    assert r["p"] == pytest.approx(1.0 - 2.0 / math.pi * math.atan(3.0 / se))
+    # n = 3 (df 2): t_{2, q} = (2q - 1) / sqrt(2 q (1 - q)); p = 1 - |t| / sqrt(2 + t^2)
+    r = paired_t([1.0, 2.0, 6.0], [0.0, 0.0, 0.0], level=0.9)
+    mean, sd = 3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    q = 0.95
+    half = (2 * q - 1) / math.sqrt(2 * q * (1 - q)) * sd / math.sqrt(3)
+    assert (r["low"], r["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    t = mean / (sd / math.sqrt(3))
+    assert r["p"] == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t))
+    # 5 seeds: +-2.776 standard errors (the t table), wider than a normal's 1.96
+    r = paired_t([0.1, -0.2, 0.3, 0.0, 0.4], [0.0] * 5)
+    assert (r["high"] - r["mean"]) / r["se"] == pytest.approx(2.7764, abs=1e-4)
+
+
+def test_paired_t_rejects_bad_input():
+    from sar_fast.metrics.stats import paired_t
+    with pytest.raises(ValueError, match="same length"):
+        paired_t([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_t([1.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        paired_t([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="level"):
+        paired_t([1.0, 2.0], [1.0, 1.0], level=1.0)
+
+
+def test_holm_on_a_known_vector():
+    from sar_fast.metrics.stats import holm
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.02]) == pytest.approx([0.02])           # one comparison: unchanged
+    with pytest.raises(ValueError, match="pvalues"):
+        holm([0.1, 1.5])
+
+
+def test_verdict_rule_on_constructed_cases():
+    from sar_fast.metrics.stats import VERDICTS, verdict
+    reproduced, opposite, equivalent, unresolved = VERDICTS
+    # significant and in the wanted direction (lower is better, e.g. NLL or Fréchet distance)
+    assert verdict(-0.3, -0.1, -0.2, 0.01, margin=0.05, wanted="lower") == reproduced
+    assert verdict(0.1, 0.3, 0.2, 0.01, margin=0.05, wanted="higher") == reproduced
+    # significant the other way
+    assert verdict(0.1, 0.3, 0.2, 0.01, margin=0.05, wanted="lower") == opposite
+    # not significant, interval inside the margin: an effect of the paper's size is ruled out
+    assert verdict(-0.04, 0.03, -0.005, 0.6, margin=0.05, wanted="lower") == equivalent
+    # not significant and wider than the margin: nothing can be said
+    assert verdict(-0.2, 0.1, -0.05, 0.4, margin=0.05, wanted="lower") == unresolved
+    # significant after correction only counts below alpha: 0.06 is not
+    assert verdict(-0.3, -0.01, -0.15, 0.06, margin=0.05, wanted="lower") == unresolved
+    with pytest.raises(ValueError, match="wanted"):
+        verdict(-1, 1, 0, 0.5, margin=0.1, wanted="better")
+    with pytest.raises(ValueError, match="margin"):
+        verdict(-1, 1, 0, 0.5, margin=0.0, wanted="lower")
