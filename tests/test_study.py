@@ -175,6 +175,7 @@ def test_verdict_rule_on_constructed_cases():
     assert verdict(-0.04, 0.03, -0.005, 0.6, margin=0.05, wanted="lower") == equivalent
     # not significant and wider than the margin: nothing can be said
     assert verdict(-0.2, 0.1, -0.05, 0.4, margin=0.05, wanted="lower") == unresolved
+    assert verdict(-0.2, 0.2, 0.0, 0.9, margin=0.05, wanted="lower") == unresolved  # mean 0, interval wide
     # significant after correction only counts below alpha: 0.06 is not
     assert verdict(-0.3, -0.01, -0.15, 0.06, margin=0.05, wanted="lower") == unresolved
     with pytest.raises(ValueError, match="wanted"):
