@@ -142,12 +142,8 @@ def shard_path(out: str, shard: int) -> str:
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename: a
     reader (or a resumed run) sees the whole file or none."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with files.atomic_write(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_is_complete(path: str, indices: np.ndarray) -> bool:
@@ -341,10 +337,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     verdict[0] = (f"error: {out} holds samples made with other settings ({changed}; "
                                   "old, new); use another --out or delete the folder")
             else:
-                tmp = settings_file + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(asdict(settings), f, indent=1)
-                os.replace(tmp, settings_file)
+                files.write_json_atomic(settings_file, asdict(settings))
         if world > 1:
             dist.broadcast_object_list(verdict, src=0)
         if verdict[0]:
@@ -428,10 +421,7 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
               "image_order": "image k = (class k % C, index k // C)",
               "timing": {"sampling_s": sampling_s, "images_per_s": images_per_s, "metric_s": metric_s},
               "versions": versions(), "device": str(device)}
-    tmp = os.path.join(out, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
+    files.write_json_atomic(os.path.join(out, "metrics.json"), record)
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     print(summary)
