@@ -8,16 +8,17 @@ that a broken bench fails. Each writes its JSON through JsonReport, row by row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from typing import Callable
 
+from sar_fast.files import write_json_atomic  # imports torch, never triton: --smoke can still pick the interpreter
+
 
 class JsonReport:
-    """A bench's JSON document, written whole after every change (a temporary file, then
-    os.replace): a run killed midway (a timeout, the end of a GPU lease) leaves a valid file
+    """A bench's JSON document, written whole after every change (sar_fast.files'
+    write_json_atomic): a run killed midway (a timeout, the end of a GPU lease) leaves a valid file
     holding every row measured so far. "complete" turns true in close()."""
 
     def __init__(self, path: str, **header):
@@ -38,12 +39,7 @@ class JsonReport:
         self.set(**fields, complete=True)
 
     def write(self) -> None:
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=1, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.doc, default=_jsonable)
 
 
 def _jsonable(value):

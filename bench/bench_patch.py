@@ -80,16 +80,81 @@ def build(torch, family: str, smoke: bool, device: str):
     return model.to(device), sides, vocab
 
 
+def training_step(torch, family: str, model, sides, V: int, batch: int, device: str, autocast):
+    """step(fused_loss) -> logits (None with the fused loss): one forward + loss + backward
+    of `model` on fixed random inputs of the family's kind."""
+    import torch.nn.functional as F
+    from sar_fast.nn import FusedLinearCrossEntropy
+    from sar_fast.patch import hidden_states
+    infinity = family == "infinity"
+    L = sum(t * h * w for t, h, w in sides) if infinity else sum(s * s for s in sides)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    x = torch.randn(batch, L - 1, 32, device=device)
+    gt = torch.randint(0, V, (batch, L), device=device)
+    fused_ce = FusedLinearCrossEntropy(model.head, label_smoothing=0.1)
+    if infinity:  # text condition and cross-attention tokens instead of a class label
+        C = model.C
+        labels = (torch.randn(batch, C, device=device), torch.randn(batch, 64, C, device=device))
+
+    def forward(fused_loss: bool):
+        extra = () if family == "var" else (list(sides),)
+        with autocast:
+            if infinity:
+                logits = model(x, list(sides), *labels)
+                ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1)
+                return ce, logits.detach()
+            if fused_loss:
+                with hidden_states(model):
+                    h = model(labels, x, *extra)
+                return fused_ce(h, gt).mean(), None
+            logits = model(labels, x, *extra)
+            ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1, reduction="none")
+            return ce.mean(), logits.detach()
+
+    def step(fused_loss: bool):
+        model.zero_grad(set_to_none=True)
+        loss, logits = forward(fused_loss)
+        loss.backward()
+        return logits
+    return step
+
+
+def compare_family(torch, family: str, model, step, device: str, repeats: int, warmup: int) -> list[dict]:
+    """The family's rows: unpatched, patched and (VAR, FlexVAR) patched+loss, each with its
+    ratio to unpatched and the max abs logit difference patched vs unpatched."""
+    from sar_fast.patch import patch_model, unpatch
+    cuda = device == "cuda"
+
+    def measure(peer: str, fused_loss: bool):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = time_ms({peer: lambda: step(fused_loss)}, device, repeats, warmup)[peer]
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+        return {"family": family, "peer": peer, "ms": statistics.median(times), "peak_mib": peak}
+
+    ref_logits = step(False)
+    rows = [measure("unpatched", False)]
+    patch_model(model)
+    diff = (step(False).float() - ref_logits.float()).abs().max().item()
+    rows.append(measure("patched", False))
+    if family != "infinity":  # the stand-in has no get_logits / hidden_states hook
+        rows.append(measure("patched+loss", True))
+    unpatch(model)
+    for r in rows:
+        r["vs_unpatched"] = rows[0]["ms"] / r["ms"]
+        r["max_abs_logit_diff"] = diff
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     got = start("bench_patch", args.out, args.smoke, args.dtype)
     if got is None:
         return
     torch, device, dtype = got
-    import torch.nn.functional as F
     from sar_fast import ops
-    from sar_fast.nn import FusedLinearCrossEntropy
-    from sar_fast.patch import hidden_states, patch_model, unpatch
     cuda = device == "cuda"
     if not cuda:
         ops.set_backend("kernel")  # the kernels under the interpreter, not the reference
@@ -103,61 +168,12 @@ def main() -> None:
         torch.manual_seed(0)
         model, sides, V = build(torch, family, args.smoke, device)
         model.cond_drop_rate = 0.0
-        infinity = family == "infinity"
-        Bf = args.infinity_batch if infinity and not args.smoke else B
-        L = sum(t * h * w for t, h, w in sides) if infinity else sum(s * s for s in sides)
-        labels = torch.randint(0, 1000, (Bf,), device=device)
-        x = torch.randn(Bf, L - 1, 32, device=device)
-        gt = torch.randint(0, V, (Bf, L), device=device)
-        fused_ce = FusedLinearCrossEntropy(model.head, label_smoothing=0.1)
-        if infinity:  # text condition and cross-attention tokens instead of a class label
-            C = model.C
-            labels = (torch.randn(Bf, C, device=device), torch.randn(Bf, 64, C, device=device))
-
-        def forward(fused_loss: bool):
-            extra = () if family == "var" else (list(sides),)
-            with autocast:
-                if infinity:
-                    logits = model(x, list(sides), *labels)
-                    ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1)
-                    return ce, logits.detach()
-                if fused_loss:
-                    with hidden_states(model):
-                        h = model(labels, x, *extra)
-                    return fused_ce(h, gt).mean(), None
-                logits = model(labels, x, *extra)
-                ce = F.cross_entropy(logits.float().view(-1, V), gt.view(-1), label_smoothing=0.1, reduction="none")
-                return ce.mean(), logits.detach()
-
-        def step(fused_loss: bool):
-            model.zero_grad(set_to_none=True)
-            loss, logits = forward(fused_loss)
-            loss.backward()
-            return logits
-
-        def measure(peer: str, fused_loss: bool):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            times = time_ms({peer: lambda: step(fused_loss)}, device, repeats, warmup)[peer]
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-            return {"family": family, "peer": peer, "ms": statistics.median(times), "peak_mib": peak}
-
-        ref_logits = step(False)
-        rows = [measure("unpatched", False)]
-        patch_model(model)
-        diff = (step(False).float() - ref_logits.float()).abs().max().item()
-        rows.append(measure("patched", False))
-        if not infinity:  # the stand-in has no get_logits / hidden_states hook
-            rows.append(measure("patched+loss", True))
-        unpatch(model)
-        for r in rows:
-            r["vs_unpatched"] = rows[0]["ms"] / r["ms"]
-            r["max_abs_logit_diff"] = diff
+        batch = args.infinity_batch if family == "infinity" and not args.smoke else B
+        step = training_step(torch, family, model, sides, V, batch, device, autocast)
+        for r in compare_family(torch, family, model, step, device, repeats, warmup):
             mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
             print(f"{family:8s} {r['peer']:13s} {r['ms']:9.2f} ms  x{r['vs_unpatched']:.2f}  peak {mem}  "
-                  f"|patched - unpatched logits| <= {diff:.3g}", flush=True)
+                  f"|patched - unpatched logits| <= {r['max_abs_logit_diff']:.3g}", flush=True)
             report.append("results", r)  # a family's rows compare with its unpatched one: written together
     report.close()
     print(f"wrote {path}")

@@ -104,14 +104,58 @@ def make_phi(torch, channels: int, device):
     return phi
 
 
+def measure_case(torch, report: JsonReport, memory: PeakMemory, latent, codebook, mode: str, phi,
+                 cuda: bool, repeats: int) -> None:
+    """One (mode, V) case: reference vs extension time, peak and analytic memory, and how
+    often their codes agree; a row per peer, the speedup in the summary, one printed line."""
+    from sar_fast import ops
+    from sar_fast.ops import reference
+    normalize = mode == "flexvar"
+    run_phi = phi if mode == "var" else None
+    B, C, H = latent.shape[0], latent.shape[1], latent.shape[-1]
+    V = codebook.shape[0]
+
+    def ref():
+        return reference.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
+
+    def ext():
+        with ops.use_backend("kernel"):  # the extension, never the reference
+            return ops.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
+
+    peers = {"reference": ref, "extension": ext}
+    want = ref()
+    agree = {"reference": 1.0, "extension": (ext() == want).float().mean().item()}
+    peak = {name: memory.measure(fn) for name, fn in peers.items()}
+    times = time_ms(peers, "cuda" if cuda else "cpu", repeats)
+    nv_mib = B * H * H * V * 4 / 2**20
+    L = sum(s * s for s in SCHEDULE)
+    # the extension's buffers: token rows (+ their normalised copy), norms and
+    # codes per token, the fp32 codebook and its packed copy
+    ext_mib = (B * L * (2 * C * 4 + 4 + 8) + 2 * V * C * 4) / 2**20
+    analytic = {"reference": nv_mib, "extension": ext_mib}
+    for name in peers:
+        row = {"mode": mode, "V": V, "case": f"{mode} V={V}", "peer": name, "B": B,
+               "ms_median": statistics.median(times[name]), "ms_min": min(times[name]),
+               "ms_all": times[name], "peak_mib": peak[name], "agree": agree[name],
+               "analytic_mib": analytic[name]}
+        report.append("rows", row)
+    speedup = statistics.median(times["reference"]) / statistics.median(times["extension"])
+    report.append("summary", {"mode": mode, "V": V, "speedup": speedup})
+    print(f"{mode:8s} V={V:5d}  reference {statistics.median(times['reference']):9.1f} ms"
+          f" (peak {_fmt(peak['reference'])} MiB; largest [N,V] fp32 {nv_mib:.0f} MiB)  "
+          f"extension {statistics.median(times['extension']):8.1f} ms (peak "
+          f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  "
+          f"agree {agree['extension']:.6f}",
+          flush=True)
+
+
 def main() -> int:
     args = parse_args()
     if args.smoke:  # CPU, 2 latents, a 64-row codebook, one timed call per peer
         args.device, args.batch, args.vocabs, args.repeats = "cpu", 2, [64], 1
     import torch
 
-    from sar_fast import _C_loader, ops
-    from sar_fast.ops import reference
+    from sar_fast import _C_loader
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not (torch.cuda.is_available() and _C_loader.cuda_compiled()):
@@ -136,54 +180,20 @@ def main() -> int:
         date=time.strftime("%Y-%m-%d"), batch=B, channels=C, side=H, schedule=SCHEDULE, repeats=repeats,
         target_speedup=TARGET_SPEEDUP, rows=[], summary=[],
         memory_method="torch.cuda.max_memory_allocated delta" if cuda else "peak RSS delta (VmHWM)")
-    rows, summary = report.doc["rows"], report.doc["summary"]
     with torch.no_grad():
         phi = make_phi(torch, C, device)
         for mode in args.modes:
-            normalize = mode == "flexvar"
             for V in args.vocabs:
-                codebook = torch.randn(V, C, device=device) * (1.0 if normalize else 0.5)
-                run_phi = phi if mode == "var" else None
-
-                def ref():
-                    return reference.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
-
-                def ext():
-                    with ops.use_backend("kernel"):  # the extension, never the reference
-                        return ops.msq_encode(latent, codebook, SCHEDULE, mode, normalize, run_phi)
-
-                peers = {"reference": ref, "extension": ext}
-                want = ref()
-                agree = {"reference": 1.0, "extension": (ext() == want).float().mean().item()}
-                peak = {name: memory.measure(fn) for name, fn in peers.items()}
-                times = time_ms(peers, "cuda" if cuda else "cpu", repeats)
-                nv_mib = B * H * H * V * 4 / 2**20
-                L = sum(s * s for s in SCHEDULE)
-                # the extension's buffers: token rows (+ their normalised copy), norms and
-                # codes per token, the fp32 codebook and its packed copy
-                ext_mib = (B * L * (2 * C * 4 + 4 + 8) + 2 * V * C * 4) / 2**20
-                analytic = {"reference": nv_mib, "extension": ext_mib}
-                for name in peers:
-                    row = {"mode": mode, "V": V, "case": f"{mode} V={V}", "peer": name, "B": B,
-                           "ms_median": statistics.median(times[name]), "ms_min": min(times[name]),
-                           "ms_all": times[name], "peak_mib": peak[name], "agree": agree[name],
-                           "analytic_mib": analytic[name]}
-                    report.append("rows", row)
-                speedup = statistics.median(times["reference"]) / statistics.median(times["extension"])
-                report.append("summary", {"mode": mode, "V": V, "speedup": speedup})
-                print(f"{mode:8s} V={V:5d}  reference {statistics.median(times['reference']):9.1f} ms"
-                      f" (peak {_fmt(peak['reference'])} MiB; largest [N,V] fp32 {nv_mib:.0f} MiB)  "
-                      f"extension {statistics.median(times['extension']):8.1f} ms (peak "
-                      f"{_fmt(peak['extension'])} MiB; buffers {ext_mib:.1f} MiB)  speedup {speedup:5.1f}x  "
-                      f"agree {agree['extension']:.6f}",
-                      flush=True)
+                codebook = torch.randn(V, C, device=device) * (1.0 if mode == "flexvar" else 0.5)
+                measure_case(torch, report, memory, latent, codebook, mode, phi, cuda, repeats)
     report.close()
     cases = [f"{m} V={v}" for m in args.modes for v in args.vocabs]
-    bar_panels(os.path.join(args.out, "bench_quantize.png"), rows, "case", cases, ["reference", "extension"],
+    bar_panels(os.path.join(args.out, "bench_quantize.png"), report.doc["rows"], "case", cases,
+               ["reference", "extension"],
                [(m, key, f"{m}: {title}") for m in args.modes
                 for key, title in (("ms_median", "ms per call (median)"), ("peak_mib", "peak memory (MiB)"))],
                grid=(len(args.modes), 2))
-    worst = min(s["speedup"] for s in summary)
+    worst = min(s["speedup"] for s in report.doc["summary"])
     print(f"slowest speedup {worst:.1f}x (target >= {TARGET_SPEEDUP}x)")
     return 0
 

@@ -137,221 +137,263 @@ def plot(report: dict, path: str) -> bool:
     return True
 
 
-def main() -> int:
-    args = parse_args()
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
-    import torch
-    import torch.nn.functional as F
+class Run:
+    """One bench run: the shapes, the modules under test, the clock and the report that
+    every section below fills in (and writes) row by row."""
 
-    if not torch.cuda.is_available() and not args.smoke:
-        print("bench_scale_shift: no CUDA device; nothing measured (use --smoke for a CPU run "
-              "of the same code paths under the Triton interpreter)")
-        return 0
-    import importlib
+    def __init__(self, args: argparse.Namespace, torch, cuda: bool):
+        import importlib
 
-    from sar_fast import ops
-    from sar_fast.ops import reference
-    from sar_fast.schedules import STANDARD_SCHEDULE, random_flexvar_schedule, scale_offsets, total_length
-    ss = importlib.import_module("sar_fast.ops.scale_shift")
-    kern = importlib.import_module("sar_fast.kernels.scale_shift")
+        import torch.nn.functional as F
 
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = "cuda" if cuda else "cpu"
-    began = time.perf_counter()
-    if args.smoke:
-        schedule, V, C, batches = (1, 2, 3), 16, 4, [2]
-        args.repeats, args.inner, args.warmup = 2, 1, 1
-        args.no_compile = True  # inductor's CPU compile would dominate the smoke run
-    else:
-        schedule, V, C, batches = STANDARD_SCHEDULE, VOCAB, CODE_DIM, args.batches
-    ops.set_backend("kernel")  # the kernels even where 'auto' would pick them anyway
-    clock = Clock(torch, cuda, args.warmup, args.repeats, args.inner)
-    torch.manual_seed(0)
-    book = F.normalize(torch.randn(V, C, device=device), dim=-1)
-    L = total_length(schedule)
-    rows_out = L - schedule[0] ** 2
+        from sar_fast import ops
+        from sar_fast.ops import reference
+        from sar_fast.schedules import STANDARD_SCHEDULE, total_length
+        self.args, self.torch, self.F, self.cuda = args, torch, F, cuda
+        self.ops, self.reference = ops, reference
+        self.ss = importlib.import_module("sar_fast.ops.scale_shift")
+        self.kern = importlib.import_module("sar_fast.kernels.scale_shift")
+        self.device = "cuda" if cuda else "cpu"
+        self.began = time.perf_counter()
+        if args.smoke:
+            self.schedule, self.V, self.C, self.batches = (1, 2, 3), 16, 4, [2]
+            args.repeats, args.inner, args.warmup = 2, 1, 1
+            args.no_compile = True  # inductor's CPU compile would dominate the smoke run
+        else:
+            self.schedule, self.V, self.C, self.batches = STANDARD_SCHEDULE, VOCAB, CODE_DIM, args.batches
+        ops.set_backend("kernel")  # the kernels even where 'auto' would pick them anyway
+        self.clock = Clock(torch, cuda, args.warmup, args.repeats, args.inner)
+        torch.manual_seed(0)
+        self.book = F.normalize(torch.randn(self.V, self.C, device=self.device), dim=-1)
+        self.L = total_length(self.schedule)
+        self.rows_out = self.L - self.schedule[0] ** 2
+        os.makedirs(args.out, exist_ok=True)
+        self.path = os.path.join(args.out, "bench_scale_shift.json")
+        self.writer = JsonReport(
+            self.path, device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",
+            torch=torch.__version__,
+            config={"schedule": list(self.schedule), "V": self.V, "C": self.C, "batches": self.batches,
+                    "default_block_p_num_warps": list(self.kern.default_config(self.C)),
+                    "repeats": args.repeats, "inner": args.inner},
+            targets={"speedup_vs_eager": TARGET_VS_EAGER, "fraction_of_copy_bandwidth": TARGET_OF_COPY},
+            checks={}, forward=[], copy={}, ssr=[], dense=[], sweep=[], skipped=[])
+        self.report = self.writer.doc  # sections fill in place; writer.write() after each row
 
-    def over_budget(section: str) -> bool:
-        spent = time.perf_counter() - began
-        if spent > args.budget:
-            report["skipped"].append(f"{section} (budget spent: {spent:.0f} s)")
+    def over_budget(self, section: str) -> bool:
+        """True (and the section recorded as skipped) once --budget seconds are spent."""
+        spent = time.perf_counter() - self.began
+        if spent > self.args.budget:
+            self.report["skipped"].append(f"{section} (budget spent: {spent:.0f} s)")
             return True
         return False
 
-    def eager_loop(codes, out_dtype):
-        maps = reference.embed_scales(codes, book, schedule)
-        return reference.scale_shift(maps, schedule).to(out_dtype)
+    def eager_loop(self, codes, out_dtype):
+        maps = self.reference.embed_scales(codes, self.book, self.schedule)
+        return self.reference.scale_shift(maps, self.schedule).to(out_dtype)
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_scale_shift.json")
-    writer = JsonReport(
-        path, device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",
-        torch=torch.__version__,
-        config={"schedule": list(schedule), "V": V, "C": C, "batches": batches,
-                "default_block_p_num_warps": list(kern.default_config(C)),
-                "repeats": args.repeats, "inner": args.inner},
-        targets={"speedup_vs_eager": TARGET_VS_EAGER, "fraction_of_copy_bandwidth": TARGET_OF_COPY},
-        checks={}, forward=[], copy={}, ssr=[], dense=[], sweep=[], skipped=[])
-    report = writer.doc  # sections fill in place; writer.write() after each row
+    def codes_meta(self, codes):
+        return self.ss._codes_meta(tuple(self.schedule), tuple(range(len(self.schedule) - 1)), codes.device)
 
-    # -------------------------------------------------------------- correctness, recompiles
-    codes = torch.randint(0, V, (batches[-1], L), device=device)
-    want = eager_loop(codes, torch.float32)
-    got = ops.scale_shift(codes, book, schedule, check_range=False)
-    report["checks"]["max_abs_err_fp32"] = (got - want).abs().max().item()
-    got16 = ops.scale_shift(codes, book, schedule, check_range=False, out_dtype=torch.bfloat16)
-    report["checks"]["max_abs_err_bf16_out"] = (got16.float() - want).abs().max().item()
-    if cuda:
+    def add_row(self, section: str, row: dict) -> None:
+        self.writer.append(section, row)
+        print(json.dumps(row))
+
+
+def check_errors(run: Run) -> None:
+    """Max abs error of the op against the reference (fp32 and bf16 output) and, on CUDA,
+    over random FlexVAR schedules together with the kernel compilations they cost."""
+    torch, ops, reference, book, V = run.torch, run.ops, run.reference, run.book, run.V
+    checks = run.report["checks"]
+    codes = torch.randint(0, V, (run.batches[-1], run.L), device=run.device)
+    want = run.eager_loop(codes, torch.float32)
+    got = ops.scale_shift(codes, book, run.schedule, check_range=False)
+    checks["max_abs_err_fp32"] = (got - want).abs().max().item()
+    got16 = ops.scale_shift(codes, book, run.schedule, check_range=False, out_dtype=torch.bfloat16)
+    checks["max_abs_err_bf16_out"] = (got16.float() - want).abs().max().item()
+    if run.cuda:
+        from sar_fast.schedules import random_flexvar_schedule, total_length
         rng = random.Random(0)
         schedules = {random_flexvar_schedule(rng) for _ in range(20)}
         worst = 0.0
 
         def variants() -> int:
-            return sum(len(c[0]) for c in kern._scale_shift_fwd_kernel.device_caches.values())
+            return sum(len(c[0]) for c in run.kern._scale_shift_fwd_kernel.device_caches.values())
         before = variants()
         for sched in schedules:
-            c = torch.randint(0, V, (2, total_length(sched)), device=device)
+            c = torch.randint(0, V, (2, total_length(sched)), device=run.device)
             ref = reference.scale_shift(reference.embed_scales(c, book, sched), sched)
             worst = max(worst, (ops.scale_shift(c, book, sched, check_range=False) - ref).abs().max().item())
-        report["checks"]["random_schedules"] = len(schedules)
-        report["checks"]["random_schedules_max_abs_err"] = worst
-        report["checks"]["recompiles_over_random_schedules"] = variants() - before
-    writer.write()
-    print("checks:", json.dumps(report["checks"]))
+        checks["random_schedules"] = len(schedules)
+        checks["random_schedules_max_abs_err"] = worst
+        checks["recompiles_over_random_schedules"] = variants() - before
+    run.writer.write()
+    print("checks:", json.dumps(checks))
 
-    # -------------------------------------------------------------- forward from codes
-    compiled = None
-    if not args.no_compile:
-        compiled = torch.compile(eager_loop)
-    for B in batches:
-        codes = torch.randint(0, V, (B, L), device=device)
-        for out_dtype in (torch.float32, torch.bfloat16) if cuda else (torch.float32,):
-            out = torch.empty(B, rows_out, C, dtype=out_dtype, device=device)
-            nbytes = out.numel() * out.element_size() + codes.numel() * codes.element_size() + book.numel() * 4
-            meta = ss._codes_meta(tuple(schedule), tuple(range(len(schedule) - 1)), codes.device)
-            sides = list(schedule[1:])
-            peers = {
-                "eager": lambda: eager_loop(codes, out_dtype),
-                "sar_fast": lambda: ops.scale_shift(codes, book, schedule, check_range=False, out_dtype=out_dtype),
-                "kernel": lambda: kern.launch_forward(out, book, codes, meta, sides, C),
-            }
-            if compiled is not None and out_dtype == torch.float32:  # compile time: fp32 only
-                peers["compiled"] = lambda: compiled(codes, out_dtype)
-            for name, fn in peers.items():
-                if name == "compiled":
-                    if over_budget(f"compiled B={B} {out_dtype}"):
-                        continue
-                    t0 = time.perf_counter()
-                    attempt(fn)
-                    compile_s = time.perf_counter() - t0
-                row = {"peer": name, "B": B, "out_dtype": str(out_dtype).replace("torch.", ""), "bytes": nbytes}
-                if name == "compiled":
-                    row["first_call_s"] = round(compile_s, 2)
-                row["ms"] = attempt(clock.events, fn)
-                row["graph_ms"] = attempt(clock.graph, fn)
-                row["peak_mb"] = attempt(clock.peak_mb, fn)
-                for key in ("ms", "graph_ms"):
-                    if isinstance(row[key], float):
-                        row[key.replace("ms", "GBps")] = nbytes / (row[key] * 1e-3) / 1e9
-                writer.append("forward", row)
-                print(json.dumps(row))
-        if cuda:  # the roofline: a device-to-device copy of the fp32 output's size
-            src = torch.empty(B * rows_out * C * 4, dtype=torch.uint8, device=device)
-            dst = torch.empty_like(src)
-            ms = clock.events(lambda: dst.copy_(src))
-            gms = attempt(clock.graph, lambda: dst.copy_(src))
-            report["copy"][str(B)] = {"bytes": 2 * src.numel(), "ms": ms, "GBps": 2 * src.numel() / (ms * 1e-3) / 1e9,
-                                      "graph_ms": gms}
-            if isinstance(gms, float):
-                report["copy"][str(B)]["graph_GBps"] = 2 * src.numel() / (gms * 1e-3) / 1e9
-            del src, dst
-    if cuda:
-        big = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(big)
-        ms = Clock(torch, True, 2, 10, 3).events(lambda: dst.copy_(big))
-        report["copy"]["1GiB"] = {"bytes": 2 * big.numel(), "ms": ms, "GBps": 2 * big.numel() / (ms * 1e-3) / 1e9}
-        del big, dst
-        writer.write()
-        print("copy:", json.dumps(report["copy"]))
 
-    # -------------------------------------------------------------- SSR inputs (largest B)
-    B = batches[-1]
-    pred = torch.randint(0, V, (B, L), device=device)
-    if not over_budget("ssr"):
-        n, offsets = len(schedule), scale_offsets(schedule)
-        for transitions in ("last", "all"):
-            def eager_ssr(transitions=transitions):  # embeds only the scales it reads
-                js = [n - 2] if transitions == "last" else range(n - 1)
-                blocks = []
-                for j in js:
-                    s_in = schedule[j]
-                    emb = book[pred[:, offsets[j]:offsets[j] + s_in * s_in]].transpose(1, 2)
-                    up = F.interpolate(emb.reshape(B, C, s_in, s_in), size=(schedule[j + 1],) * 2, mode="bicubic")
-                    blocks.append(up.flatten(2).transpose(1, 2))
-                return torch.cat(blocks, dim=1)
-            def fused_ssr(transitions=transitions):
-                return ss.ssr_inputs(pred, book, schedule, transitions, check_range=False)
-            for name, fn in {"eager": eager_ssr, "sar_fast": fused_ssr}.items():
-                row = {"peer": name, "B": B, "transitions": transitions,
-                       "ms": attempt(clock.events, fn), "graph_ms": attempt(clock.graph, fn)}
-                writer.append("ssr", row)
-                print(json.dumps(row))
+def forward_peers(run: Run, codes, out_dtype, compiled) -> dict:
+    """The callables timed on one batch of codes: eager, sar_fast, the bare launcher and
+    (fp32 output only) the compiled loop."""
+    torch, C = run.torch, run.C
+    out = torch.empty(codes.shape[0], run.rows_out, C, dtype=out_dtype, device=run.device)
+    meta, sides = run.codes_meta(codes), list(run.schedule[1:])
+    peers = {
+        "eager": lambda: run.eager_loop(codes, out_dtype),
+        "sar_fast": lambda: run.ops.scale_shift(codes, run.book, run.schedule, check_range=False, out_dtype=out_dtype),
+        "kernel": lambda: run.kern.launch_forward(out, run.book, codes, meta, sides, C),
+    }
+    if compiled is not None and out_dtype == torch.float32:  # compile time: fp32 only
+        peers["compiled"] = lambda: compiled(codes, out_dtype)
+    return peers
 
-    # -------------------------------------------------------------- dense latents, fwd + bwd
-    if not over_budget("dense"):
-        maps = [torch.randn(B, C, s, s, device=device, requires_grad=True) for s in schedule]
-        grad = torch.randn(B, rows_out, C, device=device)
 
-        def fwd_bwd(impl):
-            for m in maps:
-                m.grad = None
-            with ops.use_backend(impl):
-                ops.scale_shift(scales=maps, schedule=schedule).backward(grad)
+def time_forward_peer(run: Run, name: str, fn, B: int, out_dtype, nbytes: int) -> None:
+    """One forward row: events and graph times, peak memory, GB/s (and the compiled peer's
+    first call, which holds its compile time)."""
+    if name == "compiled":
+        if run.over_budget(f"compiled B={B} {out_dtype}"):
+            return
+        t0 = time.perf_counter()
+        attempt(fn)
+        compile_s = time.perf_counter() - t0
+    row = {"peer": name, "B": B, "out_dtype": str(out_dtype).replace("torch.", ""), "bytes": nbytes}
+    if name == "compiled":
+        row["first_call_s"] = round(compile_s, 2)
+    row["ms"] = attempt(run.clock.events, fn)
+    row["graph_ms"] = attempt(run.clock.graph, fn)
+    row["peak_mb"] = attempt(run.clock.peak_mb, fn)
+    for key in ("ms", "graph_ms"):
+        if isinstance(row[key], float):
+            row[key.replace("ms", "GBps")] = nbytes / (row[key] * 1e-3) / 1e9
+    run.add_row("forward", row)
 
-        def fwd(impl):
-            with torch.no_grad(), ops.use_backend(impl):
-                ops.scale_shift(scales=maps, schedule=schedule)
 
-        fwd_bwd("kernel")
-        got = [m.grad.clone() for m in maps[:-1]]
-        fwd_bwd("reference")
-        report["checks"]["dense_grad_max_abs_err"] = max((g - m.grad).abs().max().item()
+def time_copy(run: Run, B: int) -> None:
+    """The roofline for batch B: a device-to-device copy of the fp32 output's size."""
+    torch, clock = run.torch, run.clock
+    src = torch.empty(B * run.rows_out * run.C * 4, dtype=torch.uint8, device=run.device)
+    dst = torch.empty_like(src)
+    ms = clock.events(lambda: dst.copy_(src))
+    gms = attempt(clock.graph, lambda: dst.copy_(src))
+    entry = {"bytes": 2 * src.numel(), "ms": ms, "GBps": 2 * src.numel() / (ms * 1e-3) / 1e9, "graph_ms": gms}
+    if isinstance(gms, float):
+        entry["graph_GBps"] = 2 * src.numel() / (gms * 1e-3) / 1e9
+    run.report["copy"][str(B)] = entry
+
+
+def time_peak_copy(run: Run) -> None:
+    """The peak: a device-to-device copy of 1 GiB."""
+    torch = run.torch
+    big = torch.empty(2 ** 30, dtype=torch.uint8, device=run.device)
+    dst = torch.empty_like(big)
+    ms = Clock(torch, True, 2, 10, 3).events(lambda: dst.copy_(big))
+    run.report["copy"]["1GiB"] = {"bytes": 2 * big.numel(), "ms": ms, "GBps": 2 * big.numel() / (ms * 1e-3) / 1e9}
+
+
+def time_forward(run: Run) -> None:
+    """Every forward peer for every batch size and output dtype, then the copy rooflines."""
+    torch = run.torch
+    compiled = None if run.args.no_compile else torch.compile(run.eager_loop)
+    for B in run.batches:
+        codes = torch.randint(0, run.V, (B, run.L), device=run.device)
+        for out_dtype in (torch.float32, torch.bfloat16) if run.cuda else (torch.float32,):
+            nbytes = (B * run.rows_out * run.C * out_dtype.itemsize + codes.numel() * codes.element_size()
+                      + run.book.numel() * 4)
+            for name, fn in forward_peers(run, codes, out_dtype, compiled).items():
+                time_forward_peer(run, name, fn, B, out_dtype, nbytes)
+        if run.cuda:
+            time_copy(run, B)
+    if run.cuda:
+        time_peak_copy(run)
+        run.writer.write()
+        print("copy:", json.dumps(run.report["copy"]))
+
+
+def time_ssr(run: Run, pred) -> None:
+    """SSR inputs ('last' and 'all' transitions) from predicted codes: eager vs fused."""
+    from sar_fast.schedules import scale_offsets
+    torch, F, book, schedule, C = run.torch, run.F, run.book, run.schedule, run.C
+    B = pred.shape[0]
+    n, offsets = len(schedule), scale_offsets(schedule)
+    for transitions in ("last", "all"):
+        def eager_ssr(transitions=transitions):  # embeds only the scales it reads
+            js = [n - 2] if transitions == "last" else range(n - 1)
+            blocks = []
+            for j in js:
+                s_in = schedule[j]
+                emb = book[pred[:, offsets[j]:offsets[j] + s_in * s_in]].transpose(1, 2)
+                up = F.interpolate(emb.reshape(B, C, s_in, s_in), size=(schedule[j + 1],) * 2, mode="bicubic")
+                blocks.append(up.flatten(2).transpose(1, 2))
+            return torch.cat(blocks, dim=1)
+
+        def fused_ssr(transitions=transitions):
+            return run.ss.ssr_inputs(pred, book, schedule, transitions, check_range=False)
+        for name, fn in {"eager": eager_ssr, "sar_fast": fused_ssr}.items():
+            run.add_row("ssr", {"peer": name, "B": B, "transitions": transitions,
+                                "ms": attempt(run.clock.events, fn), "graph_ms": attempt(run.clock.graph, fn)})
+
+
+def time_dense(run: Run, B: int) -> None:
+    """The dense-latent path (scale maps in, autograd through): forward and forward +
+    backward, kernel vs reference, and the kernel's gradient error."""
+    torch, ops, schedule = run.torch, run.ops, run.schedule
+    maps = [torch.randn(B, run.C, s, s, device=run.device, requires_grad=True) for s in schedule]
+    grad = torch.randn(B, run.rows_out, run.C, device=run.device)
+
+    def fwd_bwd(impl):
+        for m in maps:
+            m.grad = None
+        with ops.use_backend(impl):
+            ops.scale_shift(scales=maps, schedule=schedule).backward(grad)
+
+    def fwd(impl):
+        with torch.no_grad(), ops.use_backend(impl):
+            ops.scale_shift(scales=maps, schedule=schedule)
+
+    fwd_bwd("kernel")
+    got = [m.grad.clone() for m in maps[:-1]]
+    fwd_bwd("reference")
+    run.report["checks"]["dense_grad_max_abs_err"] = max((g - m.grad).abs().max().item()
                                                         for g, m in zip(got, maps[:-1]))
-        for impl, name in (("reference", "eager"), ("kernel", "sar_fast")):
-            row = {"peer": name, "B": B, "fwd_ms": attempt(clock.events, lambda: fwd(impl)),
-                   "fwd_bwd_ms": attempt(clock.events, lambda: fwd_bwd(impl))}
-            writer.append("dense", row)
-            print(json.dumps(row))
+    for impl, name in (("reference", "eager"), ("kernel", "sar_fast")):
+        run.add_row("dense", {"peer": name, "B": B, "fwd_ms": attempt(run.clock.events, lambda: fwd(impl)),
+                              "fwd_bwd_ms": attempt(run.clock.events, lambda: fwd_bwd(impl))})
 
-    # -------------------------------------------------------------- kernel config sweep
-    if not args.no_sweep and not over_budget("sweep"):
-        codes = torch.randint(0, V, (B, L), device=device)
-        meta = ss._codes_meta(tuple(schedule), tuple(range(len(schedule) - 1)), codes.device)
-        tiles = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
-        configs = [(torch.float32, p, w) for p, w in (tiles if cuda else tiles[:1])]
-        if cuda:
-            configs += [(torch.bfloat16, p, w) for p, w in ((32, 4), (64, 4), (64, 8))]
-        for out_dtype, block_p, warps in configs:
-            if over_budget("rest of sweep"):
-                break
-            out = torch.empty(B, rows_out, C, dtype=out_dtype, device=device)
-            nbytes = out.numel() * out.element_size() + codes.numel() * 8 + book.numel() * 4
-            fn = lambda: kern.launch_forward(out, book, codes, meta, list(schedule[1:]), C,  # noqa: E731
+
+SWEEP_TILES = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
+SWEEP_TILES_BF16 = [(32, 4), (64, 4), (64, 8)]
+
+
+def sweep_configs(run: Run, B: int) -> None:
+    """The forward kernel at each (BLOCK_P, num_warps), and the fastest per output dtype."""
+    torch, clock = run.torch, run.clock
+    codes = torch.randint(0, run.V, (B, run.L), device=run.device)
+    meta = run.codes_meta(codes)
+    configs = [(torch.float32, p, w) for p, w in (SWEEP_TILES if run.cuda else SWEEP_TILES[:1])]
+    if run.cuda:
+        configs += [(torch.bfloat16, p, w) for p, w in SWEEP_TILES_BF16]
+    for out_dtype, block_p, warps in configs:
+        if run.over_budget("rest of sweep"):
+            break
+        out = torch.empty(B, run.rows_out, run.C, dtype=out_dtype, device=run.device)
+        nbytes = out.numel() * out.element_size() + codes.numel() * 8 + run.book.numel() * 4
+        fn = lambda: run.kern.launch_forward(out, run.book, codes, meta, list(run.schedule[1:]), run.C,  # noqa: E731
                                              block_p=block_p, num_warps=warps)
-            ms = attempt(clock.graph if cuda else clock.events, fn)
-            row = {"B": B, "out_dtype": str(out_dtype).replace("torch.", ""), "block_p": block_p,
-                   "num_warps": warps, "ms": ms}
-            if isinstance(ms, float):
-                row["GBps"] = nbytes / (ms * 1e-3) / 1e9
-            writer.append("sweep", row)
-        best = [r for r in report["sweep"] if isinstance(r.get("ms"), float)]
-        if best:
-            report["sweep_best"] = {dt: min((r for r in best if r["out_dtype"] == dt), key=lambda r: r["ms"])
+        ms = attempt(clock.graph if run.cuda else clock.events, fn)
+        row = {"B": B, "out_dtype": str(out_dtype).replace("torch.", ""), "block_p": block_p,
+               "num_warps": warps, "ms": ms}
+        if isinstance(ms, float):
+            row["GBps"] = nbytes / (ms * 1e-3) / 1e9
+        run.writer.append("sweep", row)
+    best = [r for r in run.report["sweep"] if isinstance(r.get("ms"), float)]
+    if best:
+        run.report["sweep_best"] = {dt: min((r for r in best if r["out_dtype"] == dt), key=lambda r: r["ms"])
                                     for dt in {r["out_dtype"] for r in best}}
-            print("sweep best:", json.dumps(report["sweep_best"]))
+        print("sweep best:", json.dumps(run.report["sweep_best"]))
 
-    # -------------------------------------------------------------- summary against targets
+
+def summarize(report: dict) -> dict:
+    """Per (B, output dtype): sar_fast's speedup over eager and its fraction of the copy
+    bandwidth, the two numbers the targets are stated in."""
     summary = {}
     for r in report["forward"]:
         if r["peer"] != "sar_fast":
@@ -367,10 +409,35 @@ def main() -> int:
             if isinstance(r.get(key), float) and isinstance(copy.get(ckey), float):
                 entry[f"fraction_of_copy_{key}"] = r[key] / copy[ckey]
         summary[f"B={r['B']} {r['out_dtype']}"] = entry
-    writer.close(summary=summary, seconds=round(time.perf_counter() - began, 1))
+    return summary
+
+
+def main() -> int:
+    args = parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench_scale_shift: no CUDA device; nothing measured (use --smoke for a CPU run "
+              "of the same code paths under the Triton interpreter)")
+        return 0
+    run = Run(args, torch, cuda=torch.cuda.is_available() and not args.smoke)
+    check_errors(run)
+    time_forward(run)
+    B = run.batches[-1]  # the largest batch for the remaining sections
+    pred = torch.randint(0, run.V, (B, run.L), device=run.device)  # drawn either way: later draws stay put
+    if not run.over_budget("ssr"):
+        time_ssr(run, pred)
+    if not run.over_budget("dense"):
+        time_dense(run, B)
+    if not args.no_sweep and not run.over_budget("sweep"):
+        sweep_configs(run, B)
+    summary = summarize(run.report)
+    run.writer.close(summary=summary, seconds=round(time.perf_counter() - run.began, 1))
     print("summary:", json.dumps(summary, indent=1))
-    print("wrote", path)
-    if plot(report, os.path.join(args.out, "bench_scale_shift.png")):
+    print("wrote", run.path)
+    if plot(run.report, os.path.join(args.out, "bench_scale_shift.png")):
         print("wrote", os.path.join(args.out, "bench_scale_shift.png"))
     return 0
 

@@ -137,7 +137,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ measurement
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu", action="store_true", help="the CPU shape of issue 17 (depth 2, width 256, V 4096)")
@@ -148,38 +148,52 @@ def main() -> None:
                     help="interleaved steps per objective (median taken)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def bench_model(args: argparse.Namespace):
+    """(schedule, model, batch, repeats, autocast dtype or None, label) for --smoke, --cpu
+    or the GPU preset; the model is built on the CPU."""
+    if args.smoke:
+        schedule = (1, 2, 3, 4, 6)
+        model = build_model("flexvar-tiny", depth=1, embed_dim=64, num_heads=2, vocab_size=257, code_dim=8,
+                            schedule=schedule, cond_drop_rate=0.1)
+        return schedule, model, args.batch or 4, args.repeats or 1, None, "flexvar-tiny(1x64, V257)"
+    if args.cpu:
+        schedule = STANDARD_SCHEDULE
+        model = build_model("flexvar-d16", depth=2, embed_dim=256, num_heads=4, vocab_size=4096, code_dim=32,
+                            schedule=schedule, cond_drop_rate=0.1)
+        return schedule, model, args.batch or 8, args.repeats or 5, None, "flexvar(2x256, 4 heads, V4096)"
+    model = build_model(args.model or "flexvar-d16", cond_drop_rate=0.1)
+    return STANDARD_SCHEDULE, model, args.batch or 32, args.repeats or 10, torch.bfloat16, args.model or "flexvar-d16"
+
+
+def case_configs(cases: str, vocab_size: int) -> dict[str, SARConfig]:
+    """The --cases objectives by name, top_k capped at the vocabulary; an unknown name is an error."""
+    names = [c for c in cases.split(",") if c]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        raise SystemExit(f"--cases: unknown {sorted(unknown)}; choose from {list(CASES)}")
+    return {name: SARConfig(**{**CASES[name], "top_k": min(CASES[name].get("top_k", 0), vocab_size)})
+            for name in names}
+
+
+def main() -> None:
+    args = parse_args()
     os.makedirs(args.out, exist_ok=True)
     on_cpu = args.cpu or args.smoke
     if not on_cpu and not torch.cuda.is_available():
         print("bench_train_step: no CUDA device; run with --cpu (or --smoke) for the CPU numbers")
         return
     device = torch.device("cpu" if on_cpu else "cuda")
-    if args.smoke:
-        schedule = (1, 2, 3, 4, 6)
-        model = build_model("flexvar-tiny", depth=1, embed_dim=64, num_heads=2, vocab_size=257, code_dim=8,
-                            schedule=schedule, cond_drop_rate=0.1)
-        batch, repeats, amp, label = args.batch or 4, args.repeats or 1, None, "flexvar-tiny(1x64, V257)"
-    elif args.cpu:
-        schedule = STANDARD_SCHEDULE
-        model = build_model("flexvar-d16", depth=2, embed_dim=256, num_heads=4, vocab_size=4096, code_dim=32,
-                            schedule=schedule, cond_drop_rate=0.1)
-        batch, repeats, amp, label = args.batch or 8, args.repeats or 5, None, "flexvar(2x256, 4 heads, V4096)"
-    else:
-        schedule = STANDARD_SCHEDULE
-        model = build_model(args.model or "flexvar-d16", cond_drop_rate=0.1)
-        batch, repeats, amp, label = args.batch or 32, args.repeats or 10, torch.bfloat16, args.model or "flexvar-d16"
+    schedule, model, batch, repeats, amp, label = bench_model(args)
     model.to(device).train()
     mc = model.config
     codebook = F.normalize(torch.randn(model.vocab_size, model.code_dim, device=device), dim=-1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     L = total_length(schedule)
-    names = [c for c in args.cases.split(",") if c]
-    unknown = set(names) - set(CASES)
-    if unknown:
-        raise SystemExit(f"--cases: unknown {sorted(unknown)}; choose from {list(CASES)}")
-    cfgs = {name: SARConfig(**{**CASES[name], "top_k": min(CASES[name].get("top_k", 0), model.vocab_size)})
-            for name in names}
+    cfgs = case_configs(args.cases, model.vocab_size)
+    names = list(cfgs)
     gen = torch.Generator(device="cpu").manual_seed(0)
     labels = torch.randint(0, mc.num_classes, (batch,), generator=gen).to(device)
     codes = torch.randint(0, model.vocab_size, (batch, L), generator=gen).to(device)
@@ -198,25 +212,33 @@ def main() -> None:
     times = {name: [ms / 1e3 for ms in got] for name, got in time_ms(
         {name: (lambda cfg=cfgs[name]: step(cfg, next(calls))) for name in names},
         device.type, repeats=repeats, warmup=args.warmup).items()}
+    report_cases(args.out, model, cfgs, times, step, device, batch, schedule, repeats, amp, label)
 
+
+def report_cases(out: str, model, cfgs: dict[str, SARConfig], times: dict[str, list[float]], step, device,
+                 batch: int, schedule, repeats: int, amp, label: str) -> None:
+    """bench_train_step.json: per objective the measured step, one accounted step (FLOPs,
+    MFU, memory), one profiled step's phases and the model's prediction of them; then the
+    printed table and ratios."""
+    mc, L = model.config, total_length(schedule)
     gemm_rate, byte_rate = calibrate(device, amp or torch.float32, batch * L, mc.embed_dim)
     params = sum(p.numel() for p in model.parameters())
     peak = flops.peak_flops(device)
     report = JsonReport(
-        os.path.join(args.out, "bench_train_step.json"),
+        os.path.join(out, "bench_train_step.json"),
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
         threads=torch.get_num_threads(), model=label, params_M=params / 1e6, batch=batch, schedule=list(schedule),
         tokens_per_image=L, repeats=repeats, gemm_flop_s=gemm_rate, copy_byte_s=byte_rate, peak_flop_s=peak,
         cases={})
     results = report.doc
     pass_flops = flops.PassFlops(model.blocks[0], model.config)
-    for name in names:
+    for name, cfg in cfgs.items():
         med = statistics.median(times[name])
-        pred = predict(cfgs[name], mc, batch, schedule, params, 2 if amp else 4)
+        pred = predict(cfg, mc, batch, schedule, params, 2 if amp else 4)
         pred_s = {p: v["flops"] / gemm_rate + v["bytes"] / byte_rate for p, v in pred.items()}
         row = {"step_s": med, "step_s_all": times[name], "img_per_s": batch / med, "tokens_per_s": batch * L / med,
-               **accounted_step(lambda: step(cfgs[name], 20_000), device, pass_flops, med, peak),
-               "phases_s": profiled_phases(lambda: step(cfgs[name], 10_000), device),
+               **accounted_step(lambda: step(cfg, 20_000), device, pass_flops, med, peak),
+               "phases_s": profiled_phases(lambda: step(cfg, 10_000), device),
                "predicted_phases_s": pred_s, "predicted_step_s": sum(pred_s.values()), "predicted": pred}
         results["cases"][name] = row
         report.write()

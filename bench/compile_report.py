@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -248,93 +249,124 @@ def _fp32_matmul(precision: str):
         torch.backends.cuda.matmul.fp32_precision = saved
 
 
+def _op_modules():
+    """The op modules whose torch.library bodies are run (sar_fast.ops re-exports functions
+    of the same names, hence the module imports by name)."""
+    import importlib
+    return tuple(importlib.import_module(f"sar_fast.ops.{m}") for m in ("attention", "cross_entropy", "scale_shift"))
+
+
+def _d16_lengths() -> tuple[int, list[int], int]:
+    """(B, per-scale token counts, L) of the d16 shapes."""
+    lens = [s * s for s in D16["schedule"]]
+    return D16["batch"], lens, sum(lens)
+
+
+def _attention_case(dt, D: int) -> None:
+    """scale_causal_attention: the custom ops with the arguments it passes, forward and backward."""
+    import torch
+    att = _op_modules()[0]
+    B, lens, L = _d16_lengths()
+    H = D16["channels"] // D
+    q, k, v = (torch.empty(B, H, L, D, dtype=dt) for _ in range(3))
+    lay = att.scale_layout(lens, q.device)
+    out, lse = att._attention_fwd(q, k, v, lay.sid, lay.sid, lay.off, lay.off, D ** -0.5, att._NO_WINDOW, False)
+    att._attention_bwd(torch.empty_like(q), q, k, v, out, lse, lay.sid, lay.sid, lay.off, lay.off,
+                       D ** -0.5, att._NO_WINDOW)
+
+
+def _cached_attention_case(dt, D: int) -> None:
+    """cached_attention (sampling): each scale's queries against the cache so far."""
+    import torch
+    att = _op_modules()[0]
+    B, lens, _ = _d16_lengths()
+    H = D16["channels"] // D
+    seen = 0
+    for n in lens:
+        seen += n
+        q = torch.empty(B, H, n, D, dtype=dt)
+        k, v = (torch.empty(B, H, seen, D, dtype=dt) for _ in range(2))
+        ql, kl = att.scale_layout((n,), q.device), att.scale_layout((seen,), q.device)
+        att._attention_fwd(q, k, v, ql.sid, kl.sid, ql.off, kl.off, D ** -0.5, 1, True)
+
+
+def _fp32_precisions(dtype_name: str) -> tuple[str, ...]:
+    """fp32 GEMMs run exact (IEEE) by default and on TF32 tensor cores under torch's "high"
+    fp32 matmul precision (what the trainer sets): both are launched."""
+    return ("ieee", "tf32") if dtype_name == "fp32" else ("ieee",)
+
+
+def _cross_entropy_case(dt, precisions: tuple[str, ...]) -> None:
+    """fused_linear_cross_entropy forward (with and without bias and smoothing) and backward."""
+    import torch
+    ce = _op_modules()[1]
+    B, _, L = _d16_lengths()
+    N, C, V = B * L, D16["channels"], D16["vocab"]
+    h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
+    target = torch.zeros(N, dtype=torch.long)
+    for precision in precisions:
+        with _fp32_matmul(precision):
+            for bias in (b, None):
+                for smoothing in (0.0, 0.1):
+                    _, lse, _ = ce._ce_fwd(h, w, bias, target, smoothing, -100)
+                # the variant depends on the bias gradient flag, not on which of dh/dW is asked
+                ce._ce_bwd(torch.empty(N), h, w, bias, target, lse, 0.1, -100,
+                           bias is None, False, bias is not None)
+
+
+def _kl_div_case(dt, precisions: tuple[str, ...]) -> None:
+    """fused_linear_kl_div forward and backward, teacher given as logits and as hidden states."""
+    import torch
+    ce = _op_modules()[1]
+    B, _, L = _d16_lengths()
+    N, C, V = B * L, D16["channels"], D16["vocab"]
+    h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
+    teachers = {"logits": (torch.empty(N, V, dtype=dt), None), "hidden": (None, torch.empty(N, C, dtype=dt))}
+    for precision in precisions:
+        with _fp32_matmul(precision):
+            for bias in (b, None):
+                for t_logits, t_hidden in teachers.values():
+                    kl, lse, t_lse = ce._kl_fwd(h, w, bias, t_logits, t_hidden, 1.0)
+                    ce._kl_bwd(kl, h, w, bias, t_logits, t_hidden, lse, t_lse, 1.0,
+                               bias is None, False, bias is not None)
+
+
+def _scale_shift_case(dt) -> None:
+    """scale_shift from codes (TF: every transition, SSR: chosen ones), dense, and its adjoint."""
+    import torch
+    ss = _op_modules()[2]
+    B, _, L = _d16_lengths()
+    sched = D16["schedule"]
+    codes = torch.zeros(B, L, dtype=torch.long)
+    every = list(range(len(sched) - 1))
+    # the scale shift works on codebook vectors (Cvae 32); the model width (1024) is
+    # what a caller upsampling hidden states would pass (channel blocks of 128)
+    for width in (D16["codebook_dim"], D16["channels"]):
+        book = torch.empty(4096, width, dtype=dt)
+        ss._codes_op(codes, book, list(sched), every, dt)  # TF: every transition
+        ss._codes_op(codes, book, list(sched), every[::2], dt)  # SSR: chosen transitions
+        maps = [torch.empty(B, width, s, s, dtype=dt) for s in sched]
+        out = ss._dense_op(maps, list(sched), every, dt)
+        ss._adjoint_op(out, list(sched), every, True, dt)
+        ss._adjoint_op(out, list(sched), every, False, dt)
+
+
 def _cases(dtypes: Iterable[str], head_dims: Iterable[int]) -> list[tuple[str, Callable[[], None]]]:
     """(label, call) for every op call whose launches are recorded: the torch.library op bodies
     (what the public ops run on the Triton path) on CPU tensors of the d16 shapes."""
-    import importlib
-
     import torch
-    # the op modules (sar_fast.ops re-exports functions of the same names)
-    att, ce, ss = (importlib.import_module(f"sar_fast.ops.{m}") for m in ("attention", "cross_entropy", "scale_shift"))
-
-    B, sched, C, V = D16["batch"], D16["schedule"], D16["channels"], D16["vocab"]
-    lens = [s * s for s in sched]
-    L = sum(lens)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     cases = []
     for name in dtypes:
         dt = torch_dtype[name]
-
         for D in head_dims:
-            H = C // D
-
-            # the custom ops with the arguments scale_causal_attention / cached_attention pass
-            def attention(dt=dt, D=D, H=H):
-                q, k, v = (torch.empty(B, H, L, D, dtype=dt) for _ in range(3))
-                lay = att.scale_layout(lens, q.device)
-                out, lse = att._attention_fwd(q, k, v, lay.sid, lay.sid, lay.off, lay.off, D ** -0.5,
-                                              att._NO_WINDOW, False)
-                att._attention_bwd(torch.empty_like(q), q, k, v, out, lse, lay.sid, lay.sid, lay.off, lay.off,
-                                   D ** -0.5, att._NO_WINDOW)
-
-            def cached(dt=dt, D=D, H=H):  # sampling: each scale's queries against the cache so far
-                seen = 0
-                for n in lens:
-                    seen += n
-                    q = torch.empty(B, H, n, D, dtype=dt)
-                    k, v = (torch.empty(B, H, seen, D, dtype=dt) for _ in range(2))
-                    ql, kl = att.scale_layout((n,), q.device), att.scale_layout((seen,), q.device)
-                    att._attention_fwd(q, k, v, ql.sid, kl.sid, ql.off, kl.off, D ** -0.5, 1, True)
-
-            cases += [(f"scale_causal_attention fwd+bwd {name} D{D}", attention),
-                      (f"cached_attention {name} D{D}", cached)]
-
-        # fp32 GEMMs run exact (IEEE) by default and on TF32 tensor cores under torch's "high"
-        # fp32 matmul precision (what the trainer sets): both are launched
-        precisions = ("ieee", "tf32") if name == "fp32" else ("ieee",)
-
-        def cross_entropy(dt=dt):
-            N = B * L
-            h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
-            target = torch.zeros(N, dtype=torch.long)
-            for precision in precisions:
-                with _fp32_matmul(precision):
-                    for bias in (b, None):
-                        for smoothing in (0.0, 0.1):
-                            _, lse, _ = ce._ce_fwd(h, w, bias, target, smoothing, -100)
-                        # the variant depends on the bias gradient flag, not on which of dh/dW is asked
-                        ce._ce_bwd(torch.empty(N), h, w, bias, target, lse, 0.1, -100,
-                                   bias is None, False, bias is not None)
-
-        def kl_div(dt=dt):
-            N = B * L
-            h, w, b = torch.empty(N, C, dtype=dt), torch.empty(V, C, dtype=dt), torch.empty(V, dtype=dt)
-            teachers = {"logits": (torch.empty(N, V, dtype=dt), None), "hidden": (None, torch.empty(N, C, dtype=dt))}
-            for precision in precisions:
-                with _fp32_matmul(precision):
-                    for bias in (b, None):
-                        for t_logits, t_hidden in teachers.values():
-                            kl, lse, t_lse = ce._kl_fwd(h, w, bias, t_logits, t_hidden, 1.0)
-                            ce._kl_bwd(kl, h, w, bias, t_logits, t_hidden, lse, t_lse, 1.0,
-                                       bias is None, False, bias is not None)
-
-        def scale_shift(dt=dt):
-            codes = torch.zeros(B, L, dtype=torch.long)
-            every = list(range(len(sched) - 1))
-            # the scale shift works on codebook vectors (Cvae 32); the model width (1024) is
-            # what a caller upsampling hidden states would pass (channel blocks of 128)
-            for width in (D16["codebook_dim"], D16["channels"]):
-                book = torch.empty(4096, width, dtype=dt)
-                ss._codes_op(codes, book, list(sched), every, dt)  # TF: every transition
-                ss._codes_op(codes, book, list(sched), every[::2], dt)  # SSR: chosen transitions
-                maps = [torch.empty(B, width, s, s, dtype=dt) for s in sched]
-                out = ss._dense_op(maps, list(sched), every, dt)
-                ss._adjoint_op(out, list(sched), every, True, dt)
-                ss._adjoint_op(out, list(sched), every, False, dt)
-
-        cases += [(f"fused_linear_cross_entropy fwd+bwd {name}", cross_entropy),
-                  (f"fused_linear_kl_div fwd+bwd {name}", kl_div),
-                  (f"scale_shift TF/SSR/dense/adjoint {name}", scale_shift)]
+            cases += [(f"scale_causal_attention fwd+bwd {name} D{D}", functools.partial(_attention_case, dt, D)),
+                      (f"cached_attention {name} D{D}", functools.partial(_cached_attention_case, dt, D))]
+        precisions = _fp32_precisions(name)
+        cases += [(f"fused_linear_cross_entropy fwd+bwd {name}",
+                   functools.partial(_cross_entropy_case, dt, precisions)),
+                  (f"fused_linear_kl_div fwd+bwd {name}", functools.partial(_kl_div_case, dt, precisions)),
+                  (f"scale_shift TF/SSR/dense/adjoint {name}", functools.partial(_scale_shift_case, dt))]
     return cases
 
 

@@ -142,12 +142,8 @@ def shard_path(out: str, shard: int) -> str:
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename: a
     reader (or a resumed run) sees the whole file or none."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with files.atomic_write(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_is_complete(path: str, indices: np.ndarray) -> bool:
@@ -285,6 +281,92 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
 
 
+def default_out(ckpt: str) -> str:
+    """Where results go without --out: eval-<file> for a hub id, else eval/ beside the checkpoint."""
+    from .hub import is_hub_id, parse_hub_id
+    if is_hub_id(ckpt):
+        return f"eval-{os.path.basename(parse_hub_id(ckpt).filename)}"
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "eval")
+
+
+def build_settings(args, model, device: torch.device) -> tuple[SamplingSettings, torch.dtype | None]:
+    """The settings that decide the images (preset, flags, the weights' sha256) and the
+    autocast dtype (None: fp32)."""
+    from .models.checkpoint import weights_sha256
+    num_classes = args.classes or model.num_classes
+    if num_classes > model.num_classes:
+        raise SystemExit(f"error: --classes {num_classes} exceeds the model's {model.num_classes} classes")
+    try:
+        preset, values = resolve_settings(args, model, args.vae)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    settings = SamplingSettings(
+        checkpoint_sha256=weights_sha256(args.ckpt), tokenizer=args.vae if args.vae == EMBEDDED else
+        f"{os.path.basename(args.vae)}:{weights_sha256(args.vae)}", preset=preset, cfg=float(values["cfg"]),
+        cfg_ramp=values["cfg_ramp"], top_k=int(values["top_k"]), top_p=float(values["top_p"]),
+        schedule=values["schedule"], num_classes=num_classes, per_class=args.per_class, seed=args.seed,
+        shard_size=args.shard_size, dtype=dtype_name)
+    return settings, autocast_dtype
+
+
+def claim_output(out: str, settings: SamplingSettings, rank: int, world: int) -> None:
+    """Rank 0 records the settings in a new folder, or checks a resumed folder's against
+    them; every rank learns the verdict and stops on a mismatch (its shards would mix sets)."""
+    import torch.distributed as dist
+    verdict = [""]
+    if rank == 0:
+        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+        settings_file = os.path.join(out, "settings.json")
+        if os.path.isfile(settings_file):
+            with open(settings_file) as f:
+                previous = json.load(f)
+            changed = {k: (previous.get(k), v) for k, v in asdict(settings).items() if previous.get(k) != v}
+            if changed:
+                verdict[0] = (f"error: {out} holds samples made with other settings ({changed}; "
+                              "old, new); use another --out or delete the folder")
+        else:
+            files.write_json_atomic(settings_file, asdict(settings))
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise SystemExit(verdict[0])
+
+
+@dataclass
+class ShardPlan:
+    """This rank's share of the set: shards dealt round-robin, those already on disk skipped."""
+    total: int                          # images in the whole set
+    num_shards: int                     # shards in the whole set
+    indices: dict[int, np.ndarray]      # this rank's shards: shard -> its image indices
+    todo: list[int]                     # this rank's shards still to sample
+
+    @property
+    def images(self) -> int:
+        return sum(len(v) for v in self.indices.values())
+
+    @property
+    def done(self) -> int:
+        return sum(len(v) for s, v in self.indices.items() if s not in self.todo)
+
+
+def plan_shards(out: str, total: int, shard_size: int, rank: int, world: int) -> ShardPlan:
+    num_shards = -(-total // shard_size)
+    mine = list(range(rank, num_shards, world))
+    indices = {s: np.arange(s * shard_size, min((s + 1) * shard_size, total)) for s in mine}
+    todo = [s for s in mine if not shard_is_complete(shard_path(out, s), indices[s])]
+    return ShardPlan(total, num_shards, indices, todo)
+
+
+def announce(settings: SamplingSettings, plan: ShardPlan, world: int) -> None:
+    print(f"[evaluate] {plan.total} images ({settings.num_classes} classes x {settings.per_class}), preset "
+          f"{settings.preset}: cfg {settings.cfg} ramp {settings.cfg_ramp} top-k {settings.top_k} top-p "
+          f"{settings.top_p} schedule {settings.schedule}; {plan.num_shards} shards on {world} rank(s)"
+          + (f"; resuming, {plan.done} of this rank's {plan.images} already done" if plan.done else ""),
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -298,13 +380,10 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     import torch.distributed as dist
 
-    from .hub import is_hub_id, parse_hub_id
     from .models import load_checkpoint
-    from .models.checkpoint import weights_sha256
     from .models.tokenizers import build_tokenizer, check_model_fits_tokenizer
     from .train.parallel import init_distributed, shutdown
-    out = args.out or (f"eval-{os.path.basename(parse_hub_id(args.ckpt).filename)}" if is_hub_id(args.ckpt)
-                       else os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval"))
+    out = args.out or default_out(args.ckpt)
     info = init_distributed(args.device)
     device, world, rank = info.device, info.world_size, info.rank
     clean = False
@@ -312,70 +391,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = load_checkpoint(args.ckpt).to(device).eval()
         tok = build_tokenizer(args.vae, device)
         check_model_fits_tokenizer(model, tok, "--ckpt")
-        num_classes = args.classes or model.num_classes
-        if num_classes > model.num_classes:
-            raise SystemExit(f"error: --classes {num_classes} exceeds the model's {model.num_classes} classes")
-        try:
-            preset, values = resolve_settings(args, model, args.vae)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-        autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-        settings = SamplingSettings(
-            checkpoint_sha256=weights_sha256(args.ckpt), tokenizer=args.vae if args.vae == EMBEDDED else
-            f"{os.path.basename(args.vae)}:{weights_sha256(args.vae)}", preset=preset, cfg=float(values["cfg"]),
-            cfg_ramp=values["cfg_ramp"], top_k=int(values["top_k"]), top_p=float(values["top_p"]),
-            schedule=values["schedule"], num_classes=num_classes, per_class=args.per_class, seed=args.seed,
-            shard_size=args.shard_size, dtype=dtype_name)
-
-        # rank 0 checks a resumed folder's settings; every rank learns the verdict
-        verdict = [""]
+        settings, autocast_dtype = build_settings(args, model, device)
+        claim_output(out, settings, rank, world)
+        plan = plan_shards(out, settings.num_classes * args.per_class, args.shard_size, rank, world)
         if rank == 0:
-            os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-            settings_file = os.path.join(out, "settings.json")
-            if os.path.isfile(settings_file):
-                with open(settings_file) as f:
-                    previous = json.load(f)
-                changed = {k: (previous.get(k), v) for k, v in asdict(settings).items() if previous.get(k) != v}
-                if changed:
-                    verdict[0] = (f"error: {out} holds samples made with other settings ({changed}; "
-                                  "old, new); use another --out or delete the folder")
-            else:
-                tmp = settings_file + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(asdict(settings), f, indent=1)
-                os.replace(tmp, settings_file)
-        if world > 1:
-            dist.broadcast_object_list(verdict, src=0)
-        if verdict[0]:
-            raise SystemExit(verdict[0])
-
-        total = num_classes * args.per_class
-        num_shards = -(-total // args.shard_size)
-        mine = list(range(rank, num_shards, world))
-        shard_indices = {s: np.arange(s * args.shard_size, min((s + 1) * args.shard_size, total)) for s in mine}
-        todo = [s for s in mine if not shard_is_complete(shard_path(out, s), shard_indices[s])]
-        already = sum(len(shard_indices[s]) for s in mine if s not in todo)
-        mine_total = sum(len(v) for v in shard_indices.values())
-        if rank == 0:
-            print(f"[evaluate] {total} images ({num_classes} classes x {args.per_class}), preset {preset}: cfg "
-                  f"{settings.cfg} ramp {settings.cfg_ramp} top-k {settings.top_k} top-p {settings.top_p} schedule "
-                  f"{settings.schedule}; {num_shards} shards on {world} rank(s)"
-                  + (f"; resuming, {already} of this rank's {mine_total} already done" if already else ""),
-                  file=sys.stderr, flush=True)
-        meter = RateMeter(mine_total, already, world, enabled=rank == 0)
+            announce(settings, plan, world)
+        meter = RateMeter(plan.images, plan.done, world, enabled=rank == 0)
         t_start = time.time()
-        for s in todo:
-            images, labels = sample_shard(model, tok, settings, shard_indices[s], args.batch_size, device,
+        for s in plan.todo:
+            images, labels = sample_shard(model, tok, settings, plan.indices[s], args.batch_size, device,
                                           autocast_dtype, meter)
-            save_npz_atomic(shard_path(out, s), images=images, labels=labels, indices=shard_indices[s])
-        meter.update(0, force=bool(todo))
+            save_npz_atomic(shard_path(out, s), images=images, labels=labels, indices=plan.indices[s])
+        meter.update(0, force=bool(plan.todo))
         sampling_s = time.time() - t_start
         if world > 1:
             dist.barrier()
         result = None
         if rank == 0:
-            result = gather_and_measure(args, out, settings, metric, weights, total, num_shards, device,
+            result = gather_and_measure(args, out, settings, metric, weights, plan.total, plan.num_shards, device,
                                         sampling_s, meter.rate() * world)
         clean = True
         return result
@@ -428,10 +461,7 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
               "image_order": "image k = (class k % C, index k // C)",
               "timing": {"sampling_s": sampling_s, "images_per_s": images_per_s, "metric_s": metric_s},
               "versions": versions(), "device": str(device)}
-    tmp = os.path.join(out, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(out, "metrics.json"))
+    files.write_json_atomic(os.path.join(out, "metrics.json"), record)
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     print(summary)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import poison_outputs
 from sar_fast import ops
 from sar_fast.ops import reference
 from sar_fast.ops.backend import load_kernels
@@ -17,10 +18,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Kernel outputs start as NaN: an element no program writes fails the comparison. On a
-    GPU the autotuner's first call benchmarks every config into the outputs, so the launch
-    poisons them again after it and reruns the winner (kernels/_tuning.TunedKernel)."""
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    poison_outputs(monkeypatch, "attention")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

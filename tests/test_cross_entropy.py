@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import need_module
+from conftest import need_module, poison_outputs
 
 need_module("triton")
 
 from sar_fast import ops  # noqa: E402
-from sar_fast.ops import backend, reference  # noqa: E402
+from sar_fast.ops import reference  # noqa: E402
 from sar_fast.ops.cross_entropy import fused_linear_cross_entropy, fused_linear_kl_div  # noqa: E402
 
 N, V = 37, 75
@@ -26,8 +26,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 
 @pytest.fixture(autouse=True)
 def kern(monkeypatch):
-    k = backend.load_kernels("cross_entropy")
-    monkeypatch.setattr(k, "POISON_OUTPUTS", True)
+    k = poison_outputs(monkeypatch, "cross_entropy")
     with ops.use_backend("kernel"):
         yield k
 

@@ -62,8 +62,9 @@ def assert_within_limits(grids):
 # grid axes: B*H (attention) and B (scale shift) beyond 65,535
 # ------------------------------------------------------------------------------------------
 def test_attention_grids_fit_cuda_limits_for_a_cfg_doubled_batch_of_heads(monkeypatch):
-    """2 x 1,100 samples x 30 heads = 66,000 (batch, head) pairs: they used to ride grid axis 1,
-    which stops at 65,535 (the launch fails on a GPU; the interpreter does not check)."""
+    """2 x 1,100 samples x 30 heads = 66,000 (batch, head) pairs: more than grid axis 1 or 2
+    takes (65,535; the launch fails on a GPU, the interpreter does not check), so they must
+    ride axis 0."""
     record = RecordLaunch({"BLOCK_M": 16, "BLOCK_N": 16})
     for name in ("_fwd_tuned", "_cached_tuned", "_bwd_delta_kernel", "_dkdv_tuned", "_dq_tuned"):
         monkeypatch.setattr(att, name, record)

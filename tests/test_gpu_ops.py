@@ -8,18 +8,17 @@ eager PyTorch's own in the same dtype, plus a floor at the dtype's rounding. Eac
 once to warm up (on a GPU the first call autotunes, timing every config into the same
 output buffers, which would hide an unwritten element), then again on NaN-poisoned outputs.
 """
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import need_module
+from conftest import need_module, poison_outputs
 
 need_module("triton")
 
 from sar_fast import ops  # noqa: E402
-from sar_fast.ops import backend, reference  # noqa: E402
+from sar_fast.ops import reference  # noqa: E402
 from sar_fast.schedules import STANDARD_SCHEDULE, total_length  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -63,7 +62,7 @@ def fwd_bwd(fn, inputs, grad_out=None):
 
 
 def poison_module(monkeypatch, name: str):
-    return lambda: monkeypatch.setattr(backend.load_kernels(name), "POISON_OUTPUTS", True)
+    return lambda: poison_outputs(monkeypatch, name)
 
 
 # ------------------------------------------------------------------ attention
@@ -160,7 +159,6 @@ def test_scale_shift(monkeypatch, dtype, size):
     book = torch.randn(V, C, device=DEVICE)
     codes = torch.randint(0, V, (B, total_length(schedule)), device=DEVICE)
     grad_out = torch.randn(B, total_length(schedule) - schedule[0] ** 2, C, device=DEVICE)
-    module = importlib.import_module("sar_fast.ops.scale_shift")
 
     def ref(codebook):
         return reference.scale_shift(reference.embed_scales(codes, codebook, schedule), schedule)
@@ -169,10 +167,7 @@ def test_scale_shift(monkeypatch, dtype, size):
         with ops.use_backend("kernel"):
             return fwd_bwd(lambda c: ops.scale_shift(codes, c, schedule), leaves(book.to(dtype)), grad_out.to(dtype))
 
-    def poison():
-        monkeypatch.setattr(module, "_empty", lambda *shape, dtype=None, device=None:
-                            torch.full(shape, float("nan"), dtype=dtype, device=device))
-    got = warm_then_poisoned(kernel, poison)
+    got = warm_then_poisoned(kernel, poison_module(monkeypatch, "scale_shift"))
     eager = fwd_bwd(ref, leaves(book.to(dtype)), grad_out.to(dtype))
     exact = fwd_bwd(ref, leaves(book.double()), grad_out.double())
     assert_no_worse(got, eager, exact, dtype, f"scale shift {size}")

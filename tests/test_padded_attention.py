@@ -6,17 +6,16 @@ import re
 import pytest
 import torch
 
+from conftest import poison_outputs
 from naive import padded_block_causal_attention as oracle
 from sar_fast import ops
-from sar_fast.ops.backend import load_kernels
 
-kernels = load_kernels("attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    poison_outputs(monkeypatch, "attention")
 
 
 def box_lens(boxes):

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import poison_outputs
 from sar_fast import ops
-from sar_fast.ops.backend import load_kernels
 from sar_fast.patch import PatchError, is_patched, patch_infinity, patch_model, unpatch
 from standins.infinity_like import Infinity
 
-kernels = load_kernels("attention")
 TOL = dict(atol=2e-5, rtol=1e-4)
 SQUARE = [(1, 1, 1), (1, 2, 2), (1, 3, 3)]                 # L = 14
 WIDE = [(1, 1, 1), (1, 2, 3), (1, 3, 5)]                   # L = 22, non-square
@@ -22,7 +21,7 @@ VIDEO = [(1, 1, 1), (2, 2, 3)]                             # L = 13, t > 1
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    poison_outputs(monkeypatch, "attention")
 
 
 def _inputs(schedule, B=2, seed=0):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import poison_outputs
 from sar_fast import ops
 from sar_fast.models import ScaleAR, preset_config
 from sar_fast.ops import backend
@@ -62,8 +63,7 @@ def _cos(a, b):
 def test_half_parameters_reach_the_fused_kernel_in_half_with_an_fp32_residual(monkeypatch):
     """fp16 parameters (what FSDP's param_dtype gives the forward): the fused CE kernel gets
     fp16 operands, the blocks an fp32 residual, the loss is fp32 and close to the fp32 model's."""
-    kern = backend.load_kernels("cross_entropy")
-    monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
+    kern = poison_outputs(monkeypatch, "cross_entropy")
     seen, kernel_dtypes = {}, []
     real = kern.ce_forward
     monkeypatch.setattr(kern, "ce_forward", lambda h, w, *a, **k: kernel_dtypes.append((h.dtype, w.dtype))

@@ -70,7 +70,7 @@ def test_unknown_flag_and_help():
 
 # CFG sampling of every scale (top-p 0.96 over the 17 codes): the SSR draws are keyed by each
 # sample's global row, so 1 rank, 2 ranks and 2 ranks x 2 micro-batches draw the same codes
-# (keyed by the rank's batch, as generators per (step, scale) were, they would not).
+# (draws keyed by the rank's batch, e.g. one generator per (step, scale), would not).
 SAR_CFG = ["--pretrain-steps", "2", "--max-steps", "2", "--objective", "sar", "--transitions", "all",
            "--sampling", "cfg", "--cfg", "1.5", "--gamma", "0.5", "--cond-drop", "0", "--ckpt-every", "2"]
 

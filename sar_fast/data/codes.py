@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..cli import InputError, Progress, require_weights_file, resolve_device
+from ..files import write_json_atomic
 from ..hub import is_hub_id
 from ..models.checkpoint import weights_sha256
 from ..models.tokenizers import build_tokenizer
@@ -209,16 +210,6 @@ class CacheError(ValueError):
     """A bad argument or an existing cache that does not fit them."""
 
 
-def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
-    """Write to a temp file, fsync, then os.replace: a crash leaves the old or the new file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _load_tokenizer(vae: str, device: torch.device):
     """(tokenizer on `device`, its identity) for a checkpoint path or 'embedded-digits'."""
     if vae == EMBEDDED:
@@ -289,7 +280,7 @@ def _open_or_create(out: str, manifest: dict[str, Any], labels: np.ndarray, over
     np.save(os.path.join(out, "labels.npy"), labels)
     codes = np.lib.format.open_memmap(codes_path, mode="w+", dtype=np.dtype(manifest["dtype"]), shape=shape)
     manifest["done"] = 0
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return codes, manifest
 
 
@@ -371,7 +362,7 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
             codes.flush()  # codes reach the file before the manifest says they are done
             done += len(block)
             manifest["done"] = done
-            _write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+            write_json_atomic(os.path.join(out, "manifest.json"), manifest)
             bar.update(len(block))
     finally:
         bar.close()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..data.codes import file_sha256
+from ..files import atomic_write
 from ..safe_load import load_file
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -177,10 +178,8 @@ class InceptionMetrics:
                 stats["mu"], stats["sigma"] = computed["mu"].astype(np.float64), computed["sigma"].astype(np.float64)
         if cache:
             os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{cache}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with atomic_write(cache) as f:
                 np.savez(f, **{k: v for k, v in stats.items() if v is not None})
-            os.replace(tmp, cache)
         return stats
 
     def compute(self, images: np.ndarray, reference: str, is_splits: int = 10,

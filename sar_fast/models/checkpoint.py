@@ -9,7 +9,6 @@ depth, width, heads, vocab, code dim, classes and (VAR) schedule are inferred fr
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..files import atomic_path, atomic_write
 from ..hub import resolve_weights_path
 from ..safe_load import CheckpointError, describe_folder, load_file, require_nonempty_file
 from ..schedules import STANDARD_SCHEDULE, total_length
@@ -143,16 +143,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
     """A .safetensors file of `tensors` (keys and values as given), written to a temporary
     file beside `path`, flushed to disk, then renamed."""
     from safetensors.torch import save_file
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         save_file(standalone_tensors(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def find_model_mapping(obj: Any) -> tuple[Mapping[str, Any], dict | None]:
@@ -371,18 +363,8 @@ def save_export(model_or_state: ScaleAR | Mapping[str, torch.Tensor], path: str 
 
 def write_pth(obj: Any, path: str) -> None:
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def weights_sha256(spec: str | os.PathLike, block: int = 1 << 20) -> str:

@@ -26,6 +26,63 @@ class Samples:
     images: torch.Tensor | None      # [B, 3, H, W] in [0, 1] when a decoder was given
 
 
+def _check_arguments(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor, cfg_ramp: str) -> None:
+    """Labels [B] within the model's classes (the null class included), a codebook of the
+    model's shape and a known guidance ramp; a clear error naming the argument otherwise."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be an int64 tensor [B], got {getattr(labels, 'shape', labels)}")
+    if codebook.dim() != 2 or codebook.shape != (model.vocab_size, model.code_dim):
+        raise ValueError(f"codebook must be [{model.vocab_size}, {model.code_dim}] to match the model, "
+                         f"got {tuple(codebook.shape)}")
+    if cfg_ramp not in CFG_RAMPS:
+        raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {cfg_ramp!r}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}], got [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _checked_uniforms(uniforms: torch.Tensor, generator: torch.Generator | None, batch: int,
+                      schedule: Sequence[int], device) -> torch.Tensor:
+    """`uniforms` on `device` once it is known to be [batch, tokens] and alone (no generator)."""
+    if generator is not None:
+        raise ValueError("pass either uniforms or seed/generator, not both")
+    total = sum(s * s for s in schedule)
+    if uniforms.shape != (batch, total):
+        raise ValueError(f"uniforms must be [{batch}, {total}] (batch, tokens of schedule {list(schedule)}), "
+                         f"got {tuple(uniforms.shape)}")
+    return uniforms.to(device)
+
+
+def _guided(logits: torch.Tensor, batch: int, cfg: float, cfg_ramp: str, si: int, n: int, side: int) -> torch.Tensor:
+    """Classifier-free guidance: the conditional half pushed away from the null-class half
+    by the ramp's weight at scale `si` (FlexVAR: the full cfg beyond its trained sides)."""
+    t = guidance_weight(cfg_ramp, cfg, si, n)
+    if cfg_ramp == "flexvar" and side > 16:
+        t = cfg
+    return (1 + t) * logits[:batch] - t * logits[batch:]
+
+
+def _scale_top_k(top_k: int, cfg_ramp: str, side: int) -> int:
+    """FlexVAR samples greedily at sides it was not trained on."""
+    if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
+        return 1
+    return top_k
+
+
+def _next_scale_input(model: nn.Module, book: torch.Tensor, idx: torch.Tensor, si: int,
+                      schedule: Sequence[int], f_hat: torch.Tensor, phi: Phi | None):
+    """(the latent map the next scale's tokens embed, VAR's updated running sum f_hat) from
+    scale `si`'s sampled codes: FlexVAR upsamples this scale's embedding; VAR adds its
+    upsampled (phi-refined) embedding to f_hat and area-downsamples that."""
+    batch, side, last, n = idx.shape[0], schedule[si], schedule[-1], len(schedule)
+    emb = book[idx].transpose(1, 2).reshape(batch, model.code_dim, side, side)
+    nxt = schedule[si + 1]
+    if model.arch == "flexvar":
+        return F.interpolate(emb, size=(nxt, nxt), mode="bicubic"), f_hat
+    up = F.interpolate(emb, size=(last, last), mode="bicubic")
+    f_hat = f_hat + (phi(up, si, n) if phi is not None else up)
+    return F.interpolate(f_hat, size=(nxt, nxt), mode="area"), f_hat
+
+
 @torch.no_grad()
 def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
              schedule: Sequence[int] | None = None, cfg: float = 1.5, cfg_ramp: str = "linear",
@@ -46,29 +103,15 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     of noise, whatever the batch (sar_fast.evaluate seeds a row per (class, index)).
     """
     schedule = model.check_schedule(schedule)
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-        raise ValueError(f"labels must be an int64 tensor [B], got {getattr(labels, 'shape', labels)}")
-    if codebook.dim() != 2 or codebook.shape != (model.vocab_size, model.code_dim):
-        raise ValueError(f"codebook must be [{model.vocab_size}, {model.code_dim}] to match the model, "
-                         f"got {tuple(codebook.shape)}")
-    if cfg_ramp not in CFG_RAMPS:
-        raise ValueError(f"cfg_ramp must be one of {CFG_RAMPS}, got {cfg_ramp!r}")
+    _check_arguments(model, codebook, labels, cfg_ramp)
     device = model.head.weight.device
     labels = labels.to(device)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > model.num_classes):
-        raise ValueError(f"labels must lie in [0, {model.num_classes}], got [{int(labels.min())}, {int(labels.max())}]")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = cfg > 0
     B, n, last = labels.shape[0], len(schedule), schedule[-1]
     if uniforms is not None:
-        if generator is not None:
-            raise ValueError("pass either uniforms or seed/generator, not both")
-        total = sum(s * s for s in schedule)
-        if uniforms.shape != (B, total):
-            raise ValueError(f"uniforms must be [{B}, {total}] (batch, tokens of schedule {list(schedule)}), "
-                             f"got {tuple(uniforms.shape)}")
-        uniforms = uniforms.to(device)
+        uniforms = _checked_uniforms(uniforms, generator, B, schedule, device)
     book = codebook.to(device=device, dtype=torch.float32)
 
     all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
@@ -86,30 +129,16 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
             if use_cache:
                 logits = model.step_with_cache(tokens[-1], cond, caches)
             else:
-                x = torch.cat(tokens, dim=1)
-                hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
+                hidden = model.trunk(torch.cat(tokens, dim=1), cond, [s * s for s in schedule[:si + 1]])
                 logits = apply_head(model.head, hidden[:, offsets[si]:])
-            k = top_k
-            if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
-                k = 1  # FlexVAR samples greedily at sides it was not trained on
             if guided:
-                t = guidance_weight(cfg_ramp, cfg, si, n)
-                if cfg_ramp == "flexvar" and side > 16:
-                    t = cfg
-                logits = (1 + t) * logits[:B] - t * logits[B:]
+                logits = _guided(logits, B, cfg, cfg_ramp, si, n, side)
             noise = uniforms[:, offsets[si]:offsets[si] + side * side] if uniforms is not None else None
-            idx = sample_top_k_top_p(logits, k, top_p, generator, noise)
+            idx = sample_top_k_top_p(logits, _scale_top_k(top_k, cfg_ramp, side), top_p, generator, noise)
             codes.append(idx)
             if si == n - 1:
                 break
-            emb = book[idx].transpose(1, 2).reshape(B, model.code_dim, side, side)
-            nxt = schedule[si + 1]
-            if model.arch == "flexvar":
-                inp = F.interpolate(emb, size=(nxt, nxt), mode="bicubic")
-            else:
-                up = F.interpolate(emb, size=(last, last), mode="bicubic")
-                f_hat = f_hat + (phi(up, si, n) if phi is not None else up)
-                inp = F.interpolate(f_hat, size=(nxt, nxt), mode="area")
+            inp, f_hat = _next_scale_input(model, book, idx, si, schedule, f_hat, phi)
             x = model.embed_inputs(inp.flatten(2).transpose(1, 2)) + pos[:, offsets[si + 1]:offsets[si + 2]]
             tokens.append(x.repeat(2, 1, 1) if guided else x)
     finally:

@@ -346,7 +346,7 @@ def patch_flexvar(model, trainer=None, strict: bool = True, attention: bool = Tr
     swaps = []
     if attention:
         swaps = _attention_swaps(model, "FlexVAR", report)
-        if swaps:  # the bias is only skipped when the attention no longer reads it
+        if swaps:  # the bias is only skipped when the patched attention does not read it
             swaps.append(_Swap(model, "update_patch_related", lambda m: types.MethodType(_update_patch_related, m),
                                "update_patch_related"))
     if trainer is not None:

@@ -76,13 +76,6 @@ QUICK = StudySize(depth=1, embed_dim=32, num_heads=2, batch_size=16, base_steps=
                   base_warmup=2, arm_steps=2, arm_lr=3e-4, arm_warmup=1, seeds=2, samples_per_class=2)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path) as f:

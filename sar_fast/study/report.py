@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 
+from ..files import write_json_atomic
 from ..metrics.stats import paired_bootstrap
-from .design import CONTROL, GAMMAS, SF_ARMS, StudySize, _gamma_name, _read_json, _write_json, arms, result_path
+from .design import CONTROL, GAMMAS, SF_ARMS, StudySize, _gamma_name, _read_json, arms, result_path
 
 MIN_SEEDS_FOR_VERDICT = 5  # fewer pairs make a percentile bootstrap too coarse to decide anything
 
@@ -194,7 +195,7 @@ def report(out: str, size: StudySize, arm_names: list[str], seed: int = 0) -> di
     table = markdown_table(rows, base, claims, size)
     summary = {"size": dataclasses.asdict(size), "base": base, "arms": rows, "claims": claims,
                "best_sar_all": best_sar_all(rows), "arm_objectives": {a: arms()[a] for a in rows}}
-    _write_json(os.path.join(out, "study.json"), summary)
+    write_json_atomic(os.path.join(out, "study.json"), summary)
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(table)
     plot(rows, os.path.join(out, "study.png"))

@@ -14,8 +14,9 @@ import time
 import torch
 
 from ..data.digits import DIGITS_SCHEDULE
+from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
-from .design import BASE_SEED, CONTROL, FULL, QUICK, StudySize, _read_json, _write_json, arms, result_path
+from .design import BASE_SEED, CONTROL, FULL, QUICK, StudySize, _read_json, arms, result_path
 from .report import report
 
 
@@ -129,7 +130,7 @@ def run_base(out: str, size: StudySize, log=_log) -> dict:
         state["plateau"] = plateau
         if state["done"]:  # the starting point of every arm, on the sampling noise of seed 1
             state["metrics"] = evaluate_export(export, 1, size.samples_per_class)
-        _write_json(curve_path, state)
+        write_json_atomic(curve_path, state)
     return state
 
 
@@ -153,7 +154,7 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
               "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s,
               "eval_s": time.perf_counter() - start, **metrics}
     os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
-    _write_json(result_path(out, arm, seed), result)
+    write_json_atomic(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
     return result
 

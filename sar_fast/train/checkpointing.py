@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.futures import Future
 
+from ..files import fsync_dir
 from ..safe_load import CheckpointError, load_bytes, load_file, restricted_pickle_load, scan_item
 from . import parallel
 
@@ -286,20 +287,9 @@ def _finalize(ckpt_root: str, tmp: str, final: str, step: int, trainer_state: di
     if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     for _old_step, path in list_checkpoints(ckpt_root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def load_checkpoint(path: str, model, optimizer, info) -> dict:

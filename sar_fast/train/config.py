@@ -21,6 +21,7 @@ from ..data.digits import DIGITS_SCHEDULE
 from ..models.tokenizers.grey import EMBEDDED
 from ..sar import OFFICIAL, SARConfig
 from ..schedules import STANDARD_SCHEDULE, parse_schedule
+from .memory import GPU_GIB
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -115,7 +116,8 @@ class SystemConfig:
                                           "--estimate-ranks GPUs (fake tensors: no GPU, data or checkpoint needed) "
                                           "and exit")
     estimate_ranks: int = option(8, "ranks --estimate-memory assumes")
-    gpu_memory: float = option(79.2, "GiB per GPU --estimate-memory checks against (79.2: an 80 GB H100; 139.8: H200)")
+    gpu_memory: float = option(GPU_GIB["80"], f"GiB per GPU --estimate-memory checks against ({GPU_GIB['80']}: an "
+                                              f"80 GB H100; {GPU_GIB['141']}: H200)")
 
 
 @dataclass

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
+
+from .. import files
 
 
 def plot_losses(jsonl_path: str, png_path: str) -> bool:
@@ -37,10 +38,9 @@ def plot_losses(jsonl_path: str, png_path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with files.atomic_write(png_path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, png_path)
     return True
 
 
