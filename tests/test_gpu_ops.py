@@ -19,7 +19,9 @@ from conftest import need_module
 need_module("triton")
 
 from sar_fast import ops  # noqa: E402
-from sar_fast.ops import backend, reference  # noqa: E402
+from sar_fast.kernels import attention as attention_kernels  # noqa: E402
+from sar_fast.kernels import cross_entropy as cross_entropy_kernels  # noqa: E402
+from sar_fast.ops import reference  # noqa: E402
 from sar_fast.schedules import STANDARD_SCHEDULE, total_length  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -62,8 +64,8 @@ def fwd_bwd(fn, inputs, grad_out=None):
     return (out, *grads)
 
 
-def poison_module(monkeypatch, name: str):
-    return lambda: monkeypatch.setattr(backend.load_kernels(name), "POISON_OUTPUTS", True)
+def poison_module(monkeypatch, module):
+    return lambda: monkeypatch.setattr(module, "POISON_OUTPUTS", True)
 
 
 # ------------------------------------------------------------------ attention
@@ -82,7 +84,7 @@ def test_scale_causal_attention(monkeypatch, dtype, D, size):
         with ops.use_backend("kernel"):
             return fwd_bwd(lambda *t: ops.scale_causal_attention(*t, lens), leaves(q.to(dtype), k.to(dtype),
                                                                                      v.to(dtype)), grad_out.to(dtype))
-    got = warm_then_poisoned(kernel, poison_module(monkeypatch, "attention"))
+    got = warm_then_poisoned(kernel, poison_module(monkeypatch, attention_kernels))
     eager = fwd_bwd(sdpa, leaves(q.to(dtype), k.to(dtype), v.to(dtype)), grad_out.to(dtype))
     exact = fwd_bwd(sdpa, leaves(q.double(), k.double(), v.double()), grad_out.double())
     assert_no_worse(got, eager, exact, dtype, f"attention {size} D{D}")
@@ -100,7 +102,7 @@ def test_cached_attention(monkeypatch, dtype, D, size):
     def kernel():
         with ops.use_backend("kernel"):
             return fwd_bwd(ops.cached_attention, leaves(q.to(dtype), k.to(dtype), v.to(dtype)), grad_out.to(dtype))
-    got = warm_then_poisoned(kernel, poison_module(monkeypatch, "attention"))
+    got = warm_then_poisoned(kernel, poison_module(monkeypatch, attention_kernels))
     eager = fwd_bwd(F.scaled_dot_product_attention, leaves(q.to(dtype), k.to(dtype), v.to(dtype)),
                     grad_out.to(dtype))
     exact = fwd_bwd(F.scaled_dot_product_attention, leaves(q.double(), k.double(), v.double()), grad_out.double())
@@ -147,7 +149,7 @@ def test_fused_head_loss(monkeypatch, dtype, loss, size):
     def kernel():
         with ops.use_backend("kernel"):
             return fwd_bwd(fused, leaves(h.to(dtype), w.to(dtype), b.to(dtype)))
-    got = warm_then_poisoned(kernel, poison_module(monkeypatch, "cross_entropy"))
+    got = warm_then_poisoned(kernel, poison_module(monkeypatch, cross_entropy_kernels))
     assert_no_worse(got, eager(dtype, torch.float32), eager(torch.float64, torch.float64), dtype, f"{loss} {size}")
 
 

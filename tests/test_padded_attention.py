@@ -8,9 +8,8 @@ import torch
 
 from naive import padded_block_causal_attention as oracle
 from sar_fast import ops
-from sar_fast.ops.backend import load_kernels
+from sar_fast.kernels import attention as kernels
 
-kernels = load_kernels("attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -9,11 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sar_fast import ops
-from sar_fast.ops.backend import load_kernels
+from sar_fast.kernels import attention as kernels
 from sar_fast.patch import PatchError, is_patched, patch_infinity, patch_model, unpatch
 from standins.infinity_like import Infinity
 
-kernels = load_kernels("attention")
 TOL = dict(atol=2e-5, rtol=1e-4)
 SQUARE = [(1, 1, 1), (1, 2, 2), (1, 3, 3)]                 # L = 14
 WIDE = [(1, 1, 1), (1, 2, 3), (1, 3, 5)]                   # L = 22, non-square

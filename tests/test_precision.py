@@ -13,7 +13,6 @@ import torch.distributed as dist
 
 from sar_fast import ops
 from sar_fast.models import ScaleAR, preset_config
-from sar_fast.ops import backend
 
 SCHED = (1, 2, 3, 4)
 L = sum(s * s for s in SCHED)
@@ -62,7 +61,7 @@ def _cos(a, b):
 def test_half_parameters_reach_the_fused_kernel_in_half_with_an_fp32_residual(monkeypatch):
     """fp16 parameters (what FSDP's param_dtype gives the forward): the fused CE kernel gets
     fp16 operands, the blocks an fp32 residual, the loss is fp32 and close to the fp32 model's."""
-    kern = backend.load_kernels("cross_entropy")
+    from sar_fast.kernels import cross_entropy as kern
     monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
     seen, kernel_dtypes = {}, []
     real = kern.ce_forward
@@ -129,7 +128,7 @@ def test_fsdp_bf16_policy_keeps_fp32_residual_and_matches_autocast(one_rank_grou
 
 
 def test_fp32_dot_precision_follows_torch_tf32_setting():
-    kern = backend.load_kernels("cross_entropy")
+    from sar_fast.kernels import cross_entropy as kern
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
