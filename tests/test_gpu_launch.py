@@ -161,8 +161,8 @@ def test_every_kernel_launch_runs_inside_the_device_guard(monkeypatch):
 
     for module in ("attention", "cross_entropy", "scale_shift"):
         monkeypatch.setattr(importlib.import_module(f"sar_fast.ops.{module}"), "device_guard", guard)
-    for name in ("forward", "backward"):
-        watch(att, name)
+    watch(att, "forward")
+    watch(att_bwd, "backward")
     for name in ("ce_forward", "kl_forward", "head_backward"):
         watch(ce, name)
     for name in ("launch_forward", "launch_backward"):

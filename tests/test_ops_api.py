@@ -212,3 +212,25 @@ def test_device_mismatch_is_named():
                                        torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="codebook is on meta"):
         ops.scale_shift(torch.zeros(1, 5, dtype=torch.long), torch.randn(9, 4, device="meta"), (1, 2))
+
+
+def test_to_device_async_pins_and_does_not_block_only_for_cuda(monkeypatch):
+    """The one host-to-device copy of the launch tables (attention layouts, scale-shift
+    tables, the loader's token index): pinned and non-blocking to a GPU, plain elsewhere."""
+    from sar_fast.ops.gpu import to_device_async
+    t = torch.arange(5, dtype=torch.int32)
+    out = to_device_async(t, "cpu")
+    assert torch.equal(out, t)
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device, non_blocking))
+            return "copied"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    assert to_device_async(t, "cuda:1") == "copied"
+    assert calls == ["pin", (torch.device("cuda", 1), True)]
+    calls.clear()
+    to_device_async(t, torch.device("cpu"))
+    assert calls == []

@@ -1,11 +1,11 @@
 """Block-causal scale attention: a token of scale s attends to every token of scales <= s
 (or, with a window w, of scales s-w..s).
 
-Triton path (kernels/attention.py, kernels/attention_backward.py): FlashAttention-2 style forward and backward that
-visit only the tiles the mask leaves visible and evaluate the mask only on tiles straddling
-a scale boundary; the schedule reaches the kernels as a small int32 tensor, so FlexVAR's
-random schedules never recompile them. Both entry points are `torch.library` custom ops
-with autograd, so `torch.compile` keeps them in one graph.
+Triton path (kernels/attention.py, kernels/attention_backward.py): FlashAttention-2 style
+forward and backward that visit only the tiles the mask leaves visible and evaluate the mask
+only on tiles straddling a scale boundary; the schedule reaches the kernels as a small int32
+tensor, so FlexVAR's random schedules never recompile them. Both entry points are
+`torch.library` custom ops with autograd, so `torch.compile` keeps them in one graph.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
-from sar_fast.kernels.support import HEAD_DIMS  # triton-free: the patches import it at their import
+from sar_fast.kernels.support import HEAD_DIMS  # imports no triton (sar_fast.patch reads it at import)
 
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, check_tensor
