@@ -108,10 +108,10 @@ def flex_block_area(schedule, block: int = FLEX_BLOCK) -> int:
 
 def kept_tiles() -> dict[str, dict[tuple[int, int], list[int]]]:
     """(BLOCK_M, BLOCK_N) -> archs whose autotune list keeps it, per attention kernel."""
-    from sar_fast.kernels import attention
+    from sar_fast.kernels import attention, attention_backward
     out = {}
-    for kernel, lists in (("forward", attention.FWD_CONFIGS), ("dK/dV", attention.DKDV_CONFIGS),
-                          ("dQ", attention.DQ_CONFIGS)):
+    for kernel, lists in (("forward", attention.FWD_CONFIGS), ("dK/dV", attention_backward.DKDV_CONFIGS),
+                          ("dQ", attention_backward.DQ_CONFIGS)):
         tiles: dict[tuple[int, int], list[int]] = {}
         for arch, configs in lists.items():
             for m, n, *_ in configs:

@@ -19,8 +19,6 @@ validation and dispatch live in sar_fast.ops.cross_entropy.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -28,8 +26,7 @@ import triton.language as tl
 from sar_fast.ops.gpu import is_deterministic
 
 from ._tuning import ArchConfigs, TunedKernel, length_bucket, poison_
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .support import interpreter_enabled
 
 # Bytes of grad-logits workspace per backward chunk (rows = WORKSPACE_BYTES // (V * itemsize)).
 WORKSPACE_BYTES = 256 * 2**20
@@ -73,13 +70,15 @@ def _tuned(table: dict[int, list[tuple]], fp32_table: dict[int, list[tuple]], ke
            **autotune_kwargs):
     """triton.autotune over the entries `table` lists for the target's architecture, keyed on
     `key`, the dtypes and the row-count bucket `n_bucket` (an argument of every kernel here)."""
+    interpreted = interpreter_enabled()  # at import, as triton.jit decides whether it interprets
+
     def make(entry):
         n, v, k, w, s = entry
-        extra = {"GROUP_N": 2 if _INTERPRET else 8} if group else {}
+        extra = {"GROUP_N": 2 if interpreted else 8} if group else {}
         return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_K": k, **extra}, num_warps=w, num_stages=s)
 
     def wrap(kernel):
-        if _INTERPRET:
+        if interpreted:
             return TunedKernel(triton.autotune([make(_INTERPRETED_SHAPE)], key=key, **autotune_kwargs)(kernel), None)
         configs = ArchConfigs(table, make, fp32_table=fp32_table, dtype_arg="h_ptr")
         return TunedKernel(triton.autotune(configs.configs, key=key,
@@ -90,7 +89,7 @@ def _tuned(table: dict[int, list[tuple]], fp32_table: dict[int, list[tuple]], ke
 
 _EVEN_K = {"EVEN_K": lambda args: args["C"] % args["BLOCK_K"] == 0}
 # the smallest BLOCK_N the backward may pick: sizes its buffer of per-block dBias partials
-_MIN_BLOCK_N = (_INTERPRETED_SHAPE[0] if _INTERPRET else
+_MIN_BLOCK_N = (_INTERPRETED_SHAPE[0] if interpreter_enabled() else
                 min(entry[0] for table in (GRAD_LOGITS_CONFIGS, GRAD_LOGITS_FP32_CONFIGS)
                     for entries in table.values() for entry in entries))
 

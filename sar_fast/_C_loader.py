@@ -17,7 +17,6 @@ BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
     "or `python setup.py build_ext --inplace`"
 )
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _extension: ModuleType | None = None
 _import_error: ImportError | None = None

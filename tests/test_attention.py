@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from conftest import poison_outputs
 from sar_fast import ops
 from sar_fast.ops import reference
-from sar_fast.ops.backend import load_kernels
+from sar_fast.kernels import attention as kernels
+from sar_fast.kernels import attention_backward
 
-kernels = load_kernels("attention")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -98,7 +98,7 @@ def test_block_shapes(blocks):
     sid, off = kernels.scale_layout(scale_lens, q.device)
     out, lse = kernels.forward(q, k, v, sid, sid, off, 0.25, len(scale_lens), blocks=blocks)
     grad_out = torch.randn_like(out)
-    grads = kernels.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, len(scale_lens),
+    grads = attention_backward.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, len(scale_lens),
                              blocks=blocks)
     want = dense_reference(q, k, v, reference.scale_causal_mask(scale_lens, DEVICE), 0.25, grad_out)
     for g, w in zip((out, *grads), want):
@@ -130,18 +130,18 @@ def test_tiles_outside_the_mask_are_never_read(window):
     sid, off = kernels.scale_layout(scale_lens, q.device)
     out, lse = kernels.forward(q, k, v, sid, sid, off, 0.25, w, blocks=blocks)
     grad_out = torch.randn_like(out)
-    dq, dk, dv = kernels.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, w,
+    dq, dk, dv = attention_backward.backward(grad_out, q, k, v, out, lse, sid, sid, off, off, 0.25, w,
                                   blocks=blocks)
     for rows, keys in zip([slice(0, 16), slice(16, 32), slice(32, 64)], seen_by):
         k_bad, v_bad = nan_outside(k, keys), nan_outside(v, keys)
         out_s, lse_s = kernels.forward(q, k_bad, v_bad, sid, sid, off, 0.25, w, blocks=blocks)
         torch.testing.assert_close(out_s[:, :, rows], out[:, :, rows])
-        dq_s, _, _ = kernels.backward(grad_out, q, k_bad, v_bad, out, lse, sid, sid, off, off,
+        dq_s, _, _ = attention_backward.backward(grad_out, q, k_bad, v_bad, out, lse, sid, sid, off, off,
                                       0.25, w, blocks=blocks)
         torch.testing.assert_close(dq_s[:, :, rows], dq[:, :, rows])
     for keys, queries in zip([slice(0, 16), slice(16, 32), slice(32, 64)], seeing):
         q_bad, do_bad = nan_outside(q, queries), nan_outside(grad_out, queries)
-        _, dk_s, dv_s = kernels.backward(do_bad, q_bad, k, v, out, lse, sid, sid, off, off, 0.25, w,
+        _, dk_s, dv_s = attention_backward.backward(do_bad, q_bad, k, v, out, lse, sid, sid, off, off, 0.25, w,
                                          blocks=blocks)
         torch.testing.assert_close(dk_s[:, :, keys], dk[:, :, keys])
         torch.testing.assert_close(dv_s[:, :, keys], dv[:, :, keys])

@@ -78,10 +78,11 @@ def test_each_dtype_launches_its_own_list():
     fp32 lists' tiles, bf16 inputs for the 16-bit lists' (per arch family, head dim 128)."""
     from sar_fast.kernels import _tuning
     from sar_fast.kernels import attention as att
+    from sar_fast.kernels import attention_backward as att_bwd
     from sar_fast.kernels import cross_entropy as ce
     tables = {"_fwd_kernel": [(att.FWD_CONFIGS, att.FWD_FP32_CONFIGS), (att.CACHED_CONFIGS, att.CACHED_FP32_CONFIGS)],
-              "_bwd_dkdv_kernel": [(att.DKDV_CONFIGS, att.DKDV_FP32_CONFIGS)],
-              "_bwd_dq_kernel": [(att.DQ_CONFIGS, att.DQ_FP32_CONFIGS)],
+              "_bwd_dkdv_kernel": [(att_bwd.DKDV_CONFIGS, att_bwd.DKDV_FP32_CONFIGS)],
+              "_bwd_dq_kernel": [(att_bwd.DQ_CONFIGS, att_bwd.DQ_FP32_CONFIGS)],
               "_ce_forward_kernel": [(ce.CE_FORWARD_CONFIGS, ce.CE_FORWARD_FP32_CONFIGS)],
               "_kl_forward_kernel": [(ce.KL_FORWARD_CONFIGS, ce.KL_FORWARD_FP32_CONFIGS)],
               "_grad_logits_kernel": [(ce.GRAD_LOGITS_CONFIGS, ce.GRAD_LOGITS_FP32_CONFIGS)]}
@@ -148,5 +149,5 @@ def test_kernel_lookup_without_triton_registry_finds_every_kernel_in_a_fresh_pro
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     names = set(eval(res.stdout.strip().splitlines()[-1]))  # a printed list of str
-    for kernel in ("_fwd_kernel", "_grad_logits_kernel", "_kl_forward_kernel"):
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_grad_logits_kernel", "_kl_forward_kernel"):
         assert kernel in names, (kernel, sorted(names))

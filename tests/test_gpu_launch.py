@@ -20,12 +20,11 @@ need_module("triton")
 
 from sar_fast import ops  # noqa: E402
 from sar_fast.ops import gpu  # noqa: E402
-from sar_fast.ops.backend import load_kernels  # noqa: E402
-
-att = load_kernels("attention")
-ce = load_kernels("cross_entropy")
-shift_kernels = load_kernels("scale_shift")
-tuning = load_kernels("_tuning")
+from sar_fast.kernels import _tuning as tuning  # noqa: E402
+from sar_fast.kernels import attention as att  # noqa: E402
+from sar_fast.kernels import attention_backward as att_bwd  # noqa: E402
+from sar_fast.kernels import cross_entropy as ce  # noqa: E402
+from sar_fast.kernels import scale_shift as shift_kernels  # noqa: E402
 ss = importlib.import_module("sar_fast.ops.scale_shift")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -66,13 +65,14 @@ def test_attention_grids_fit_cuda_limits_for_a_cfg_doubled_batch_of_heads(monkey
     takes (65,535; the launch fails on a GPU, the interpreter does not check), so they must
     ride axis 0."""
     record = RecordLaunch({"BLOCK_M": 16, "BLOCK_N": 16})
-    for name in ("_fwd_tuned", "_cached_tuned", "_bwd_delta_kernel", "_dkdv_tuned", "_dq_tuned"):
-        monkeypatch.setattr(att, name, record)
+    for module, name in ((att, "_fwd_tuned"), (att, "_cached_tuned"), (att_bwd, "_bwd_delta_kernel"),
+                         (att_bwd, "_dkdv_tuned"), (att_bwd, "_dq_tuned")):
+        monkeypatch.setattr(module, name, record)
     q = torch.zeros(2 * 1100, 30, 1, 16)
     sid, off = att.scale_layout((1,), q.device)
     for cached in (False, True):
         att.forward(q, q, q, sid, sid, off, 0.25, 1, cached=cached)
-    att.backward(q, q, q, q, q, torch.zeros(2 * 1100, 30, 1), sid, sid, off, off, 0.25, 1)
+    att_bwd.backward(q, q, q, q, q, torch.zeros(2 * 1100, 30, 1), sid, sid, off, off, 0.25, 1)
     assert len(record.grids) == 5
     assert_within_limits(record.grids)
     assert all(g[0] == 66000 for g in record.grids)  # one program per (tile, batch, head)
@@ -162,8 +162,8 @@ def test_every_kernel_launch_runs_inside_the_device_guard(monkeypatch):
 
     for module in ("attention", "cross_entropy", "scale_shift"):
         monkeypatch.setattr(importlib.import_module(f"sar_fast.ops.{module}"), "device_guard", guard)
-    for name in ("forward", "backward"):
-        watch(att, name)
+    watch(att, "forward")
+    watch(att_bwd, "backward")
     for name in ("ce_forward", "kl_forward", "head_backward"):
         watch(ce, name)
     for name in ("launch_forward", "launch_backward"):
@@ -215,7 +215,7 @@ class RecordArgs(RecordLaunch):
 
 
 def test_autotune_keys_hold_length_buckets():
-    for kernel in (att._fwd_tuned, att._cached_tuned, att._dkdv_tuned, att._dq_tuned):
+    for kernel in (att._fwd_tuned, att._cached_tuned, att_bwd._dkdv_tuned, att_bwd._dq_tuned):
         assert {"HEAD_DIM", "q_bucket", "k_bucket"} <= set(kernel.autotuner.keys)
     for kernel in (ce._ce_forward_kernel, ce._kl_forward_kernel, ce._grad_logits_kernel):
         assert {"C", "V", "n_bucket"} <= set(kernel.autotuner.keys)
@@ -375,15 +375,15 @@ def test_launchers_hand_their_outputs_for_poisoning(monkeypatch):
     monkeypatch.setattr(att, "POISON_OUTPUTS", True)
     monkeypatch.setattr(ce, "POISON_OUTPUTS", True)
     records = {}
-    for module, name in [(att, "_fwd_tuned"), (att, "_dkdv_tuned"), (att, "_dq_tuned"),
+    for module, name in [(att, "_fwd_tuned"), (att_bwd, "_dkdv_tuned"), (att_bwd, "_dq_tuned"),
                          (ce, "_ce_forward_kernel"), (ce, "_kl_forward_kernel"), (ce, "_grad_logits_kernel")]:
         records[name] = RecordLaunch({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_V": 16})
         monkeypatch.setattr(module, name, records[name])
-    monkeypatch.setattr(att, "_bwd_delta_kernel", RecordLaunch({}))
+    monkeypatch.setattr(att_bwd, "_bwd_delta_kernel", RecordLaunch({}))
     q = torch.zeros(1, 1, 5, 16)
     sid, off = att.scale_layout((1, 4), "cpu")
     att.forward(q, q, q, sid, sid, off, 0.25, 1)
-    att.backward(q, q, q, q, q, torch.zeros(1, 1, 5), sid, sid, off, off, 0.25, 1)
+    att_bwd.backward(q, q, q, q, q, torch.zeros(1, 1, 5), sid, sid, off, off, 0.25, 1)
     h, w, t = torch.zeros(3, 8), torch.zeros(5, 8), torch.zeros(3, dtype=torch.long)
     ce.ce_forward(h, w, None, t, 0.0, -100)
     ce.kl_forward(h, w, None, None, h, 1.0)

@@ -22,23 +22,21 @@ def test_backend_switch_env_and_override(monkeypatch):
         ops.set_backend("fast")
 
 
-def test_triton_is_a_deprecated_alias_of_kernel(monkeypatch):
-    with pytest.warns(FutureWarning, match="'triton' is deprecated, use 'kernel'"):
+def test_triton_is_no_backend_name():
+    """'kernel' names the op's kernel, Triton or extension alike; the old name is refused."""
+    with pytest.raises(ValueError, match="backend must be one of auto, kernel, reference; got 'triton'"):
         ops.set_backend("triton")
-    assert ops.get_backend() == "kernel"
-    ops.set_backend(None)
-    monkeypatch.setenv("SAR_FAST_BACKEND", "triton")
-    with pytest.warns(FutureWarning, match=r"\$SAR_FAST_BACKEND: backend 'triton' is deprecated"):
-        assert ops.get_backend() == "kernel"
     assert "triton" not in ops.BACKENDS
 
 
 def test_kernel_request_without_a_kernel_is_an_error_not_a_fallback():
     from sar_fast.ops import backend
-    with ops.use_backend("kernel"), pytest.raises(BackendError, match="no Triton kernel"):
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match="has no kernel"):
         backend.select("some_op", torch.zeros(1), kernel=None)
     with ops.use_backend("auto"):
         assert backend.select("some_op", torch.zeros(1), kernel=None) == "reference"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        backend.select("some_op", torch.zeros(1), kernel="attention")
 
 
 def test_triton_kernel_on_cpu_needs_the_interpreter(monkeypatch):
@@ -46,12 +44,47 @@ def test_triton_kernel_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(backend, "triton_installed", lambda: True)
     with ops.use_backend("kernel"), pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
-        backend.select("x", torch.zeros(1), kernel="some_kernel")
+        backend.select("x", torch.zeros(1), kernel=backend.TRITON)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with ops.use_backend("kernel"):
-        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "kernel"
+        assert backend.select("x", torch.zeros(1), kernel=backend.TRITON) == "kernel"
     with ops.use_backend("auto"):  # auto never picks Triton for CPU tensors
-        assert backend.select("x", torch.zeros(1), kernel="some_kernel") == "reference"
+        assert backend.select("x", torch.zeros(1), kernel=backend.TRITON) == "reference"
+
+
+def test_triton_kernel_without_triton_names_what_to_install(monkeypatch):
+    from sar_fast.ops import backend
+    monkeypatch.setattr(backend, "triton_installed", lambda: False)
+    missing = r"x: .*triton is not installed \(pip install triton"
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match=missing):
+        backend.select("x", torch.zeros(1), kernel=backend.TRITON)
+    with ops.use_backend("auto"):
+        assert backend.select("x", torch.zeros(1), kernel=backend.TRITON) == "reference"
+
+
+def test_one_selection_for_the_extension_ops(monkeypatch):
+    """The extension's ops go through the same select as the Triton ones: auto takes the
+    extension wherever it can run, 'kernel' says why it cannot, 'reference' never takes it."""
+    from sar_fast import _C_loader
+    from sar_fast.ops import backend
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
+    monkeypatch.setattr(_C_loader, "has_extension", lambda: True)
+    for kind in (backend.EXTENSION, backend.EXTENSION_CPU):
+        with ops.use_backend("auto"):
+            assert backend.select("x", cpu, kernel=kind) == "kernel"
+        with ops.use_backend("kernel"):
+            assert backend.select("x", cpu, kernel=kind) == "kernel"
+        with ops.use_backend("reference"):
+            assert backend.select("x", cpu, kernel=kind) == "reference"
+    with ops.use_backend("auto"):  # a CPU-only op on other tensors: the reference
+        assert backend.select("x", meta, kernel=backend.EXTENSION_CPU) == "reference"
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match="CPU tensors only; the inputs are on meta"):
+        backend.select("x", meta, kernel=backend.EXTENSION_CPU)
+    monkeypatch.setattr(_C_loader, "has_extension", lambda: False)
+    with ops.use_backend("auto"):
+        assert backend.select("x", cpu, kernel=backend.EXTENSION) == "reference"
+    with ops.use_backend("kernel"), pytest.raises(BackendError, match="x: .*sar_fast._C is not built"):
+        backend.select("x", cpu, kernel=backend.EXTENSION)
 
 
 def test_scale_shift_codes_and_dense_agree():
@@ -179,3 +212,25 @@ def test_device_mismatch_is_named():
                                        torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="codebook is on meta"):
         ops.scale_shift(torch.zeros(1, 5, dtype=torch.long), torch.randn(9, 4, device="meta"), (1, 2))
+
+
+def test_to_device_async_pins_and_does_not_block_only_for_cuda(monkeypatch):
+    """The one host-to-device copy of the launch tables (attention layouts, scale-shift
+    tables, the loader's token index): pinned and non-blocking to a GPU, plain elsewhere."""
+    from sar_fast.ops.gpu import to_device_async
+    t = torch.arange(5, dtype=torch.int32)
+    out = to_device_async(t, "cpu")
+    assert torch.equal(out, t)
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device, non_blocking))
+            return "copied"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    assert to_device_async(t, "cuda:1") == "copied"
+    assert calls == ["pin", (torch.device("cuda", 1), True)]
+    calls.clear()
+    to_device_async(t, torch.device("cpu"))
+    assert calls == []

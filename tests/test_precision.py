@@ -14,7 +14,6 @@ import torch.distributed as dist
 from conftest import poison_outputs
 from sar_fast import ops
 from sar_fast.models import ScaleAR, preset_config
-from sar_fast.ops import backend
 
 SCHED = (1, 2, 3, 4)
 L = sum(s * s for s in SCHED)
@@ -129,7 +128,7 @@ def test_fsdp_bf16_policy_keeps_fp32_residual_and_matches_autocast(one_rank_grou
 
 
 def test_fp32_dot_precision_follows_torch_tf32_setting():
-    kern = backend.load_kernels("cross_entropy")
+    from sar_fast.kernels import cross_entropy as kern
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")

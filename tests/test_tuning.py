@@ -10,7 +10,9 @@ import triton
 
 from sar_fast.kernels import _tuning
 from sar_fast.kernels import attention as att
+from sar_fast.kernels import attention_backward as att_bwd
 from sar_fast.kernels import cross_entropy as ce
+from sar_fast.kernels.support import HEAD_DIMS
 
 
 def make(entry):
@@ -72,8 +74,8 @@ def test_an_fp32_table_needs_the_argument_that_picks_it():
 
 ATTENTION_TABLES = {"fwd": (att.FWD_CONFIGS, att.FWD_FP32_CONFIGS),
                     "cached": (att.CACHED_CONFIGS, att.CACHED_FP32_CONFIGS),
-                    "dkdv": (att.DKDV_CONFIGS, att.DKDV_FP32_CONFIGS),
-                    "dq": (att.DQ_CONFIGS, att.DQ_FP32_CONFIGS)}
+                    "dkdv": (att_bwd.DKDV_CONFIGS, att_bwd.DKDV_FP32_CONFIGS),
+                    "dq": (att_bwd.DQ_CONFIGS, att_bwd.DQ_FP32_CONFIGS)}
 CE_TABLES = {"ce": (ce.CE_FORWARD_CONFIGS, ce.CE_FORWARD_FP32_CONFIGS),
              "kl": (ce.KL_FORWARD_CONFIGS, ce.KL_FORWARD_FP32_CONFIGS),
              "grad": (ce.GRAD_LOGITS_CONFIGS, ce.GRAD_LOGITS_FP32_CONFIGS)}
@@ -86,7 +88,7 @@ def test_every_launch_keeps_a_config(arch):
     for name, tables in ATTENTION_TABLES.items():
         for table in tables:
             entries = table[_tuning.family(arch, list(table))]
-            for head_dim in att.HEAD_DIMS:
+            for head_dim in HEAD_DIMS:
                 assert any(att._admits_head_dim(e, {"HEAD_DIM": head_dim}) for e in entries), (name, arch, head_dim)
     for name, tables in CE_TABLES.items():
         for table in tables:
@@ -95,9 +97,9 @@ def test_every_launch_keeps_a_config(arch):
 
 def test_attention_entries_may_name_their_smallest_head_dim():
     admits = att._admits_head_dim
-    assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 64), {"HEAD_DIM": d})] == [16, 32, 64]
-    assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 128, 128), {"HEAD_DIM": d})] == [128]
-    assert [d for d in att.HEAD_DIMS if admits((16, 64, 8, 2, 64, 32), {"HEAD_DIM": d})] == [32, 64]
+    assert [d for d in HEAD_DIMS if admits((16, 64, 8, 2, 64), {"HEAD_DIM": d})] == [16, 32, 64]
+    assert [d for d in HEAD_DIMS if admits((16, 64, 8, 2, 128, 128), {"HEAD_DIM": d})] == [128]
+    assert [d for d in HEAD_DIMS if admits((16, 64, 8, 2, 64, 32), {"HEAD_DIM": d})] == [32, 64]
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -148,7 +150,7 @@ def test_every_launch_keeps_a_config_that_fits_shared_memory(arch):
     for name, (half, fp32) in ATTENTION_TABLES.items():
         for table, itemsize in ((half, 2), (fp32, 4)):
             entries = table[_tuning.family(arch, list(table))]
-            for head_dim in att.HEAD_DIMS:
+            for head_dim in HEAD_DIMS:
                 fits = [e for e in entries if att._admits_head_dim(e, {"HEAD_DIM": head_dim})
                         and attention_smem(name, e, head_dim, itemsize) <= limit]
                 assert fits, (name, arch, itemsize, head_dim)

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..ops.gpu import to_device_async
 from ..schedules import random_flexvar_schedule
 from .codes import CodeDataset, check_cache_matches, schedule_token_index
 from .common import _check_int, collate
@@ -218,8 +219,7 @@ def _device_token_index(cache_schedule: tuple[int, ...], schedule: tuple[int, ..
     key = (cache_schedule, schedule, device)
     if key not in _TOKEN_INDEX:
         index = schedule_token_index(cache_schedule, schedule)
-        _TOKEN_INDEX[key] = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
-            else index.to(device)
+        _TOKEN_INDEX[key] = to_device_async(index, device)
     return _TOKEN_INDEX[key]
 
 

@@ -1,11 +1,11 @@
 """Block-causal scale attention: a token of scale s attends to every token of scales <= s
 (or, with a window w, of scales s-w..s).
 
-Triton path (kernels/attention.py): FlashAttention-2 style forward and backward that
-visit only the tiles the mask leaves visible and evaluate the mask only on tiles straddling
-a scale boundary; the schedule reaches the kernels as a small int32 tensor, so FlexVAR's
-random schedules never recompile them. Both entry points are `torch.library` custom ops
-with autograd, so `torch.compile` keeps them in one graph.
+Triton path (kernels/attention.py, kernels/attention_backward.py): FlashAttention-2 style
+forward and backward that visit only the tiles the mask leaves visible and evaluate the mask
+only on tiles straddling a scale boundary; the schedule reaches the kernels as a small int32
+tensor, so FlexVAR's random schedules never recompile them. Both entry points are
+`torch.library` custom ops with autograd, so `torch.compile` keeps them in one graph.
 """
 from __future__ import annotations
 
@@ -17,17 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
-from . import backend, reference
-from ._checks import check_tensor
-from .gpu import device_guard
+from sar_fast.kernels.support import HEAD_DIMS  # imports no triton (sar_fast.patch reads it at import)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KERNEL = "attention"
-HEAD_DIMS = (16, 32, 64, 128)  # head dims the Triton kernels take (the reference takes any)
+from . import backend, reference
+from ._checks import FLOAT_DTYPES, check_tensor
+from .gpu import device_guard, to_device_async
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_len: bool) -> None:
-    check_tensor("q", q, ndim=4, dtypes=_DTYPES)
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, H, L, D = q.shape
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device,
                  shape=(B, H, L if same_len else None, D))
@@ -45,7 +43,7 @@ def _check_softmax_scale(softmax_scale: float | None) -> None:
 def _use_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """backend.select plus the kernel's own limits: under 'auto' an input the kernel cannot
     take goes to the reference; a forced 'kernel' raises instead of falling back."""
-    if backend.select(op, q, k, v, kernel=_KERNEL) != "kernel":
+    if backend.select(op, q, k, v, kernel=backend.TRITON) != "kernel":
         return False
     D, forced = q.shape[-1], backend.get_backend() == "kernel"
     if D not in HEAD_DIMS:
@@ -70,9 +68,7 @@ class ScaleLayout(NamedTuple):
 
 
 def _int32_on(values: list[int], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.int32)
-    # pinned + non-blocking: a new schedule costs no host sync
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return to_device_async(torch.tensor(values, dtype=torch.int32), device)
 
 
 def _build_layout(scale_lens: tuple[int, ...], device: torch.device) -> ScaleLayout:
@@ -112,10 +108,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sid: tor
                    q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float, window: int, cached: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, base-2 log-sum-exp). cached: every query sees every key (KV cache)."""
+    from sar_fast.kernels import attention as attention_kernels  # here: importing triton is slow
     q, k, v = (_last_dim_dense(t) for t in (q, k, v))
     with device_guard(q):
-        return backend.load_kernels(_KERNEL).forward(q, k, v, q_sid, k_sid, k_off, softmax_scale, window,
-                                                     cached=cached)
+        return attention_kernels.forward(q, k, v, q_sid, k_sid, k_off, softmax_scale, window, cached=cached)
 
 
 @_attention_fwd.register_fake
@@ -129,10 +125,11 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    out: torch.Tensor, lse: torch.Tensor, q_sid: torch.Tensor, k_sid: torch.Tensor,
                    q_off: torch.Tensor, k_off: torch.Tensor, softmax_scale: float,
                    window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sar_fast.kernels import attention_backward  # here: importing triton is slow
     grad_out, q, k, v, out = (_last_dim_dense(t) for t in (grad_out, q, k, v, out))
     with device_guard(q):
-        return backend.load_kernels(_KERNEL).backward(grad_out, q, k, v, out, lse.contiguous(), q_sid, k_sid,
-                                                      q_off, k_off, softmax_scale, window)
+        return attention_backward.backward(grad_out, q, k, v, out, lse.contiguous(), q_sid, k_sid, q_off, k_off,
+                                           softmax_scale, window)
 
 
 @_attention_bwd.register_fake

@@ -9,24 +9,28 @@
 - auto: the kernel where it is the fast path (Triton on CUDA tensors; the extension on
   CPU and CUDA when it is built), the reference elsewhere;
 - reference: always the PyTorch references (the oracles the kernels are tested against).
-'triton' is a deprecated alias of 'kernel' (it named the backend before the extension
-joined): still accepted, with a FutureWarning (shown to users by default).
+`select` makes the choice for every op, Triton or extension alike.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
-import warnings
-from types import ModuleType
 from typing import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from sar_fast.kernels.support import interpreter_enabled
+
+from .. import _C_loader
+
 BACKENDS = ("auto", "kernel", "reference")
-_DEPRECATED = {"triton": "kernel"}
+# what an op's kernel is (select's `kernel`)
+TRITON = "triton"  # a Triton kernel in sar_fast.kernels: CUDA, or CPU under the interpreter
+EXTENSION = "extension"  # an op of the C++/CUDA extension sar_fast._C, on CPU and CUDA tensors
+EXTENSION_CPU = "extension_cpu"  # an op of the extension with a CPU implementation only
+_KINDS = (TRITON, EXTENSION, EXTENSION_CPU)
 _ENV = "SAR_FAST_BACKEND"
 _override: str | None = None
 
@@ -36,10 +40,6 @@ class BackendError(RuntimeError):
 
 
 def _check(name: str, source: str) -> str:
-    if name in _DEPRECATED:
-        warnings.warn(f"{source}: backend {name!r} is deprecated, use {_DEPRECATED[name]!r} (the op's kernel: "
-                      f"Triton, or the C++/CUDA extension for msq_encode)", FutureWarning, stacklevel=3)
-        return _DEPRECATED[name]
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
@@ -79,10 +79,6 @@ def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def any_fake(*tensors) -> bool:
     """Fake tensors (sar_fast.memory's estimates) never run a kernel: any backend takes them."""
     if torch.compiler.is_compiling():
@@ -90,31 +86,53 @@ def any_fake(*tensors) -> bool:
     return any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor))
 
 
-def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
-    """'kernel' or 'reference' for this call of `op` (a Triton op) on `tensors`.
+def _cannot_run(op: str, kernel: str | None, tensors: tuple) -> str | None:
+    """Why `op`'s kernel cannot run on `tensors` here, or None when it can."""
+    if kernel is None:
+        return f"{op}: backend 'kernel' was requested but this op has no kernel; use backend 'auto' or 'reference'"
+    if kernel == TRITON:
+        if not triton_installed():
+            return f"{op}: backend 'kernel' was requested but triton is not installed (pip install triton; Linux only)"
+        if not _on_cuda(tensors) and not interpreter_enabled() and not any_fake(*tensors):
+            return (f"{op}: backend 'kernel' on CPU tensors needs Triton's interpreter: "
+                    f"set TRITON_INTERPRET=1 before the first import of triton")
+        return None
+    if kernel == EXTENSION_CPU:
+        devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+        if devices - {"cpu"}:
+            return (f"{op}: backend 'kernel' asks for the extension's op, which runs on CPU tensors only; "
+                    f"the inputs are on {', '.join(sorted(devices))} (use backend 'auto')")
+    if not _C_loader.has_extension():
+        return (f"{op}: backend 'kernel' asks for the extension, but the C++/CUDA extension sar_fast._C "
+                f"is not built; " + _C_loader.BUILD_HINT)
+    if _on_cuda(tensors) and not _C_loader.cuda_compiled():
+        return (f"{op}: backend 'kernel' asks for the extension, but sar_fast._C was built without "
+                f"CUDA kernels; " + _C_loader.BUILD_HINT)
+    return None
 
-    `kernel` names the module under sar_fast.kernels holding the op's Triton kernel, or
-    None while the op has none (then auto falls back to the reference and an explicit
-    'kernel' request is an error, never a silent fallback).
+
+def _on_cuda(tensors: tuple) -> bool:
+    return any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+
+
+def select(op: str, *tensors: torch.Tensor, kernel: str | None) -> str:
+    """'kernel' or 'reference' for this call of `op` on `tensors` under the backend in force.
+
+    `kernel` says what the op's kernel is: TRITON, EXTENSION or EXTENSION_CPU, or None
+    while the op has none. 'auto' takes the kernel where it is the fast path (a Triton
+    kernel on CUDA tensors only: under the interpreter it is a test of the kernel, not a
+    fast path; the extension wherever it can run), else the reference; 'kernel' takes it,
+    or raises BackendError saying why it cannot run here (never a silent fallback).
     """
+    if kernel is not None and kernel not in _KINDS:
+        raise ValueError(f"kernel must be one of {', '.join(_KINDS)} or None, got {kernel!r}")
     backend = get_backend()
     if backend == "reference":
         return "reference"
-    on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    reason = _cannot_run(op, kernel, tensors)
     if backend == "auto":
-        return "kernel" if (on_cuda and kernel is not None and triton_installed()) else "reference"
-    if kernel is None:
-        raise BackendError(f"{op}: backend 'kernel' was requested but this op has no Triton kernel; "
-                           f"use backend 'auto' or 'reference'")
-    if not triton_installed():
-        raise BackendError(f"{op}: backend 'kernel' was requested but triton is not installed "
-                           f"(pip install triton; Linux only)")
-    if not on_cuda and not interpreter_enabled() and not any_fake(*tensors):
-        raise BackendError(f"{op}: backend 'kernel' on CPU tensors needs Triton's interpreter: "
-                           f"set TRITON_INTERPRET=1 before the first import of triton")
+        fast = reason is None and (kernel != TRITON or _on_cuda(tensors))
+        return "kernel" if fast else "reference"
+    if reason is not None:
+        raise BackendError(reason)
     return "kernel"
-
-
-def load_kernels(module: str) -> ModuleType:
-    """Import sar_fast.kernels.<module> (lazily: importing triton is slow)."""
-    return importlib.import_module(f"sar_fast.kernels.{module}")

@@ -16,12 +16,12 @@ from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
 from .gpu import device_guard
 
-_KERNEL = "cross_entropy"
 _REDUCTIONS = ("none", "sum", "mean")
 
 
 def _kernels():
-    return backend.load_kernels(_KERNEL)
+    from sar_fast.kernels import cross_entropy as cross_entropy_kernels  # here: importing triton is slow
+    return cross_entropy_kernels
 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if check_range:
         check_index_range("target", target[target != ignore_index], V, what="vocabulary size")
-    path = backend.select("fused_linear_cross_entropy", hidden, weight, kernel=_KERNEL)
+    path = backend.select("fused_linear_cross_entropy", hidden, weight, kernel=backend.TRITON)
     if path == "reference":
         return reference.linear_cross_entropy(hidden, weight, bias, target.long(), token_weight,
                                               label_smoothing, ignore_index, reduction, return_stats)
@@ -251,7 +251,7 @@ def fused_linear_kl_div(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    path = backend.select("fused_linear_kl_div", hidden, weight, kernel=_KERNEL)
+    path = backend.select("fused_linear_kl_div", hidden, weight, kernel=backend.TRITON)
     if path == "reference":
         return reference.linear_kl_div(hidden, weight, bias, target_logits, target_hidden, token_weight,
                                        reduction, temperature)

@@ -56,3 +56,13 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make t's GPU the current one while a kernel launches: Triton launches on the current
     device, so tensors on cuda:1 with cuda:0 current would run on the wrong GPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor built for a launch (a schedule's table, an index) on `device`: to a
+    GPU through pinned memory and non-blocking, so that a new schedule costs no host sync (the
+    caching host allocator keeps the pinned buffer until the copy is done); elsewhere a plain copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 from .. import _C_loader
 from ..schedules import total_length, validate_schedule
-from . import reference
+from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
-from .backend import BackendError, get_backend
 from .reference import Phi
 
 _MODES = ("flexvar", "var")
@@ -41,17 +40,7 @@ def _check_common(codebook: torch.Tensor, mode: str, device: torch.device) -> No
 
 def use_extension(latent: torch.Tensor) -> bool:
     """True when msq_encode on `latent` runs the C++/CUDA extension under the current backend."""
-    backend = get_backend()
-    if backend == "reference":
-        return False
-    usable = _C_loader.has_extension() and (not latent.is_cuda or _C_loader.cuda_compiled())
-    if backend == "auto" or usable:
-        return usable
-    if not _C_loader.has_extension():
-        raise BackendError("msq_encode: backend 'kernel' asks for the extension, but the C++/CUDA "
-                           "extension sar_fast._C is not built; " + _C_loader.BUILD_HINT)
-    raise BackendError("msq_encode: backend 'kernel' asks for the extension, but sar_fast._C was "
-                       "built without CUDA kernels; " + _C_loader.BUILD_HINT)
+    return backend.select("msq_encode", latent, kernel=backend.EXTENSION) == "kernel"
 
 
 def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[int],

@@ -19,24 +19,13 @@ import torch
 from .. import _C_loader
 from ..sampling import check_draw_arguments
 from ..sampling import sample_survivors as reference_sample_survivors
-from .backend import BackendError, any_fake, get_backend
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the op's; float64 logits take the reference
+from . import backend
+from ._checks import FLOAT_DTYPES
 
 
 def use_extension(logits: torch.Tensor) -> bool:
     """True when sample_survivors on `logits` runs the extension's fused op under the current backend."""
-    backend = get_backend()
-    if backend == "reference":
-        return False
-    usable = logits.device.type == "cpu" and _C_loader.has_extension()
-    if backend == "auto" or usable:
-        return usable
-    if logits.device.type != "cpu":
-        raise BackendError(f"sample_survivors: backend 'kernel' asks for the extension's fused op, which runs on "
-                           f"CPU tensors only; the logits are on {logits.device} (use backend 'auto')")
-    raise BackendError("sample_survivors: backend 'kernel' asks for the extension's fused op, but the C++ "
-                       "extension sar_fast._C is not built; " + _C_loader.BUILD_HINT)
+    return backend.select("sample_survivors", logits, kernel=backend.EXTENSION_CPU) == "kernel"
 
 
 def sample_survivors(logits: torch.Tensor, top_k: int, top_p: float, uniforms: torch.Tensor,
@@ -49,7 +38,8 @@ def sample_survivors(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
     mixed first in fp32, (1 + guidance) * logits - guidance * uncond. top_k == 1 is greedy.
     """
     check_draw_arguments(logits, uniforms, uncond)
-    if (top_k == 1 or logits.dtype not in _DTYPES or any_fake(logits, uniforms, uncond)
+    # the fused op takes the ops' float dtypes; float64 logits take the reference
+    if (top_k == 1 or logits.dtype not in FLOAT_DTYPES or backend.any_fake(logits, uniforms, uncond)
             or not use_extension(logits)):
         return reference_sample_survivors(logits, top_k, top_p, uniforms=uniforms, uncond=uncond, guidance=guidance)
     shape, V = logits.shape[:-1], logits.shape[-1]

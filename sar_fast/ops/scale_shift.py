@@ -17,7 +17,7 @@ import torch
 from ..schedules import scale_offsets, total_length, validate_schedule
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
-from .gpu import device_guard
+from .gpu import device_guard, to_device_async
 from .reference import Phi, Transitions, parse_transitions
 
 
@@ -48,7 +48,7 @@ def scale_shift(codes: torch.Tensor | None = None, codebook: torch.Tensor | None
         dtype = _check_codes("codes", codes, codebook, schedule, check_range, out_dtype)
         return _from_codes(codes, codebook, schedule, every, mode, phi, dtype)
     maps, dtype = _check_scales(scales, schedule, out_dtype)
-    if mode == "flexvar" and backend.select("scale_shift", *maps, kernel="scale_shift") == "kernel":
+    if mode == "flexvar" and backend.select("scale_shift", *maps, kernel=backend.TRITON) == "kernel":
         return torch.ops.sar_fast.scale_shift_dense(maps, list(schedule), list(every), dtype)
     return reference.scale_shift(maps, schedule, mode, phi).to(dtype)
 
@@ -169,7 +169,7 @@ def _check_scales(scales: Sequence[torch.Tensor], schedule: tuple[int, ...],
 
 def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
                 chosen: tuple[int, ...], mode: str, phi: Phi | None, dtype: torch.dtype) -> torch.Tensor:
-    if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel="scale_shift") == "kernel":
+    if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel=backend.TRITON) == "kernel":
         return torch.ops.sar_fast.scale_shift_codes(codes, codebook, list(schedule), list(chosen), dtype)
     return reference.ssr_inputs(codes, codebook, schedule, chosen, mode, phi).to(dtype)
 
@@ -181,10 +181,7 @@ _META_WIDTH = 8  # columns per row: out_start, src_off, n_in, n_out, sb, sc, sy,
 
 
 def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _META_WIDTH)
-    if device.type == "cuda":  # pinned + async: no stream sync, even on a new schedule
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+    return to_device_async(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _META_WIDTH), device)
 
 
 @lru_cache(maxsize=512)
@@ -239,7 +236,8 @@ def _out_rows(schedule: Sequence[int], chosen: Sequence[int]) -> int:
 
 
 def _kernels():
-    return backend.load_kernels("scale_shift")
+    from sar_fast.kernels import scale_shift as scale_shift_kernels  # here: importing triton is slow
+    return scale_shift_kernels
 
 
 # ----------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
         # live through every later step's peak, so they are added to it
         peak += 8 * n_params // world_size
     # the fused loss's backward writes grad-logit chunks into a bounded workspace the fakes do not allocate
-    kern = ops.backend.load_kernels("cross_entropy")
+    from sar_fast.kernels import cross_entropy as kern
     itemsize = 2 if precision == "bf16" else 4
     workspace = kern._chunk_rows(micro * L, mcfg.vocab_size, itemsize) * mcfg.vocab_size * itemsize if fake else 0
     return Estimate(peak_gib=(peak + workspace) / GIB, params_gib=4 * n_params / world_size / GIB,
