@@ -28,6 +28,14 @@ def mean_visible_keys_of_lengths(scale_lens) -> float:
     return acc / max(total, 1)
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward in this thread (where activation checkpointing
+    recomputes a forward). No public API says so in torch 2.11 or 2.14; torch.utils.checkpoint
+    itself reads this private function. Without it, recomputations count as passes."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 class PassFlops:
     """Model FLOPs of the passes a step really ran (TF, null-class prefix, student, ...),
     counted from the tokens entering the first block: each call adds the forward FLOPs of
@@ -41,7 +49,7 @@ class PassFlops:
         first_block.register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
-        if not self.enabled or torch._C._current_graph_task_id() != -1:
+        if not self.enabled or _in_backward():
             return
         x, layout = args[0], args[2] if len(args) > 2 else None
         B, L = x.shape[0], x.shape[1]
