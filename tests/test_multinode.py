@@ -2,6 +2,8 @@
 localhost, joined by torchrun's c10d rendezvous (no --standalone), training with --replicas 2
 (HSDP: the parameters sharded within a node, replicated across the two), reach the same
 weights and losses as one node of four processes."""
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -37,9 +39,12 @@ def test_two_nodes_of_two_equal_one_node_of_four(tmp_path):
                 node.wait()
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, out[-3000:] + err[-3000:]
-    # each launcher ran two workers of a four-rank world, and the mesh was HSDP's
-    config = (tmp_path / "two_nodes" / "config.json").read_text()
-    assert '"replicas": 2' in config
+    # the two launchers formed one four-rank world (each rank saved its RNG state into the
+    # final checkpoint; two separate two-rank worlds would have written rank0 and rank1 only),
+    # and the mesh was HSDP's
+    (ckpt,) = (tmp_path / "two_nodes" / "checkpoints").iterdir()
+    assert sorted(os.listdir(ckpt / "rng")) == [f"rank{r}.pt" for r in range(4)]
+    assert json.loads((tmp_path / "two_nodes" / "config.json").read_text())["system"]["replicas"] == 2
     a, b = _params(tmp_path / "one_node"), _params(tmp_path / "two_nodes")
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)

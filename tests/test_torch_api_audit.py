@@ -24,7 +24,6 @@ FENCED = {
     (PARALLEL, "compile_block"): {"torch._dynamo.config.recompile_limit"},
     ("sar_fast/train/memory.py", "_fake_tensor_mode"): {"torch._subclasses.fake_tensor.FakeTensorMode"},
     ("sar_fast/train/memory.py", "_memory_tracker"): {"torch.distributed._tools.mem_tracker.MemTracker"},
-    ("sar_fast/train/flops.py", "_in_backward"): {"torch._C"},
     # outside the trainer (the custom ops' fake-tensor checks, the C++ loader, the restricted
     # unpickler's allow-list): kept, each at one place
     ("sar_fast/ops/backend.py", None): {"torch._subclasses.fake_tensor.is_fake"},

@@ -23,8 +23,8 @@ import contextlib
 import copy
 import datetime
 import os
-import types
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 
