@@ -5,6 +5,9 @@ rendezvous. CUDA runs use NCCL, CPU runs gloo. The model is sharded with FSDP2
 (`fully_shard` per block, then the root) under a mixed-precision policy whose gradient
 reduction stays in fp32, on a flat mesh or, with --replicas R, an HSDP mesh (R replicas,
 each sharded over world/R ranks: one node each, so the all-gathers stay inside a node).
+No other module opens or closes a process group or a device mesh, and each private torch
+API the trainer needs sits in one function here (or in memory.py) that says why no public
+one does it and checks for it (tests/test_torch_api_audit.py).
 
 Communication per optimiser step (the --reshard policy; a SAR step runs three forwards,
 TF, null-class prefix and student, and one backward through two of them):
