@@ -122,3 +122,33 @@ def test_public_fallback_warns_and_gives_the_same_gradients(one_rank, monkeypatc
     # the fallback's cost: the last micro-batch's backward reduces each block once per pass
     # through it (2 here); the root, whose inputs need no gradient, once at the backward's end
     assert public_scatters == 2 * 2 + 1, public_scatters
+
+
+def test_activation_checkpointing_recomputes_with_the_same_gradients_and_names(one_rank, monkeypatch):
+    """--activation-checkpointing (torch.utils.checkpoint, public): each block's forward runs
+    again in the backward, the gradients are those of the plain run, the parameter names
+    (the checkpoints' and exports' keys) are unchanged, and a block's forward hooks (FSDP's,
+    the FLOP counter's) see one call per pass, not the recomputation."""
+    calls = []
+    real = nn.Linear.forward
+
+    def counted(self, x):
+        calls.append(torch.is_grad_enabled())
+        return real(self, x)
+    monkeypatch.setattr(nn.Linear, "forward", counted)
+    results, hooked = {}, []
+    for ac in (False, True):
+        calls.clear()
+        hooked.clear()
+        model = _Blocks()
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda module, args: hooked.append(module))
+        model = parallel.shard_model(model, one_rank, "fp32", activation_checkpointing=ac, reshard="pass")
+        model(torch.linspace(-1, 1, 12).reshape(2, 6)).square().mean().backward()
+        assert len(hooked) == 2, (ac, len(hooked))
+        results[ac] = ({n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}, len(calls))
+    (plain, plain_calls), (recomputed, ac_calls) = results[False], results[True]
+    assert list(plain) == list(recomputed) == list(dict(_Blocks().named_parameters()))
+    assert plain_calls == 3 and ac_calls == 3 + 2  # embed + 2 blocks; the 2 blocks again in the backward
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -26,10 +26,10 @@ def _env():
     return env
 
 
-def _probe(tmp_path, nproc, *flags, steps=2, nan_step=-1):
+def _probe(tmp_path, nproc, *flags, steps=2, nan_step=-1, probe_flags=()):
     out = tmp_path / "probe.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", PROBE,
-           "--json", str(out), "--steps", str(steps), "--nan-step", str(nan_step), "--",
+           "--json", str(out), "--steps", str(steps), "--nan-step", str(nan_step), *probe_flags, "--",
            "--out", str(tmp_path / "run"), *TINY, *flags]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -49,6 +49,26 @@ def test_one_gather_and_one_reduce_per_unit_per_step(tmp_path, accum):
     assert c.get("c10d::_allgather_base_") == units, c
     assert c.get("c10d::_reduce_scatter_base_") == units, c
     assert c.get("c10d::allreduce_") == 2, c
+
+
+def test_public_fallback_trains_alike_with_one_gather_per_step(tmp_path):
+    """FSDP2's internals made to fail the start-up probe: the 'step' policy runs on the public
+    controls (gradient sync in the last micro-batch's backward only) and trains to the same
+    parameters; still one all-gather per unit per step, but a reduce-scatter per pass through
+    each block (TF and student: 2) and one for the root."""
+    runs = {}
+    for name, probe_flags in (("private", ()), ("public", ("--public-fallback",))):
+        (tmp_path / name).mkdir()
+        runs[name] = _probe(tmp_path / name, 2, "--grad-accum", "2", "--reshard", "step",
+                            probe_flags=(*probe_flags, "--params", str(tmp_path / f"{name}.pt")))
+    assert runs["private"]["reduce_now"] and not runs["public"]["reduce_now"]
+    c, units = runs["public"]["collectives_per_step"], runs["public"]["units"]
+    assert c.get("c10d::_allgather_base_") == units, c
+    assert c.get("c10d::_reduce_scatter_base_") == 2 * (units - 1) + 1, c
+    assert c.get("c10d::allreduce_") == 2, c
+    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("private", "public"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_pass_policy_gathers_per_pass(tmp_path):

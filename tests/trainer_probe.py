@@ -7,7 +7,10 @@ and writes to --json (rank 0) what happened inside those steps:
 - host syncs: aten._local_scalar_dense (what .item(), bool(tensor), int(tensor) call),
   recorded by a TorchDispatchMode, with the source line that made each;
 - with --nan-step K: the loss of step K is made NaN on rank 0; the parameters and the
-  optimiser state before and after it (they must not change), and the counters.
+  optimiser state before and after it (they must not change), and the counters;
+- with --public-fallback: the start-up probe of FSDP2's internals is made to fail, so the
+  'step' policy runs on FSDP2's public controls only;
+- with --params FILE: the full parameters after the last step (rank 0).
 """
 import argparse
 import collections
@@ -51,8 +54,12 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--nan-step", type=int, default=-1)
+    ap.add_argument("--public-fallback", action="store_true")
+    ap.add_argument("--params")
     args, flags = ap.parse_known_args()
     flags = [f for f in flags if f != "--"]
+    if args.public_fallback:
+        parallel._probe_reduce_now = lambda *a, **k: "made to fail by trainer_probe --public-fallback"
     trainer = train.Trainer(train.parse_config(flags))
     real_step = train.sar_step
 
@@ -84,11 +91,15 @@ def main():
         trainer.settle(r)
     report = {"collectives_per_step": {k: v / args.steps for k, v in collectives.items()},
               "host_syncs": syncs.where, "nonfinite_total": trainer.state.nonfinite_total,
-              "units": len(parallel.fsdp_units(trainer.model))}
+              "units": len(parallel.fsdp_units(trainer.model)),
+              "reduce_now": bool(getattr(trainer.model, "_sar_reduce_now", False))}
     if before is not None:
         report["state_unchanged_by_nan_step"] = all(torch.equal(a, b) for a, b in zip(before, after))
         report["grad_norm_nan"] = bool(torch.isnan(results[args.nan_step - 1].grad_norm))
+    params = {n: p.detach().full_tensor().clone() for n, p in trainer.model.named_parameters()}
     if trainer.info.is_main:
+        if args.params:
+            torch.save(params, args.params)
         with open(args.json, "w") as f:
             json.dump(report, f)
     dist.destroy_process_group()

@@ -241,9 +241,8 @@ _SAVE_GROUP = None
 def _save_group():
     """A gloo group of all ranks for the background writer (created once, collectively)."""
     global _SAVE_GROUP
-    import torch.distributed as dist
-    if _SAVE_GROUP is None and dist.is_initialized():
-        _SAVE_GROUP = dist.new_group(backend="gloo")
+    if _SAVE_GROUP is None:
+        _SAVE_GROUP = parallel.new_gloo_group()
     return _SAVE_GROUP
 
 

@@ -32,8 +32,9 @@ class PassFlops:
     """Model FLOPs of the passes a step really ran (TF, null-class prefix, student, ...),
     counted from the tokens entering the first block: each call adds the forward FLOPs of
     its B x L tokens, three times that when it builds a graph (forward + backward).
-    Recomputations of activation checkpointing (calls inside the backward) and calls while
-    not `enabled` (sampling) are not counted."""
+    Calls while not `enabled` (sampling) are not counted, nor are activation checkpointing's
+    recomputations: they run the block's forward function, not the module call whose hook
+    counts (parallel.recompute_in_backward)."""
 
     def __init__(self, first_block: torch.nn.Module, model_config):
         self.config, self.enabled = model_config, False
@@ -41,7 +42,7 @@ class PassFlops:
         first_block.register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
-        if not self.enabled or torch._C._current_graph_task_id() != -1:
+        if not self.enabled:
             return
         x, layout = args[0], args[2] if len(args) > 2 else None
         B, L = x.shape[0], x.shape[1]

@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 1.5   # CUDA context + NCCL communicators and buffers, per rank
@@ -48,23 +47,6 @@ class Estimate:
         return self.total_gib <= (1.0 - HEADROOM) * gpu_gib
 
 
-@contextlib.contextmanager
-def _fake_world(world_size: int, fake: bool = True):
-    """A fake process group of `world_size` ranks (this process is rank 0); a real 1-rank
-    gloo group when not `fake` (the tests' real measurement)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    if dist.is_initialized():
-        raise RuntimeError("estimate the memory before any process group exists (it makes a fake one)")
-    if fake:
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
              activation_checkpointing: bool | None = None, schedule: tuple[int, ...] | None = None,
              fake: bool = True, reshard: str | None = None) -> Estimate:
@@ -75,8 +57,6 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     gradients are counted where they are alive.
     fake=False runs the same step for real on the CPU (1 rank, Triton's interpreter, fp32
     parameters only): the measurement the fake estimate is tested against."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from .. import ops
     from ..models import ModelConfig, ScaleAR, preset_config
     from . import parallel
@@ -97,13 +77,13 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
     L = sum(s * s for s in schedule)
     if not fake and (world_size != 1 or precision != "fp32"):
         raise ValueError("a real CPU measurement runs 1 rank in fp32 (the interpreter has no bf16)")
-    with _fake_world(world_size, fake), ops.use_backend("kernel"), _sm_count():
+    with parallel.local_world(world_size, fake), ops.use_backend("kernel"), _sm_count():
         with torch.device("meta"):  # no values needed: shard on meta, then fake CUDA storage
             model = ScaleAR(mcfg)
         info = parallel.DistInfo(0, world_size, 0, device)
         model = parallel.shard_model(model, info, precision, ac, compile_blocks=False, reshard=reshard)
         # entered with `with`: an exception inside must not leave fake mode on for the process
-        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        with _fake_tensor_mode() if fake else contextlib.nullcontext():
             peak, n_params = _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake)
         # one step (half the time): AdamW's two fp32 states, created by this first step,
         # live through every later step's peak, so they are added to it
@@ -117,11 +97,34 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
                     activation_checkpointing=ac, reshard=reshard)
 
 
+def _fake_tensor_mode():
+    """Torch's fake tensors (shapes, dtypes and devices, no storage). Only a private module
+    provides them in torch 2.11 and 2.14 (torch._subclasses.fake_tensor; torch.compile uses
+    it): fenced here, with a clear error if a release moves it."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError as e:
+        raise RuntimeError(f"torch {torch.__version__} has no torch._subclasses.fake_tensor: the memory "
+                           "estimate cannot run its fake step") from e
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _memory_tracker():
+    """Torch's tracker of live tensor storages by module (FSDP2's storage resizes included).
+    No public API counts them (torch.cuda.memory_stats needs a real GPU and sees no fake
+    tensors); torch 2.11 and 2.14 keep it in torch.distributed._tools.mem_tracker. Fenced
+    here, with a clear error if a release moves it."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as e:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.distributed._tools.mem_tracker: the memory "
+                           "estimate cannot track the step") from e
+    return MemTracker()
+
+
 def _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake) -> tuple[int, int]:
     """(tracked peak bytes, parameter count) of one optimiser step of the sharded `model`,
     driven as Trainer.train_step drives it."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from . import parallel
     from .build import build_optimizer
     model.to_empty(device=device)
@@ -136,7 +139,7 @@ def _tracked_step(model, cfg, mcfg, micro, L, accum, schedule, device, fake) -> 
     codes = torch.zeros(micro, L, dtype=torch.long, device=device)
     # MemTracker refuses a top-level module called twice (SAR calls the root 3x per step):
     # the step runs inside a wrapper module whose stats are reset before each call
-    tracker = MemTracker()
+    tracker = _memory_tracker()
     tracker.track_external(model, optimizer)
     step_module = _Step(model, cfg.objective)
     with tracker:

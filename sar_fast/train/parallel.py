@@ -5,6 +5,9 @@ rendezvous. CUDA runs use NCCL, CPU runs gloo. The model is sharded with FSDP2
 (`fully_shard` per block, then the root) under a mixed-precision policy whose gradient
 reduction stays in fp32, on a flat mesh or, with --replicas R, an HSDP mesh (R replicas,
 each sharded over world/R ranks: one node each, so the all-gathers stay inside a node).
+No other module opens or closes a process group or a device mesh, and each private torch
+API the trainer needs sits in one function here (or in memory.py) that says why no public
+one does it and checks for it (tests/test_torch_api_audit.py).
 
 Communication per optimiser step (the --reshard policy; a SAR step runs three forwards,
 TF, null-class prefix and student, and one backward through two of them):
@@ -19,10 +22,12 @@ TF, null-class prefix and student, and one backward through two of them):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -63,6 +68,57 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def ensure_process_group(info: DistInfo) -> None:
+    """A 1-rank group in this process when none exists (plain `python -m sar_fast.train`), so
+    that one code path (FSDP2 on a mesh) serves 1..N ranks."""
+    if dist.is_initialized():
+        return
+    if info.world_size != 1:
+        raise RuntimeError(f"{info.world_size} ranks but no process group: call init_distributed first")
+    dist.init_process_group("gloo" if info.device.type == "cpu" else "nccl",
+                            store=dist.HashStore(), rank=0, world_size=1)
+
+
+def new_gloo_group():
+    """A second group of all ranks on gloo (collective: every rank calls it), or None without a
+    process group: host-side work in a background thread (the asynchronous checkpoint writer)
+    then never shares a communicator with the training step's collectives."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo")
+
+
+@contextlib.contextmanager
+def local_world(world_size: int, fake: bool = True):
+    """A process group in this process only, closed on exit: with `fake`, torch's fake group
+    of `world_size` ranks (this process is rank 0; collectives return without communicating,
+    for the memory estimate), else a real 1-rank gloo group."""
+    if dist.is_initialized():
+        raise RuntimeError("a local process group needs a process without one (it opens and closes its own)")
+    if fake:
+        _register_fake_backend()
+        dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
+    else:
+        if world_size != 1:
+            raise ValueError(f"a real local group has 1 rank, got world_size={world_size}")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _register_fake_backend() -> None:
+    """Torch's "fake" c10d backend is registered only by importing a module of its test
+    utilities (torch 2.11 and 2.14 alike): no public module registers it. Fenced here, with a
+    clear error if a release moves it."""
+    try:
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401 - registers the backend
+    except ImportError as e:
+        raise RuntimeError(f"torch {torch.__version__} has no fake process group "
+                           "(torch.testing._internal.distributed.fake_pg); the memory estimate needs one") from e
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a normal run every rank first meets at a barrier:
     a rank that tears gloo down while another still finishes its last writes can abort
@@ -92,11 +148,24 @@ def set_collective_timeout(seconds: float) -> None:
     start-up one (compile, warm-up, loading), later steps fail fast on a hung rank."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         timeout = datetime.timedelta(seconds=seconds)
-        if hasattr(dist, "set_timeout"):
+        if hasattr(dist, "set_timeout"):  # public from torch 2.14
             dist.set_timeout(timeout)
-        else:  # older torch
-            from torch.distributed.distributed_c10d import _set_pg_timeout
-            _set_pg_timeout(timeout, None)
+        else:
+            _set_timeout_before_2_14(timeout)
+
+
+def _set_timeout_before_2_14(timeout: datetime.timedelta) -> None:
+    """Torch 2.11 (through 2.13) can change a live group's timeout only with a private
+    function; without it the group keeps the start-up timeout (a hung rank is then found
+    later, not never), said once."""
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+    except ImportError:
+        warnings.warn(f"torch {torch.__version__} cannot change a process group's timeout: "
+                      "--collective-timeout is not applied (the --startup-timeout stays)", RuntimeWarning,
+                      stacklevel=3)
+        return
+    _set_pg_timeout(timeout, None)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -171,11 +240,9 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
     # fp32 (as in the original models under autocast); the blocks cast GEMM operands to bf16
     mp = MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
     for block in model.blocks:
+        if activation_checkpointing:
+            recompute_in_backward(block)
         if compile_blocks:
             compile_block(block)
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard == "pass")
@@ -188,6 +255,20 @@ def shard_model(model: nn.Module, info: DistInfo, precision: str = "bf16",
             unit.set_reshard_after_backward(False, recurse=False)
         model._sar_reduce_now = reduce_now_works(mesh, mp, info.device)
     return model
+
+
+def recompute_in_backward(block: nn.Module) -> None:
+    """Activation checkpointing of one block with the public torch.utils.checkpoint
+    (non-reentrant, the RNG state replayed): its forward keeps no activations and runs again
+    in the backward. The block stays the same module (same parameter names, so checkpoints
+    and exports keep their keys), and the recomputation calls the block's own forward, not
+    the module call, so FSDP's hooks (added later, on the module) gather it once per pass."""
+    block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def fsdp_units(model: nn.Module) -> list:

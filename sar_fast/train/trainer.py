@@ -36,7 +36,6 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 from .. import ops
 from ..cli import one_line
@@ -77,9 +76,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.info = info = parallel.init_distributed(cfg.run.device, cfg.system.startup_timeout)
-        if not dist.is_initialized():  # plain `python -m sar_fast.train`: a 1-rank group
-            dist.init_process_group("gloo" if info.device.type == "cpu" else "nccl",
-                                    store=dist.HashStore(), rank=0, world_size=1)
+        parallel.ensure_process_group(info)  # plain `python -m sar_fast.train`: a 1-rank group
         if cfg.system.deterministic:
             ops.set_deterministic(True)
         torch.manual_seed(cfg.run.seed)
