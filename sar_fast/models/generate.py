@@ -16,8 +16,18 @@ import torch.nn.functional as F
 
 from ..ops.reference import Phi
 from ..sampling import CFG_RAMPS, FLEXVAR_TRAINED_SIDES, guidance_weight, sample_top_k_top_p
-from ..schedules import scale_offsets
+from ..schedules import DIGITS_SCHEDULE, STANDARD_SCHEDULE
 from .blocks import KVCache, apply_head
+
+
+# The published sampling settings of each model family (guidance, its ramp, top-k, top-p and
+# the schedule; None: the model's own), sources in sar_fast.evaluate's docstring (--preset).
+PRESETS = {
+    "var": dict(cfg=1.5, cfg_ramp="linear", top_k=900, top_p=0.96, schedule=None),
+    "flexvar": dict(cfg=2.5, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=STANDARD_SCHEDULE),
+    "sar": dict(cfg=2.2, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=STANDARD_SCHEDULE),
+    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=DIGITS_SCHEDULE),
+}
 
 
 @dataclass
@@ -64,9 +74,8 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     if uniforms is not None:
         if generator is not None:
             raise ValueError("pass either uniforms or seed/generator, not both")
-        total = sum(s * s for s in schedule)
-        if uniforms.shape != (B, total):
-            raise ValueError(f"uniforms must be [{B}, {total}] (batch, tokens of schedule {list(schedule)}), "
+        if uniforms.shape != (B, schedule.total):
+            raise ValueError(f"uniforms must be [{B}, {schedule.total}] (batch, tokens of schedule {list(schedule)}), "
                              f"got {tuple(uniforms.shape)}")
         uniforms = uniforms.to(device)
     book = codebook.to(device=device, dtype=torch.float32)
@@ -74,7 +83,7 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
     cond = model.class_emb(all_labels.long())
     pos = model.pos_embed(schedule)
-    offsets = scale_offsets(schedule)
+    offsets = schedule.offsets
     tokens = [cond.unsqueeze(1) + model.pos_start + pos[:, :1]]  # embedded inputs per scale
     caches = [KVCache() for _ in model.blocks]
     f_hat = torch.zeros(B, model.code_dim, last, last, device=device)  # VAR's running sum
@@ -87,7 +96,7 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
                 logits = model.step_with_cache(tokens[-1], cond, caches)
             else:
                 x = torch.cat(tokens, dim=1)
-                hidden = model.trunk(x, cond, [s * s for s in schedule[:si + 1]])
+                hidden = model.trunk(x, cond, schedule.lengths[:si + 1])
                 logits = apply_head(model.head, hidden[:, offsets[si]:])
             k = top_k
             if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED_SIDES):
@@ -97,7 +106,7 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
                 if cfg_ramp == "flexvar" and side > 16:
                     t = cfg
                 logits = (1 + t) * logits[:B] - t * logits[B:]
-            noise = uniforms[:, offsets[si]:offsets[si] + side * side] if uniforms is not None else None
+            noise = uniforms[:, schedule.scale(si)] if uniforms is not None else None
             idx = sample_top_k_top_p(logits, k, top_p, generator, noise)
             codes.append(idx)
             if si == n - 1:
