@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import JsonReport, add_smoke_flag, time_ms  # noqa: E402
 
 from sar_fast import _C_loader, ops  # noqa: E402
-from sar_fast.sampling import guidance_weight, sample_keyed_uniform, sample_survivors, sample_top_k_top_p  # noqa: E402
+from sar_fast.rng import sample_keyed_uniform  # noqa: E402
+from sar_fast.sampling import guidance_weight, sample_survivors, sample_top_k_top_p  # noqa: E402
 
 GUIDANCE = guidance_weight("sar", 1.5, 9, 10)  # SAR's ramp at the last of 10 scales, cfg 1.5
 

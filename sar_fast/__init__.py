@@ -8,11 +8,11 @@ import importlib.util as _util
 import os as _os
 import sys as _sys
 
-from .schedules import STANDARD_SCHEDULE, random_flexvar_schedule, validate_schedule
+from .schedules import STANDARD_SCHEDULE, Schedule, random_flexvar_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["STANDARD_SCHEDULE", "random_flexvar_schedule", "validate_schedule", "__version__"]
+__all__ = ["STANDARD_SCHEDULE", "Schedule", "random_flexvar_schedule", "__version__"]
 
 
 class _CheckoutKernels(_abc.MetaPathFinder):

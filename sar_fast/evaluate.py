@@ -28,7 +28,6 @@ Presets (--preset) follow the published evaluation scripts; any flag overrides i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -40,21 +39,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data.digits import DIGITS_SCHEDULE
-from .models.generate import generate
+from .models.generate import PRESETS, generate
 from .models.tokenizers.grey import EMBEDDED
+from .rng import image_identity, image_uniforms
 from .sampling import CFG_RAMPS
 from .schedules import parse_schedule
 from . import files
 
-FLEXVAR_EVAL_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 SAR_CFG_BY_DEPTH = {16: 2.2, 20: 2.6, 24: 3.3}
-PRESETS = {
-    "var": dict(cfg=1.5, cfg_ramp="linear", top_k=900, top_p=0.96, schedule=None),
-    "flexvar": dict(cfg=2.5, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
-    "sar": dict(cfg=2.2, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=FLEXVAR_EVAL_SCHEDULE),
-    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=DIGITS_SCHEDULE),
-}
 METRICS = ("auto", "digits", "inception", "none")
 
 
@@ -117,22 +109,6 @@ class SamplingSettings:
     seed: int
     shard_size: int
     dtype: str
-
-
-def image_seed(seed: int, cls: int, index: int) -> int:
-    """The seed of image (cls, index): a hash, so neighbouring images get unrelated streams."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{cls}:{index}".encode()).digest()[:8], "little") >> 1
-
-
-def image_identity(k: int, num_classes: int) -> tuple[int, int]:
-    """(class, index within the class) of image k of the set: classes interleaved."""
-    return k % num_classes, k // num_classes
-
-
-def image_uniforms(seed: int, cls: int, index: int, num_tokens: int) -> torch.Tensor:
-    """The sampling noise of one image: [num_tokens] uniforms in [0, 1) (float64, CPU)."""
-    gen = torch.Generator().manual_seed(image_seed(seed, cls, index))
-    return torch.rand(num_tokens, generator=gen, dtype=torch.float64)
 
 
 def shard_path(out: str, shard: int) -> str:

@@ -1,8 +1,8 @@
 """Sampling helpers shared by generation (models/generate.py) and SAR's rollout (sar.py):
 the classifier-free-guidance weight of each scale, top-k / top-p draws (over the whole
-vocabulary as the public code, or over the k candidates only) and uniforms keyed by the
-sample (seed, step, stream, global row) rather than by the rank. A leaf module:
-it imports only torch, so anything may use it.
+vocabulary as the public code, or over the k candidates only), driven by a generator or by
+given uniforms (the keyed streams of sar_fast.rng). A leaf module: it imports only torch,
+so anything may use it.
 
 Guidance mixes the conditional and null-class logits as (1 + t) * cond - t * uncond, with
 the weight t ramped over the scales:
@@ -179,7 +179,7 @@ def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
 
     uncond (same shape as logits) mixes classifier-free guidance first, in fp32:
     (1 + guidance) * logits - guidance * uncond. uniforms [...] in [0, 1): the draws'
-    randomness (e.g. `sample_keyed_uniform`), so a caller or a test can fix it; without
+    randomness (e.g. sar_fast.rng.sample_keyed_uniform), so a caller or a test can fix it; without
     them, torch.rand with `generator`. top_k == 1 is greedy. Ties at the k-th: see
     `top_k_top_p_survivors`.
     """
@@ -195,70 +195,3 @@ def sample_survivors(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     if uniforms is None:
         uniforms = torch.rand(flat.shape[0], generator=generator, device=flat.device, dtype=torch.float64)
     return draw_from_survivors(probs, token, keep, uniforms.reshape(-1)).view(shape)
-
-
-# ------------------------------------------------------------------ randomness keyed by the sample
-_M32 = 0xFFFFFFFF
-# streams of sample_keyed_uniform used inside the package (a stream may also be a tuple)
-STREAM_SSR = 1            # SSR draws: stream (STREAM_SSR, scale index)
-STREAM_MODEL = 2          # the model's label dropout and drop-path: (STREAM_MODEL, rng.STREAM_*)
-STREAM_ROLLOUT = 3        # naive student forcing's rollouts (sf_*): one uniform per token of a row
-
-
-def _mul32(x, c: int):
-    """(x * c) mod 2**32 for x in [0, 2**32) without overflowing int64 (torch tensors or ints)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x):
-    """A 32-bit integer hash with full avalanche (Wellons' 'lowbias32'); tensors or ints."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _key(*values: int) -> int:
-    h = 0x9E3779B9
-    for v in values:
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
-            raise ValueError(f"sample_keyed_uniform: seed, step and stream must be ints in [0, 2**63), got {v!r}")
-        h = _mix32(_mix32(h ^ (v & _M32)) ^ (v >> 32))
-    return h
-
-
-def sample_keyed_uniform(seed: int, step: int, stream: int | tuple[int, ...],
-                         global_rows: torch.Tensor | slice, shape: tuple[int, ...] = (),
-                         device: torch.device | str | None = None) -> torch.Tensor:
-    """Uniforms in [0, 1), float64 [R, *shape], a pure function of (seed, step, stream,
-    global row, element): the randomness of a sample, not of the rank or micro-batch that
-    holds it, so a run gives the same draws on any number of ranks and accumulation steps.
-
-    global_rows: int64 tensor [R] (any values >= 0) or a slice (start, stop; step 1) of
-    global row indices (the trainer's: the row's position in the epoch's global order,
-    see DataSource.next). stream: an int or a tuple of ints naming the use (STREAM_*,
-    plus e.g. a scale or block index). A counter-based hash (no generator state): row r
-    costs the same whether or not the other rows are drawn.
-    """
-    if isinstance(global_rows, slice):
-        if global_rows.step not in (None, 1) or global_rows.start is None or global_rows.stop is None:
-            raise ValueError(f"global_rows slice must be start:stop with step 1, got {global_rows}")
-        rows = torch.arange(global_rows.start, global_rows.stop, device=device, dtype=torch.int64)
-    elif isinstance(global_rows, torch.Tensor) and global_rows.dim() == 1 and not global_rows.is_floating_point():
-        rows = global_rows.to(device if device is not None else global_rows.device, torch.int64)
-    else:
-        raise ValueError(f"global_rows must be a 1-d integer tensor or a slice, got {global_rows!r}")
-    stream = stream if isinstance(stream, tuple) else (stream,)
-    k0 = _key(seed, step, *stream)
-    k1, k2 = _mix32(k0 ^ 0x68E31DA4), _mix32(k0 ^ 0xB5297A4D)
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    row_hash = _mix32(_mix32((rows & _M32) ^ k0) ^ (rows >> 32))                      # [R]
-    elem = torch.arange(numel, device=rows.device, dtype=torch.int64)
-    a = _mix32(row_hash.unsqueeze(1) ^ _mix32(elem ^ k1).unsqueeze(0))                   # [R, numel]
-    b = _mix32(a ^ k2)
-    u = ((a >> 5) * 67108864 + (b >> 6)).double() * 2.0**-53  # 53 random bits
-    return u.view(rows.shape[0], *shape)

@@ -20,7 +20,7 @@ same SSR codes injected in both, and under argmax sampling). Their draws differ:
 keeps the public code's multinomial over the whole vocabulary from a generator seeded per
 (seed, step, scale), draw for draw; the default draws from the same distribution over the
 top-k candidates only (ops.sample_survivors: fused in C++ on CPU), with uniforms keyed by (seed, step,
-global row, scale) (sampling.sample_keyed_uniform), so a sample's draw does not depend on
+global row, scale) (rng.sample_keyed_uniform), so a sample's draw does not depend on
 the number of ranks or micro-batches.
 
 Naive student forcing (the paper's Table 3 ablations) is here too: 'sf_full' (train on a
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from . import ops
 from .models.blocks import apply_head
 from .ops.reference import Phi
-from .sampling import STREAM_ROLLOUT, STREAM_SSR, guidance_weight, sample_keyed_uniform, sample_top_k_top_p
-from .schedules import scale_offsets, validate_schedule
+from .rng import STREAM_ROLLOUT, STREAM_SSR, official_scale_seed, sample_keyed_uniform, transition_seed
+from .sampling import guidance_weight, sample_top_k_top_p
+from .schedules import Schedule
 
 OBJECTIVES = ("tf", "sar", "official", "sf_full", "sf_alternate", "sf_interleave", "sf_hybrid")
 TRANSITIONS = ("last", "random", "all")
@@ -109,7 +110,7 @@ class StepOutput:
     tf_ce: torch.Tensor                 # [B*L] per-token CE of the pass on ground-truth targets
     tf_argmax: torch.Tensor             # [B*L] its argmax
     codes: torch.Tensor                 # [B, L] ground truth
-    schedule: tuple[int, ...]
+    schedule: Schedule
 
     @property
     def scale_stats(self) -> torch.Tensor:
@@ -119,67 +120,63 @@ class StepOutput:
         ce = self.tf_ce.detach().float().view(B, -1).sum(0)
         correct = (self.tf_argmax.view(B, -1) == self.codes).float().sum(0)
         scale_id = torch.repeat_interleave(torch.arange(n, device=ce.device),
-                                           torch.tensor([s * s for s in self.schedule], device=ce.device))
+                                           torch.tensor(self.schedule.lengths, device=ce.device))
         per_token = torch.stack((ce, correct, torch.full_like(ce, float(B))), dim=1)
         return per_token.new_zeros(n, 3).index_add_(0, scale_id, per_token)
 
 
-def _scale_generator(seed: int, step: int, si: int, device: torch.device) -> torch.Generator:
-    """An independent stream per (seed, step, scale): skipping a scale changes no other draw."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + si)
-
-
-def token_weights(schedule: tuple[int, ...], weighting: str, device: torch.device,
-                  first_scale: int = 0) -> torch.Tensor:
+def token_weights(schedule: Schedule, weighting: str, device: torch.device, first_scale: int = 0) -> torch.Tensor:
     """Per-token weights [L'] over scales first_scale..n-1 (normalised by the mean reduction)."""
-    sides = schedule[first_scale:]
+    lengths = schedule.lengths[first_scale:]
     if weighting == "token":
-        return torch.ones(sum(s * s for s in sides), device=device)
-    return torch.cat([torch.full((s * s,), 1.0 / (len(sides) * s * s), device=device) for s in sides])
+        return torch.ones(sum(lengths), device=device)
+    return torch.cat([torch.full((n,), 1.0 / (len(lengths) * n), device=device) for n in lengths])
 
 
 class _Inputs:
-    """Builds the model's input sequences from code maps (FlexVAR non-residual, VAR residual)."""
+    """Builds the model's input sequences from code maps (FlexVAR non-residual, VAR residual):
+    teacher forcing through ops.scale_shift, SSR's transitions through ops.ssr_inputs."""
 
     def __init__(self, arch: str, codebook: torch.Tensor, phi: Phi | None):
         self.arch, self.codebook, self.phi = arch, codebook, phi
 
-    def tf(self, codes: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+    def tf(self, codes: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         return ops.scale_shift(codes, self.codebook, schedule, mode=self.arch, phi=self.phi,
                                check_range=False, out_dtype=torch.float32)
 
-    def one_transition(self, gt: torch.Tensor, pred_j: torch.Tensor, schedule: tuple[int, ...],
-                       j: int) -> torch.Tensor:
-        """Input of scale j+1 [B, s_{j+1}^2, C] built from the predicted codes of scale j
-        (VAR: on top of the ground-truth f_hat of scales < j)."""
-        off = scale_offsets(schedule)
-        if self.arch == "flexvar":  # depends on scale j alone; the scale j+1 codes are placeholders
-            pad = pred_j.new_zeros(pred_j.shape[0], schedule[j + 1] ** 2)
-            return self.tf(torch.cat((pred_j, pad), dim=1), schedule[j:j + 2])
-        # the whole schedule, not its prefix: VAR's residual sum lives at the last side and
-        # phi is chosen by si / (n - 1), so a truncated schedule changes both for j < n - 2
-        mixed = gt.clone()
-        mixed[:, off[j]:off[j + 1]] = pred_j
-        seq = self.tf(mixed, schedule)
-        return seq[:, off[j + 1] - 1:off[j + 2] - 1]
+    def _ssr(self, codes: torch.Tensor, schedule: Schedule, js: list[int]) -> torch.Tensor:
+        return ops.ssr_inputs(codes, self.codebook, schedule, js, mode=self.arch, phi=self.phi,
+                              check_range=False, out_dtype=torch.float32)
 
-    def all_transitions(self, gt: torch.Tensor, preds: dict[int, torch.Tensor],
-                        schedule: tuple[int, ...]) -> torch.Tensor:
-        """Eq. 6: every scale's input rebuilt from the previous scale's prediction at once."""
-        n, off = len(schedule), scale_offsets(schedule)
-        if self.arch == "flexvar":
-            codes = torch.cat([preds[i] for i in range(n - 1)] + [gt[:, off[n - 1]:]], dim=1)
-            return self.tf(codes, schedule)
-        return torch.cat([self.one_transition(gt, preds[j], schedule, j) for j in range(n - 1)], dim=1)
+    def transitions(self, gt: torch.Tensor, preds: dict[int, torch.Tensor], schedule: Schedule,
+                    js: list[int]) -> torch.Tensor:
+        """Inputs of scales j+1 for the increasing transitions js, concatenated [B, sum s_{j+1}^2, C]:
+        each built from the predicted codes of scale j (VAR: on top of the ground truth of
+        the scales < j). js = 0..n-2 is Eq. 6, every scale's input at once."""
+        if self.arch == "flexvar":  # scale j+1's input reads scale j alone: one call for every j
+            return self._ssr(_with_predictions(gt, preds, js, schedule), schedule, js)
+        # one call per j: VAR's residual input of scale j+1 sums scales 0..j, of which only j
+        # is predicted. The whole schedule, not its prefix: the residual sum lives at the last
+        # side and phi is chosen by si / (n - 1), so a truncated schedule changes both.
+        return torch.cat([self._ssr(_with_predictions(gt, preds, [j], schedule), schedule, [j]) for j in js], dim=1)
 
 
-def _check_batch(labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
+def _with_predictions(gt: torch.Tensor, preds: dict[int, torch.Tensor], js: list[int],
+                      schedule: Schedule) -> torch.Tensor:
+    """The ground-truth codes [B, L] with the scales js replaced by their predictions."""
+    mixed = gt.clone()
+    for j in js:
+        mixed[:, schedule.scale(j)] = preds[j]
+    return mixed
+
+
+def _check_batch(labels: torch.Tensor, codes: torch.Tensor, schedule: Schedule) -> None:
     """Shapes only: value ranges are the data pipeline's job (checked once per batch on the
     host in the trainer), so the step itself never waits on the device."""
     if labels.dim() != 1 or codes.dim() != 2 or codes.shape[0] != labels.shape[0]:
         raise ValueError(f"need labels [B] and codes [B, L], got {tuple(labels.shape)} and {tuple(codes.shape)}")
-    if codes.shape[1] != scale_offsets(schedule)[-1]:
-        raise ValueError(f"codes has {codes.shape[1]} tokens but schedule {schedule} has {scale_offsets(schedule)[-1]}")
+    if codes.shape[1] != schedule.total:
+        raise ValueError(f"codes has {codes.shape[1]} tokens but schedule {tuple(schedule)} has {schedule.total}")
     if len(schedule) < 2:
         raise ValueError(f"SAR needs at least two scales, got schedule {schedule}")
 
@@ -197,7 +194,7 @@ def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codeboo
     order), which keys SSR's draws; default 0..B-1. ssr_codes {scale: codes [B, s^2]}:
     use these instead of sampling those scales (a seam for tests and oracles).
     """
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     _check_batch(labels, codes, schedule)
     if rows is None:
         rows = torch.arange(labels.shape[0], device=labels.device)
@@ -217,7 +214,7 @@ def sar_step(model, labels: torch.Tensor, codes: torch.Tensor, schedule, codeboo
 
 # ------------------------------------------------------------------------------------------
 def _tf_head(codes: torch.Tensor, weights: torch.Tensor, config: SARConfig, logit_scales: list[int],
-             offsets: list[int]):
+             schedule: Schedule):
     """head_fn for the TF pass: fused CE + stats, and detached logits of `logit_scales`."""
     def head_fn(hidden: torch.Tensor, head) -> tuple:
         B, L, C = hidden.shape
@@ -226,18 +223,18 @@ def _tf_head(codes: torch.Tensor, weights: torch.Tensor, config: SARConfig, logi
             token_weight=weights.repeat(B), label_smoothing=config.label_smoothing,
             reduction="mean", return_stats=True, check_range=False)
         with torch.no_grad():
-            logits = {si: apply_head(head, hidden[:, offsets[si]:offsets[si + 1]].detach()) for si in logit_scales}
+            logits = {si: apply_head(head, hidden[:, schedule.scale(si)].detach()) for si in logit_scales}
         return loss, stats, logits
     return head_fn
 
 
-def _logits_head(logit_scales: list[int], offsets: list[int], first: int = 0):
+def _logits_head(logit_scales: list[int], schedule: Schedule):
     def head_fn(hidden: torch.Tensor, head) -> dict[int, torch.Tensor]:
-        return {si: apply_head(head, hidden[:, offsets[si] - first:offsets[si + 1] - first]) for si in logit_scales}
+        return {si: apply_head(head, hidden[:, schedule.scale(si)]) for si in logit_scales}
     return head_fn
 
 
-def _step_output(loss, metrics: dict, stats, codes: torch.Tensor, schedule: tuple[int, ...]) -> StepOutput:
+def _step_output(loss, metrics: dict, stats, codes: torch.Tensor, schedule: Schedule) -> StepOutput:
     ce, amax, _ = stats
     return StepOutput(loss, metrics, ce, amax, codes, schedule)
 
@@ -247,11 +244,10 @@ def _metrics(**values: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _teacher_forcing(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig) -> StepOutput:
-    off = scale_offsets(schedule)
     w = token_weights(schedule, config.scale_weighting, codes.device)
     with _phase("sar.tf_forward"):
         loss, stats, _ = model(labels, inputs.tf(codes, schedule), schedule,
-                               head_fn=_tf_head(codes, w, config, [], off))
+                               head_fn=_tf_head(codes, w, config, [], schedule))
     return _step_output(loss, _metrics(loss=loss, tf_loss=loss), stats, codes, schedule)
 
 
@@ -260,7 +256,7 @@ def _needed_scales(config: SARConfig, n: int, step: int) -> tuple[list[int], lis
     if config.transitions == "last":
         js = [n - 2]
     elif config.transitions == "random":
-        js = [random.Random(config.seed * 7_919 + step).randrange(n - 1)]
+        js = [random.Random(transition_seed(config.seed, step)).randrange(n - 1)]
     else:
         js = list(range(n - 1))
     needed = sorted({j for j in js} | ({j + 1 for j in js} if config.csf_target == "sampled" else set()))
@@ -312,7 +308,7 @@ def _sample_official(config: SARConfig, cond: dict[int, torch.Tensor], uncond: d
         if uncond is not None:
             t = guidance_weight("sar", config.cfg, si, n)
             logits = (1 + t) * logits - t * uncond[si]
-        gen = _scale_generator(config.seed, step, si, logits.device)
+        gen = torch.Generator(device=logits.device).manual_seed(official_scale_seed(config.seed, step, si))
         preds[si] = sample_top_k_top_p(logits, config.top_k, config.top_p, gen)
     return preds
 
@@ -325,7 +321,7 @@ def _uses_guidance(config: SARConfig, official: bool) -> bool:
 
 def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int, rows: torch.Tensor,
          ssr_codes: dict[int, torch.Tensor] | None) -> StepOutput:
-    n, off = len(schedule), scale_offsets(schedule)
+    n = len(schedule)
     device = codes.device
     js, needed = _needed_scales(config, n, step)
     logit_scales = sorted(set(needed) | ({j + 1 for j in js} if config.csf_target == "soft" else set()))
@@ -333,7 +329,7 @@ def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, ste
     with _phase("sar.tf_forward"):
         x_tf = inputs.tf(codes, schedule)
         tf_loss, stats, tf_logits = model(labels, x_tf, schedule,
-                                          head_fn=_tf_head(codes, w, config, logit_scales, off))
+                                          head_fn=_tf_head(codes, w, config, logit_scales, schedule))
 
     uncond = None
     injected = ssr_codes is not None and all(si in ssr_codes for si in needed)
@@ -341,7 +337,8 @@ def _sar(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, ste
         last = max(needed) + 1  # the null-class pass only needs the prefix up to the last sampled scale
         with torch.no_grad(), _phase("sar.null_prefix_forward"):
             null = torch.full_like(labels, model.num_classes)
-            uncond = model(null, x_tf[:, :off[last] - 1], schedule[:last], head_fn=_logits_head(needed, off))
+            uncond = model(null, x_tf[:, :schedule.offsets[last] - 1], schedule[:last],
+                           head_fn=_logits_head(needed, schedule))
     with torch.no_grad(), _phase("sar.sampling"):
         preds = _sample(config, tf_logits, uncond, n, step, needed, rows, ssr_codes)
 
@@ -368,22 +365,22 @@ def _csf_target_head(target: torch.Tensor | None, teacher_logits: torch.Tensor |
 def _csf(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, js: list[int],
          preds: dict[int, torch.Tensor], tf_logits: dict[int, torch.Tensor]) -> torch.Tensor:
     """The student-forcing pass on self-generated inputs and its loss."""
-    n, off = len(schedule), scale_offsets(schedule)
+    n = len(schedule)
 
     def target_of(si: int):
         if config.csf_target == "sampled":
             return preds[si], None
         if config.csf_target == "gt":
-            return codes[:, off[si]:off[si + 1]], None
+            return codes[:, schedule.scale(si)], None
         return None, tf_logits[si]
 
     if config.transitions != "all":
         j = js[0]
-        x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+        x_sf = inputs.transitions(codes, preds, schedule, [j])
         target, teacher = target_of(j + 1)
         return model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1,
                                      head_fn=_csf_target_head(target, teacher, None, config))
-    x_sf = inputs.all_transitions(codes, preds, schedule)
+    x_sf = inputs.transitions(codes, preds, schedule, list(range(n - 1)))
     parts = [target_of(si) for si in range(1, n)]
     w = token_weights(schedule, config.scale_weighting, codes.device, first_scale=1)
     if config.csf_target == "soft":
@@ -403,7 +400,7 @@ def _csf(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, js:
 def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig, step: int,
               ssr_codes: dict[int, torch.Tensor] | None) -> StepOutput:
     """The public SAR step as written: dense logits, 2B TF batch with autograd, all scales sampled."""
-    n, off = len(schedule), scale_offsets(schedule)
+    n = len(schedule)
     B, V = labels.shape[0], model.vocab_size
     guided = _uses_guidance(config, official=True)
     labels2 = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
@@ -416,14 +413,14 @@ def _official(model, labels, codes, schedule, inputs: _Inputs, config: SARConfig
                                   label_smoothing=config.label_smoothing, reduction="none").view(B, -1)
         tf_loss = (per_tok * (w / w.sum())).sum(-1).mean()  # the public code: weights 1/L, sum, batch mean
     with torch.no_grad(), _phase("sar.sampling"):
-        cond = {si: logits_tf[:, off[si]:off[si + 1]].float() for si in range(n)}
-        uncond = {si: logits_full[B:, off[si]:off[si + 1]].float() for si in range(n)} if guided else None
+        cond = {si: logits_tf[:, schedule.scale(si)].float() for si in range(n)}
+        uncond = {si: logits_full[B:, schedule.scale(si)].float() for si in range(n)} if guided else None
         # mirror the public code: guidance only when cfg > 1, otherwise sample the conditional logits
         cfg = config if guided or config.sampling != "cfg" else SARConfig(**{**config.to_dict(), "sampling": "sample"})
         preds = _sample_official(cfg, cond, uncond, n, step, list(range(n)), ssr_codes)
     j = n - 2
     with _phase("sar.sf_forward"):
-        x_sf = inputs.one_transition(codes, preds[j], schedule, j)
+        x_sf = inputs.transitions(codes, preds, schedule, [j])
         logits_sf = model.forward_student(labels, x_sf, schedule[j + 1], scale_index=j + 1)
         csf_loss = F.cross_entropy(logits_sf.reshape(-1, V).float(), preds[j + 1].reshape(-1),
                                    label_smoothing=config.label_smoothing)
@@ -439,7 +436,7 @@ def _naive_student_forcing(model, labels, codes, schedule, inputs: _Inputs, conf
                            step: int, rows: torch.Tensor) -> StepOutput:
     """One pass on inputs from the model's own full rollout (all or some scales), GT targets.
     The rollout's draws are keyed by (seed, step, global row, token), like SSR's."""
-    n, off = len(schedule), scale_offsets(schedule)
+    n = len(schedule)
     guided = _uses_guidance(config, official=False)
     greedy = config.sampling == "argmax"
     with torch.no_grad():
@@ -454,8 +451,8 @@ def _naive_student_forcing(model, labels, codes, schedule, inputs: _Inputs, conf
         use_rollout = [i >= config.hybrid_k for i in range(n)]
     else:  # sf_full, and the odd steps of sf_alternate
         use_rollout = [True] * n
-    mixed = torch.cat([rollout.codes[i] if use_rollout[i] else codes[:, off[i]:off[i + 1]] for i in range(n)], dim=1)
+    mixed = torch.cat([rollout.codes[i] if use_rollout[i] else codes[:, schedule.scale(i)] for i in range(n)], dim=1)
     w = token_weights(schedule, config.scale_weighting, codes.device)
     loss, stats, _ = model(labels, inputs.tf(mixed, schedule), schedule,
-                           head_fn=_tf_head(codes, w, config, [], off))
+                           head_fn=_tf_head(codes, w, config, [], schedule))
     return _step_output(loss, _metrics(loss=loss, sf_loss=loss), stats, codes, schedule)

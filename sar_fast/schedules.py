@@ -9,13 +9,76 @@ from __future__ import annotations
 import random
 from typing import Iterable, Sequence
 
-STANDARD_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+class Schedule(tuple):
+    """A validated schedule: a tuple of side lengths (strictly increasing positive ints) that
+    also carries its token layout, computed once.
+
+    - `lengths`: tokens per scale (s*s), a tuple of n ints;
+    - `offsets`: a tuple of n + 1 ints, offsets[i]:offsets[i + 1] is scale i in the
+      flattened sequence, offsets[0] = 0 and offsets[n] = `total`;
+    - `total`: the sequence length, sum(s*s).
+
+    It is a tuple: it compares, hashes, indexes, slices (a slice is a plain tuple), pickles
+    and serialises to JSON (a list) as the tuple of its sides, so it goes wherever a tuple
+    of sides did and works as a cache key. Public entry points take any sequence of ints
+    and convert once with `Schedule(x)`; converting a Schedule returns it unchanged, so
+    internals may call it freely. `latent_side` also checks that the schedule ends there;
+    `name` names the argument in error messages.
+    """
+
+    def __new__(cls, sides: Iterable[int], *, latent_side: int | None = None, name: str = "schedule") -> Schedule:
+        if type(sides) is cls:
+            self = sides
+        else:
+            self = super().__new__(cls, _checked_sides(sides, name))
+            lengths = tuple(s * s for s in self)
+            offsets = [0]
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
+            object.__setattr__(self, "lengths", lengths)
+            object.__setattr__(self, "offsets", tuple(offsets))
+            object.__setattr__(self, "total", offsets[-1])
+        if latent_side is not None and self[-1] != latent_side:
+            raise ValueError(f"{name} must end at the latent side {latent_side}, got {tuple(self)}")
+        return self
+
+    lengths: tuple[int, ...]
+    offsets: tuple[int, ...]
+    total: int
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"a Schedule is immutable (tried to set {key!r})")
+
+    def __delattr__(self, key):
+        raise AttributeError(f"a Schedule is immutable (tried to delete {key!r})")
+
+    def __reduce__(self):
+        # rebuilt from its sides (re-validated); the derived attributes are not pickled
+        return (Schedule, (tuple(self),))
+
+    def __repr__(self) -> str:
+        return f"Schedule({tuple(self)!r})"
+
+    def __str__(self) -> str:  # messages print the sides, as for a tuple
+        return tuple.__repr__(self)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self)
+
+    def scale(self, si: int) -> slice:
+        """The token slice of scale `si` in a flattened [.., total] sequence."""
+        return slice(self.offsets[si], self.offsets[si + 1])
+
+    def prefix(self, n: int) -> Schedule:
+        """The first `n` scales, as a Schedule."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"prefix length must be in [1, {len(self)}], got {n}")
+        return Schedule(self[:n])
 
 
-def validate_schedule(schedule: Iterable[int], latent_side: int | None = None,
-                      name: str = "schedule") -> tuple[int, ...]:
-    """Return `schedule` as a tuple after checking it: strictly increasing positive ints,
-    and, when `latent_side` is given, ending at the latent's side length."""
+def _checked_sides(schedule, name: str) -> tuple[int, ...]:
     if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
         raise TypeError(f"{name} must be a sequence of ints, got {type(schedule).__name__}")
     out = []
@@ -24,19 +87,23 @@ def validate_schedule(schedule: Iterable[int], latent_side: int | None = None,
             s = s.item()
         if isinstance(s, bool) or not isinstance(s, int):
             raise TypeError(f"{name} must hold ints, got {s!r} ({type(s).__name__})")
-        out.append(s)
+        out.append(int(s))
     if not out:
         raise ValueError(f"{name} must not be empty")
     if out[0] < 1:
         raise ValueError(f"{name} must hold positive side lengths, got {tuple(out)}")
     if any(b <= a for a, b in zip(out, out[1:])):
         raise ValueError(f"{name} must be strictly increasing, got {tuple(out)}")
-    if latent_side is not None and out[-1] != latent_side:
-        raise ValueError(f"{name} must end at the latent side {latent_side}, got {tuple(out)}")
     return tuple(out)
 
 
-def parse_schedule(text: str) -> tuple[int, ...]:
+# the schedules named in one place: FlexVAR/VAR's 256px schedule (FlexVAR evaluates on it),
+# and the embedded digits model's (its training sample grids)
+STANDARD_SCHEDULE = Schedule((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+DIGITS_SCHEDULE = Schedule((1, 2, 3, 4, 6, 8))
+
+
+def parse_schedule(text: str) -> Schedule:
     """Parse '1,2,3,4' (or 'standard') from a command line."""
     if text.strip().lower() == "standard":
         return STANDARD_SCHEDULE
@@ -44,27 +111,20 @@ def parse_schedule(text: str) -> tuple[int, ...]:
         parts = [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise ValueError(f"schedule must be comma-separated ints like 1,2,4,8, got {text!r}") from None
-    return validate_schedule(parts)
-
-
-def scale_lengths(schedule: Sequence[int]) -> list[int]:
-    """Tokens per scale: s*s for each side s."""
-    return [s * s for s in schedule]
+    return Schedule(parts)
 
 
 def scale_offsets(schedule: Sequence[int]) -> list[int]:
-    """Start index of every scale in the flattened sequence, plus the total length at the end."""
-    offsets = [0]
-    for s in schedule:
-        offsets.append(offsets[-1] + s * s)
-    return offsets
+    """Schedule(schedule).offsets as a list, for callers holding plain sides (tests, benches)."""
+    return list(Schedule(schedule).offsets)
 
 
 def total_length(schedule: Sequence[int]) -> int:
-    return sum(s * s for s in schedule)
+    """Schedule(schedule).total, for callers holding plain sides (tests, benches)."""
+    return Schedule(schedule).total
 
 
-def random_flexvar_schedule(rng: random.Random, last: int = 16, max_len: int = 680) -> tuple[int, ...]:
+def random_flexvar_schedule(rng: random.Random, last: int = 16, max_len: int = 680) -> Schedule:
     """One random training schedule with FlexVAR's distribution (for last=16).
 
     5% of the time the standard schedule; otherwise [1, 2] + 5 sides from 3..10 + 2 from
@@ -96,6 +156,6 @@ def random_flexvar_schedule(rng: random.Random, last: int = 16, max_len: int = 6
     for threshold in (0.9, 0.95, 0.98, 0.99):
         if u > threshold:
             sched.pop(rng.choice(range(2, len(sched) - 1)))
-    while total_length(sched) > max_len:
+    while sum(s * s for s in sched) > max_len:  # a list being edited, not yet a Schedule
         sched.pop(rng.choice(range(max(2, len(sched) - 4), len(sched) - 1)))
-    return tuple(sched)
+    return Schedule(sched)

@@ -10,11 +10,11 @@ exactly when both sides consume the same stream:
 - the `official` objective: every scale `si` of step `step` draws from its own generator
   seeded (seed * 1_000_003 + step) * 1_009 + si;
 - a full rollout (the sf_* objectives) takes one uniform per token of each row from
-  sar_fast.sampling.sample_keyed_uniform (seed, step, STREAM_ROLLOUT, global row, token)
+  sar_fast.rng.sample_keyed_uniform (seed, step, STREAM_ROLLOUT, global row, token)
   and draws by inverse CDF over the kept tokens in vocabulary order (generation's draw);
 - transitions='random' picks j = random.Random(seed * 7_919 + step).randrange(n - 1);
 - the default `sar` objective's SSR draws take their noise from
-  sar_fast.sampling.sample_keyed_uniform (seed, step, (STREAM_SSR, scale), global row):
+  sar_fast.rng.sample_keyed_uniform (seed, step, (STREAM_SSR, scale), global row):
   the noise is an input here (its hash is tested against a plain-integer reference in
   test_sampler.py); what is restated is the draw it feeds (draw_inverse_cdf).
 """
@@ -26,7 +26,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sar_fast.sampling import STREAM_ROLLOUT, STREAM_SSR, sample_keyed_uniform
+from sar_fast.rng import STREAM_ROLLOUT, STREAM_SSR, sample_keyed_uniform
 
 FLEXVAR_TRAINED = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 23, 24, 32)
 

@@ -72,3 +72,29 @@ def test_a_stacked_null_class_batch_repeats_the_rows_and_wrong_sizes_fail():
     assert torch.equal(u[:4], u[4:]) and torch.equal(u[:4], keyed_uniform(0, 0, 5, rows))
     with pytest.raises(ValueError, match="the sample key has 4 rows but the batch 6"):
         model._uniforms(6, (5,), torch.device("cpu"))
+
+
+def test_streams_are_pinned():
+    """Values computed before the streams moved into sar_fast.rng (from sampling.py, sar.py and
+    evaluate.py): a changed formula changes the draws of existing runs and evaluation sets."""
+    import random
+
+    from sar_fast import rng
+    assert (rng.STREAM_SSR, rng.STREAM_MODEL, rng.STREAM_ROLLOUT) == (1, 2, 3)
+    assert (rng.STREAM_LABEL_DROP, rng.STREAM_DROP_PATH) == (1, 1_000)
+    u = rng.sample_keyed_uniform(3, 11, (rng.STREAM_SSR, 2), torch.tensor([0, 5, 2**40 + 7]), (2,))
+    assert u.tolist() == [[0.4048338848865415, 0.6873206997336284], [0.643247435479533, 0.6917159622390333],
+                          [0.34753250649010525, 0.2014887803450488]]
+    assert rng.sample_keyed_uniform(1, 0, rng.STREAM_ROLLOUT, slice(0, 3)).tolist() == \
+        [0.4299700289302514, 0.4263942410328234, 0.048207545259570606]
+    assert keyed_uniform(7, 3, 1000, torch.tensor([[0, 1], [9, 123456]])).tolist() == \
+        [[0.9482837319374084, 0.5533895492553711], [0.5637385845184326, 0.8887026906013489]]
+    assert (rng.image_seed(0, 3, 5), rng.image_seed(12, 999, 49)) == (2011135173851325426, 6408315871838734770)
+    assert rng.image_uniforms(1, 2, 3, 4).tolist() == \
+        [0.5387659879071183, 0.296882180937018, 0.33164108149111793, 0.39032611314713084]
+    assert rng.image_identity(23, 10) == (3, 2)
+    gen = torch.Generator().manual_seed(rng.official_scale_seed(5, 17, 2))
+    assert torch.rand(3, generator=gen, dtype=torch.float64).tolist() == \
+        [0.2620935320465203, 0.5057670937464599, 0.00222545302176691]
+    assert random.Random(rng.transition_seed(5, 17)).randrange(9) == 2
+    assert rng.schedule_seed(5, 17) == 5 * 1_000_003 + 17

@@ -9,7 +9,8 @@ import torch
 import oracles
 from sar_fast import _C_loader, ops
 from sar_fast.ops import sample as sample_op
-from sar_fast.sampling import sample_keyed_uniform, sample_survivors as torch_path, top_k_top_p_filter
+from sar_fast.rng import sample_keyed_uniform
+from sar_fast.sampling import sample_survivors as torch_path, top_k_top_p_filter
 
 pytestmark = pytest.mark.skipif(not _C_loader.has_extension(), reason="the C++ extension sar_fast._C is not built")
 

@@ -116,8 +116,8 @@ def test_sample_cli_writes_png_and_npz(tmp_path):
 
 
 # ------------------------------------------------------------------ draws over the top-k candidates
-from sar_fast.sampling import (sample_keyed_uniform, sample_survivors, top_k_top_p_filter,  # noqa: E402
-                               top_k_top_p_survivors)
+from sar_fast.rng import sample_keyed_uniform  # noqa: E402
+from sar_fast.sampling import sample_survivors, top_k_top_p_filter, top_k_top_p_survivors  # noqa: E402
 
 
 def _naive_kept(row: list[float], top_k: int, top_p: float) -> set[int]:
@@ -261,7 +261,7 @@ def _lowbias32(x: int) -> int:  # the hash in plain Python integers, for the ten
 
 
 def test_keyed_uniform_hash_matches_plain_integers():
-    from sar_fast.sampling import _mix32
+    from sar_fast.rng import _mix32
     xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
     xs += torch.randint(0, 2**32, (200,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist()
     assert _mix32(torch.tensor(xs)).tolist() == [_lowbias32(x) for x in xs]

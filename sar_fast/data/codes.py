@@ -20,7 +20,7 @@ from ..hub import is_hub_id
 from ..models.checkpoint import weights_sha256
 from ..models.tokenizers import build_tokenizer
 from ..models.tokenizers.grey import EMBEDDED
-from ..schedules import STANDARD_SCHEDULE, scale_offsets, total_length, validate_schedule
+from ..schedules import STANDARD_SCHEDULE, Schedule
 from .common import _check_int, _sample_rng, collate
 from .digits import DIGITS_SIDE, EmbeddedDigitsDataset
 from .images import AUGMENTATIONS, DataError, ImageFolderDataset
@@ -75,7 +75,6 @@ def check_code_cache(cache_dir: str | os.PathLike, tokenizer_sha256: str | None 
     integer, both complete on disk (a truncated copy is caught here, not mid-run), labels
     within the class list; with `tokenizer_sha256`, the tokenizer it was built with.
     Raises DataError naming the file and what was expected."""
-    from ..schedules import total_length
     root = os.fspath(cache_dir)
     m = read_cache_manifest(root)
     where = os.path.join(root, "manifest.json")
@@ -88,11 +87,11 @@ def check_code_cache(cache_dir: str | os.PathLike, tokenizer_sha256: str | None 
         raise DataError(f"code cache {root!r} is incomplete ({m['done']}/{m['num_samples']} images); re-run "
                         "python -m sar_fast.cache with the same arguments to finish it")
     try:
-        schedule = validate_schedule(m["schedule"])
+        schedule = Schedule(m["schedule"])
     except (TypeError, ValueError) as e:
         raise DataError(f"{where}: bad schedule: {e}") from None
-    if total_length(schedule) != m["seq_len"]:
-        raise DataError(f"{where}: schedule {schedule} has {total_length(schedule)} tokens but seq_len is "
+    if schedule.total != m["seq_len"]:
+        raise DataError(f"{where}: schedule {schedule} has {schedule.total} tokens but seq_len is "
                         f"{m['seq_len']}")
     if tokenizer_sha256 is not None and m.get("tokenizer_sha256") != tokenizer_sha256:
         raise DataError(f"code cache {root!r} was built with another tokenizer ({m.get('tokenizer_path', '?')}, "
@@ -125,14 +124,14 @@ def schedule_token_index(cache_schedule: Sequence[int], schedule: Sequence[int])
     Only valid for FlexVAR-style codes, whose scales are quantised independently: a scale's
     codes do not depend on which other scales are in the schedule (VAR's residual codes do).
     """
-    cache_schedule, schedule = validate_schedule(cache_schedule), validate_schedule(schedule)
+    cache_schedule, schedule = Schedule(cache_schedule, name="cache_schedule"), Schedule(schedule)
     missing = sorted(set(schedule) - set(cache_schedule))
     if missing:
         raise ValueError(f"schedule {schedule} has sides {missing} that the cache "
                          f"(schedule {cache_schedule}) does not hold")
-    off = scale_offsets(cache_schedule)
     where = {s: i for i, s in enumerate(cache_schedule)}
-    return torch.cat([torch.arange(off[where[s]], off[where[s] + 1]) for s in schedule])
+    return torch.cat([torch.arange(cache_schedule.offsets[where[s]], cache_schedule.offsets[where[s] + 1])
+                      for s in schedule])
 
 
 class CodeDataset(Dataset):
@@ -148,8 +147,8 @@ class CodeDataset(Dataset):
                  random_flip: bool = True, seed: int = 0):
         self.cache_dir = os.fspath(cache_dir)
         self.manifest = m = check_code_cache(cache_dir)
-        self.cache_schedule = tuple(m["schedule"])
-        self.schedule = self.cache_schedule if schedule is None else validate_schedule(schedule)
+        self.cache_schedule = Schedule(m["schedule"])
+        self.schedule = self.cache_schedule if schedule is None else Schedule(schedule)
         if self.schedule != self.cache_schedule and m["quant_mode"] != "flexvar":
             raise ValueError(f"schedule {self.schedule} differs from the cache's {self.cache_schedule}, and "
                              f"{m['quant_mode']!r} codes are residual: they are only valid for the cached schedule")
@@ -242,11 +241,11 @@ def _build_dataset(data: str, resolution: int | None, augment: str, split: str) 
                     resolution=ds.resolution, augment=augment, classes=ds.classes)
 
 
-def default_schedule(latent_side: int, quant_mode: str) -> tuple[int, ...]:
+def default_schedule(latent_side: int, quant_mode: str) -> Schedule:
     """FlexVAR-style codes: every side 1..latent_side (any sub-schedule can be trained on);
     VAR: the standard 10-scale schedule (its residual codes fit one schedule only)."""
     if quant_mode == "flexvar" and latent_side <= 16:
-        return tuple(range(1, latent_side + 1))
+        return Schedule(range(1, latent_side + 1))
     if quant_mode == "var" and latent_side == STANDARD_SCHEDULE[-1]:
         return STANDARD_SCHEDULE
     raise CacheError(f"no default schedule for a {latent_side}x{latent_side} latent ({quant_mode} codes); "
@@ -333,12 +332,12 @@ def build_cache(data: str, vae: str, out: str, schedule: Sequence[int] | None = 
     side = res // tok.downsample
     try:
         schedule = (default_schedule(side, tok.mode) if schedule is None
-                    else validate_schedule(schedule, latent_side=side, name="--schedule"))
+                    else Schedule(schedule, latent_side=side, name="--schedule"))
     except (TypeError, ValueError) as e:
         raise CacheError(str(e)) from None
     labels = np.asarray([int(dataset[i][1]) for i in range(len(dataset))] if data == EMBEDDED
                         else [label for _, label in dataset.samples], dtype=np.int64)
-    manifest = dict(format=CACHE_FORMAT, schedule=list(schedule), seq_len=total_length(schedule),
+    manifest = dict(format=CACHE_FORMAT, schedule=list(schedule), seq_len=schedule.total,
                     **tok_ident, **data_ident, views=2 if flip else 1, num_samples=len(dataset),
                     dtype="int16" if tok.vocab_size <= np.iinfo(np.int16).max + 1 else "int32",
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..models.tokenizers.grey import DIGITS_MAX_GREY
+from ..schedules import DIGITS_SCHEDULE
 
-DIGITS_SCHEDULE: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 DIGITS_SIDE = 8
 DIGITS_NUM_CLASSES = 10
 SPLITS = ("train", "val", "all")

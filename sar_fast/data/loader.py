@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..ops.gpu import to_device_async
-from ..schedules import random_flexvar_schedule
+from ..rng import schedule_seed
+from ..schedules import Schedule, random_flexvar_schedule
 from .codes import CodeDataset, check_cache_matches, schedule_token_index
 from .common import _check_int, collate
 from .digits import EmbeddedDigitsDataset
@@ -111,7 +112,7 @@ class DataSource:
         self.num_classes = num_classes
         if cfg.cache:
             self.dataset = CodeDataset(cfg.cache, seed=seed)
-            self.cache_schedule = tuple(self.dataset.cache_schedule)
+            self.cache_schedule = self.dataset.cache_schedule
             check_cache_matches(self.dataset.manifest, cfg, tokenizer)
         elif cfg.folder:
             self.dataset = ImageFolderDataset(cfg.folder, resolution=cfg.resolution, train=True, seed=seed,
@@ -167,11 +168,11 @@ class DataSource:
                 codes = torch.cat(self.tok.encode(x.float(), schedule), dim=1)
         return labels, codes, schedule
 
-    def schedule_for(self, step: int) -> tuple[int, ...]:
+    def schedule_for(self, step: int) -> Schedule:
         """The same on every rank: derived from (seed, step) only."""
         if not self.cfg.random_schedules:
             return self.cfg.schedule
-        return random_flexvar_schedule(random.Random(self.seed * 1_000_003 + step), last=self.cfg.schedule[-1])
+        return random_flexvar_schedule(random.Random(schedule_seed(self.seed, step)), last=self.cfg.schedule[-1])
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -199,20 +200,21 @@ def check_batch_ranges(labels: torch.Tensor, codes: torch.Tensor | None, num_cla
                          f"has {vocab} codes (a cache from another tokenizer?)")
 
 
-def select_scales(codes: torch.Tensor, cache_schedule: tuple[int, ...], schedule: tuple[int, ...],
+def select_scales(codes: torch.Tensor, cache_schedule: Sequence[int], schedule: Sequence[int],
                   quant_mode: str) -> torch.Tensor:
     """Pick the scales of `schedule` out of codes cached for `cache_schedule`. Only FlexVAR's
     scales are independent (a cache holding every side serves any schedule); VAR's residual
     codes are valid for the cached schedule alone."""
+    cache_schedule, schedule = Schedule(cache_schedule, name="cache_schedule"), Schedule(schedule)
     if schedule == cache_schedule:
         return codes
     if quant_mode != "flexvar":
         raise ValueError(f"this cache holds VAR residual codes for {cache_schedule}; they cannot serve schedule "
                          f"{schedule} (train with --schedule matching the cache, without --random-schedules)")
-    return codes.index_select(1, _device_token_index(tuple(cache_schedule), tuple(schedule), codes.device))
+    return codes.index_select(1, _device_token_index(cache_schedule, schedule, codes.device))
 
 
-def _device_token_index(cache_schedule: tuple[int, ...], schedule: tuple[int, ...],
+def _device_token_index(cache_schedule: Schedule, schedule: Schedule,
                         device: torch.device) -> torch.Tensor:
     """schedule_token_index on `device`, kept per schedule (random schedules number a few
     thousand, each a few KB) and copied once, pinned and non-blocking."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..schedules import scale_offsets, validate_schedule
+from ..schedules import Schedule
 
 PREDICTIONS = ("argmax", "sample")
 
@@ -37,17 +37,16 @@ class ExposureGap:
         return float((self.gap * self.tokens).sum() / self.tokens.sum())
 
 
-def _check(model, labels: torch.Tensor, codes: torch.Tensor, schedule) -> tuple[int, ...]:
-    schedule = validate_schedule(schedule)
+def _check(model, labels: torch.Tensor, codes: torch.Tensor, schedule) -> Schedule:
+    schedule = Schedule(schedule)
     if len(schedule) < 2:
         raise ValueError(f"the exposure gap needs at least two scales, got schedule {schedule}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         raise ValueError(f"labels must be a tensor [B], got {getattr(labels, 'shape', labels)}")
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != labels.shape[0]:
         raise ValueError(f"codes must be [B, L] with B = {labels.shape[0]}, got {getattr(codes, 'shape', codes)}")
-    if codes.shape[1] != scale_offsets(schedule)[-1]:
-        raise ValueError(f"codes has {codes.shape[1]} tokens but schedule {schedule} has "
-                         f"{scale_offsets(schedule)[-1]}")
+    if codes.shape[1] != schedule.total:
+        raise ValueError(f"codes has {codes.shape[1]} tokens but schedule {schedule} has {schedule.total}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= model.vocab_size):
         raise ValueError(f"codes must lie in [0, {model.vocab_size}), got [{int(codes.min())}, {int(codes.max())}]")
     return schedule
@@ -67,7 +66,7 @@ def teacher_forcing_nll(model, labels: torch.Tensor, codes: torch.Tensor, schedu
     """{'per_token': mean CE over every token, 'per_scale': [n] mean CE of each scale}
     (nats, float) of the model on ground-truth inputs."""
     schedule = _check(model, labels, codes, schedule)
-    off = scale_offsets(schedule)
+    off = schedule.offsets
     ce = _per_token_ce(model(labels, _inputs(model, codes, schedule, codebook, phi), schedule), codes)
     return {"per_token": float(ce.mean()),
             "per_scale": [float(ce[:, off[i]:off[i + 1]].mean()) for i in range(len(schedule))]}
@@ -85,7 +84,7 @@ def exposure_gap(model, labels: torch.Tensor, codes: torch.Tensor, schedule, cod
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     schedule = _check(model, labels, codes, schedule)
-    n, off, B = len(schedule), scale_offsets(schedule), codes.shape[0]
+    n, off, B = len(schedule), schedule.offsets, codes.shape[0]
     x_gt = _inputs(model, codes, schedule, codebook, phi)           # [B, L-1, C]: input of token t+1 at t
     logits = model(labels, x_gt, schedule)
     ce_gt_tok = _per_token_ce(logits, codes)

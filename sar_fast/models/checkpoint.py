@@ -21,7 +21,7 @@ import torch
 from ..files import atomic_path, atomic_write
 from ..hub import resolve_weights_path
 from ..safe_load import CheckpointError, describe_folder, load_file, require_nonempty_file
-from ..schedules import STANDARD_SCHEDULE, total_length
+from ..schedules import STANDARD_SCHEDULE
 from .transformer import ModelConfig, ScaleAR
 
 # Buffers the originals keep in their state dicts that sar_fast derives instead.
@@ -224,7 +224,7 @@ def _var_schedule(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
                 raise CheckpointError(f"lvl_1L has {counts.get(i, 0)} tokens at scale {i}: not a square map")
             sides.append(side)
         return tuple(sides)
-    if n == len(STANDARD_SCHEDULE) and L == total_length(STANDARD_SCHEDULE):
+    if n == len(STANDARD_SCHEDULE) and L == STANDARD_SCHEDULE.total:
         return STANDARD_SCHEDULE
     raise CheckpointError(f"cannot infer the VAR schedule of a {n}-scale, L={L} model without lvl_1L; "
                           f"pass schedule=... explicitly")

@@ -16,8 +16,18 @@ import torch.nn.functional as F
 
 from ..ops.reference import Phi
 from ..sampling import CFG_RAMPS, FLEXVAR_TRAINED_SIDES, guidance_weight, sample_top_k_top_p
-from ..schedules import scale_offsets
+from ..schedules import DIGITS_SCHEDULE, STANDARD_SCHEDULE, Schedule
 from .blocks import KVCache, apply_head
+
+
+# The published sampling settings of each model family (guidance, its ramp, top-k, top-p and
+# the schedule; None: the model's own), sources in sar_fast.evaluate's docstring (--preset).
+PRESETS = {
+    "var": dict(cfg=1.5, cfg_ramp="linear", top_k=900, top_p=0.96, schedule=None),
+    "flexvar": dict(cfg=2.5, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=STANDARD_SCHEDULE),
+    "sar": dict(cfg=2.2, cfg_ramp="flexvar", top_k=900, top_p=0.95, schedule=STANDARD_SCHEDULE),
+    "digits": dict(cfg=1.5, cfg_ramp="linear", top_k=0, top_p=0.0, schedule=DIGITS_SCHEDULE),
+}
 
 
 @dataclass
@@ -41,13 +51,12 @@ def _check_arguments(model: nn.Module, codebook: torch.Tensor, labels: torch.Ten
 
 
 def _checked_uniforms(uniforms: torch.Tensor, generator: torch.Generator | None, batch: int,
-                      schedule: Sequence[int], device) -> torch.Tensor:
+                      schedule: Schedule, device) -> torch.Tensor:
     """`uniforms` on `device` once it is known to be [batch, tokens] and alone (no generator)."""
     if generator is not None:
         raise ValueError("pass either uniforms or seed/generator, not both")
-    total = sum(s * s for s in schedule)
-    if uniforms.shape != (batch, total):
-        raise ValueError(f"uniforms must be [{batch}, {total}] (batch, tokens of schedule {list(schedule)}), "
+    if uniforms.shape != (batch, schedule.total):
+        raise ValueError(f"uniforms must be [{batch}, {schedule.total}] (batch, tokens of schedule {list(schedule)}), "
                          f"got {tuple(uniforms.shape)}")
     return uniforms.to(device)
 
@@ -69,7 +78,7 @@ def _scale_top_k(top_k: int, cfg_ramp: str, side: int) -> int:
 
 
 def _next_scale_input(model: nn.Module, book: torch.Tensor, idx: torch.Tensor, si: int,
-                      schedule: Sequence[int], f_hat: torch.Tensor, phi: Phi | None):
+                      schedule: Schedule, f_hat: torch.Tensor, phi: Phi | None):
     """(the latent map the next scale's tokens embed, VAR's updated running sum f_hat) from
     scale `si`'s sampled codes: FlexVAR upsamples this scale's embedding; VAR adds its
     upsampled (phi-refined) embedding to f_hat and area-downsamples that."""
@@ -117,7 +126,7 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     all_labels = torch.cat((labels, torch.full_like(labels, model.num_classes))) if guided else labels
     cond = model.class_emb(all_labels.long())
     pos = model.pos_embed(schedule)
-    offsets = scale_offsets(schedule)
+    offsets = schedule.offsets
     tokens = [cond.unsqueeze(1) + model.pos_start + pos[:, :1]]  # embedded inputs per scale
     caches = [KVCache() for _ in model.blocks]
     f_hat = torch.zeros(B, model.code_dim, last, last, device=device)  # VAR's running sum
@@ -129,11 +138,11 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
             if use_cache:
                 logits = model.step_with_cache(tokens[-1], cond, caches)
             else:
-                hidden = model.trunk(torch.cat(tokens, dim=1), cond, [s * s for s in schedule[:si + 1]])
+                hidden = model.trunk(torch.cat(tokens, dim=1), cond, schedule.lengths[:si + 1])
                 logits = apply_head(model.head, hidden[:, offsets[si]:])
             if guided:
                 logits = _guided(logits, B, cfg, cfg_ramp, si, n, side)
-            noise = uniforms[:, offsets[si]:offsets[si] + side * side] if uniforms is not None else None
+            noise = uniforms[:, schedule.scale(si)] if uniforms is not None else None
             idx = sample_top_k_top_p(logits, _scale_top_k(top_k, cfg_ramp, side), top_p, generator, noise)
             codes.append(idx)
             if si == n - 1:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..rng import STREAM_DROP_PATH, STREAM_LABEL_DROP, SampleKey, keyed_uniform
-from ..schedules import STANDARD_SCHEDULE, scale_lengths, total_length, validate_schedule
+from ..schedules import STANDARD_SCHEDULE, Schedule
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, apply_head
 from .generate import generate
 
@@ -48,7 +48,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0       # stochastic depth, linearly increasing over blocks
     pos_grid: int = 32                # flexvar: side of the 2D position table
     # var: the one schedule the position table is built for; flexvar: the default schedule
-    schedule: tuple[int, ...] = field(default=STANDARD_SCHEDULE)
+    schedule: Schedule = field(default=STANDARD_SCHEDULE)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -58,9 +58,9 @@ class ModelConfig:
         for name in ("depth", "embed_dim", "num_heads", "vocab_size", "code_dim", "num_classes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.schedule = validate_schedule(self.schedule, name="config.schedule")
+        self.schedule = Schedule(self.schedule, name="config.schedule")
         if self.schedule[0] != 1:
-            raise ValueError(f"the first scale must be 1x1 (the class token), got schedule {self.schedule}")
+            raise ValueError(f"the first scale must be 1x1 (the class token), got schedule {tuple(self.schedule)}")
         if not 0.0 <= self.cond_drop_rate < 1.0:
             raise ValueError(f"cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")
 
@@ -112,7 +112,7 @@ class ScaleAR(nn.Module):
         if cfg.arch == "flexvar":
             self.pos_1LC = nn.Parameter(sincos_table_2d(cfg.pos_grid, C))
         else:
-            self.pos_1LC = nn.Parameter(torch.zeros(1, total_length(cfg.schedule), C))
+            self.pos_1LC = nn.Parameter(torch.zeros(1, cfg.schedule.total, C))
             self.lvl_embed = nn.Embedding(len(cfg.schedule), C)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -183,10 +183,11 @@ class ScaleAR(nn.Module):
         rows = rows.repeat(B // rows.shape[0])
         return torch.stack([keyed_uniform(key.seed, key.step, s, rows) for s in streams], dim=1)
 
-    def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
+    def check_schedule(self, schedule: Sequence[int] | None) -> Schedule:
+        """`schedule` (default: the config's) as a Schedule that this model can run."""
         if schedule is None:
             return self.config.schedule
-        schedule = validate_schedule(schedule)
+        schedule = Schedule(schedule)
         if schedule[0] != 1:
             raise ValueError(f"schedule must start with the 1x1 scale, got {schedule}")
         if self.arch == "var" and schedule != self.config.schedule[:len(schedule)]:
@@ -214,9 +215,7 @@ class ScaleAR(nn.Module):
                 table = F.interpolate(self.pos_1LC.float(), size=(s, s), mode="area")
                 pieces.append(table.flatten(2).transpose(1, 2))
             return torch.cat(pieces, dim=1)
-        offsets = [0]
-        for s in self.config.schedule:
-            offsets.append(offsets[-1] + s * s)
+        offsets = self.config.schedule.offsets
         ids = range(len(schedule)) if scale_ids is None else scale_ids
         pieces = [self.pos_1LC[:, offsets[i]:offsets[i + 1]].float() + self.lvl_embed.weight[i].float()
                   for i in ids]
@@ -274,14 +273,14 @@ class ScaleAR(nn.Module):
         return_hidden, or head_fn(hidden, head) — e.g. a fused head + loss that never builds
         the logits. head_fn runs inside forward so FSDP's hooks cover the head's weights."""
         schedule = self.check_schedule(schedule)
-        B, L = label_B.shape[0], total_length(schedule)
+        B, L = label_B.shape[0], schedule.total
         self._check_inputs(x_BLCv_wo_first_l, B, L - 1, "x_BLCv_wo_first_l")
         with torch.autocast(device_type=label_B.device.type, enabled=False):
             cond = self.class_condition(label_B)
             sos = cond.unsqueeze(1) + self.pos_start
             x = torch.cat((sos, self.embed_inputs(x_BLCv_wo_first_l)), dim=1)
             x = x + self.pos_embed(schedule)
-        return self._output(self.trunk(x, cond, scale_lengths(schedule)), return_hidden, head_fn)
+        return self._output(self.trunk(x, cond, schedule.lengths), return_hidden, head_fn)
 
     def forward_student(self, label_B: torch.Tensor, x_BlCv: torch.Tensor, side: int,
                         scale_index: int | None = None, return_hidden: bool = False,

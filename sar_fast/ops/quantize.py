@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C_loader
-from ..schedules import total_length, validate_schedule
+from ..schedules import Schedule
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
 from .reference import Phi
@@ -63,7 +63,7 @@ def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[
         raise ValueError(f"codebook has code dim {codebook.shape[1]} but latent has {C} channels")
     if H != W:
         raise ValueError(f"latent must be square (H == W), got {H}x{W}")
-    schedule = validate_schedule(schedule, latent_side=H)
+    schedule = Schedule(schedule, latent_side=H)
     if phi is not None and not callable(phi):
         raise TypeError(f"phi must be callable (h, scale_index, num_scales) -> h, got {type(phi).__name__}")
     with torch.no_grad():
@@ -74,18 +74,18 @@ def msq_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[
         return _var_encode(latent, codebook, schedule, normalize, phi, return_quantized)
 
 
-def _flexvar_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
+def _flexvar_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Schedule,
                     normalize: bool, return_quantized: bool):
     codes = _C_loader.msq_encode_flexvar(latent, codebook, schedule, normalize)
     if not return_quantized:
         return codes
     B, C = latent.shape[:2]
     book = F.normalize(codebook.float(), dim=-1) if normalize else codebook.float()
-    per_scale = codes.split([s * s for s in schedule], dim=1)
+    per_scale = codes.split(schedule.lengths, dim=1)
     return codes, [book[idx].transpose(1, 2).reshape(B, C, s, s) for idx, s in zip(per_scale, schedule)]
 
 
-def _var_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
+def _var_encode(latent: torch.Tensor, codebook: torch.Tensor, schedule: Schedule,
                 normalize: bool, phi: Phi | None, return_quantized: bool):
     z = latent.float()
     rest, f_hat = z.clone(), torch.zeros_like(z)
@@ -113,10 +113,10 @@ def msq_decode(codes: torch.Tensor, codebook: torch.Tensor, schedule: Sequence[i
     Always the reference (a gather and bicubic resizes; nothing to fuse worth the code)."""
     check_tensor("codes", codes, ndim=2, dtypes=INDEX_DTYPES)
     _check_common(codebook, mode, codes.device)
-    schedule = validate_schedule(schedule)
-    if codes.shape[1] != total_length(schedule):
-        raise ValueError(f"codes has {codes.shape[1]} tokens per sample but schedule {schedule} "
-                         f"has {total_length(schedule)}")
+    schedule = Schedule(schedule)
+    if codes.shape[1] != schedule.total:
+        raise ValueError(f"codes has {codes.shape[1]} tokens per sample but schedule {tuple(schedule)} "
+                         f"has {schedule.total}")
     check_index_range("codes", codes, codebook.shape[0])
     with torch.no_grad():
         return reference.msq_decode(codes.long(), codebook, schedule, mode, normalize, phi)

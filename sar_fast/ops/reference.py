@@ -12,7 +12,7 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..schedules import scale_offsets, validate_schedule
+from ..schedules import Schedule
 
 # phi(h_BChw, scale_index, num_scales) -> h_BChw: VAR's shared 3x3 convs for one scale.
 Phi = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -302,15 +302,15 @@ def ssr_inputs(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Seque
                   transitions: Transitions = "all", mode: str = "flexvar",
                   phi: Phi | None = None) -> torch.Tensor:
     """Pure-PyTorch ops.ssr_inputs (fp32): the oracle and the CPU path."""
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     chosen = parse_transitions(transitions, len(schedule))
     maps = embed_scales(pred_codes.long(), codebook, schedule)
     if mode == "var":  # residual inputs depend on every earlier scale: build all, then pick
         full = scale_shift(maps, schedule, "var", phi)
         if len(chosen) == len(schedule) - 1:
             return full
-        offsets = scale_offsets(schedule[1:])
-        blocks = [full[:, offsets[j]:offsets[j + 1]] for j in chosen]
+        first = schedule.lengths[0]  # full starts at scale 1
+        blocks = [full[:, schedule.offsets[j + 1] - first:schedule.offsets[j + 2] - first] for j in chosen]
     else:
         blocks = [scale_shift([maps[j], maps[j + 1]], schedule[j:j + 2]) for j in chosen]
     if not blocks:

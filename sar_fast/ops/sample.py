@@ -32,7 +32,7 @@ def sample_survivors(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
                      uncond: torch.Tensor | None = None, guidance: float = 0.0) -> torch.Tensor:
     """One draw per row of logits [..., V] -> int64 [...] (see the module docstring).
 
-    uniforms [...] in [0, 1) (e.g. sar_fast.sampling.sample_keyed_uniform): row r takes the
+    uniforms [...] in [0, 1) (e.g. sar_fast.rng.sample_keyed_uniform): row r takes the
     first kept candidate, most likely first, whose cumulative probability exceeds
     uniforms[r] * the kept total. uncond (logits' shape and dtype): classifier-free guidance
     mixed first in fp32, (1 + guidance) * logits - guidance * uncond. top_k == 1 is greedy.

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..schedules import scale_offsets, total_length, validate_schedule
+from ..schedules import Schedule
 from . import backend, reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
 from .gpu import device_guard, to_device_async
@@ -39,7 +39,7 @@ def scale_shift(codes: torch.Tensor | None = None, codebook: torch.Tensor | None
     validated the codes upstream. Arithmetic is fp32; the result has `out_dtype` (default:
     the codebook's / the maps' dtype).
     """
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     _check_mode(mode)
     if (codes is None) == (scales is None):
         raise ValueError("pass either codes (with codebook) or scales, not both or neither")
@@ -68,7 +68,7 @@ def ssr_inputs(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Seque
     mode='var' (reference path): the block of scale i+1 is VAR's residual input built from
     the predicted codes of scales 0..i.
     """
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     _check_mode(mode)
     chosen = parse_transitions(transitions, len(schedule))
     dtype = _check_codes("pred_codes", pred_codes, codebook, schedule, check_range, out_dtype)
@@ -77,10 +77,10 @@ def ssr_inputs(pred_codes: torch.Tensor, codebook: torch.Tensor, schedule: Seque
 
 def transition_rows(schedule: Sequence[int], transitions: Transitions = "all") -> list[tuple[int, int]]:
     """(start, end) token rows of each chosen transition's block in ssr_inputs' output."""
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     rows, start = [], 0
     for j in parse_transitions(transitions, len(schedule)):
-        rows.append((start, start + schedule[j + 1] ** 2))
+        rows.append((start, start + schedule.lengths[j + 1]))
         start = rows[-1][1]
     return rows
 
@@ -114,7 +114,7 @@ def resize_pos_table(table: torch.Tensor, schedule: Sequence[int]) -> torch.Tens
     check_tensor("table", table, ndim=4, dtypes=FLOAT_DTYPES)
     if table.shape[0] != 1 or table.shape[2] != table.shape[3]:
         raise ValueError(f"table must have shape (1, C, G, G), got {tuple(table.shape)}")
-    schedule = validate_schedule(schedule)
+    schedule = Schedule(schedule)
     grid = table.shape[-1]
     if schedule[-1] > grid:
         raise ValueError(f"schedule side {schedule[-1]} exceeds the table's grid {grid}")
@@ -140,20 +140,20 @@ def _check_out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> tor
 
 
 def _check_codes(name: str, codes: torch.Tensor, codebook: torch.Tensor | None,
-                 schedule: tuple[int, ...], check_range: bool, out_dtype: torch.dtype | None) -> torch.dtype:
+                 schedule: Schedule, check_range: bool, out_dtype: torch.dtype | None) -> torch.dtype:
     check_tensor(name, codes, ndim=2, dtypes=INDEX_DTYPES)
     if codebook is None:
         raise ValueError(f"{name} need a codebook [V, C]")
     check_tensor("codebook", codebook, ndim=2, dtypes=FLOAT_DTYPES, device=codes.device)
-    if codes.shape[1] != total_length(schedule):
-        raise ValueError(f"{name} has {codes.shape[1]} tokens per sample but schedule {schedule} "
-                         f"has {total_length(schedule)}")
+    if codes.shape[1] != schedule.total:
+        raise ValueError(f"{name} has {codes.shape[1]} tokens per sample but schedule {tuple(schedule)} "
+                         f"has {schedule.total}")
     if check_range:
         check_index_range(name, codes, codebook.shape[0])
     return _check_out_dtype(out_dtype, codebook.dtype)
 
 
-def _check_scales(scales: Sequence[torch.Tensor], schedule: tuple[int, ...],
+def _check_scales(scales: Sequence[torch.Tensor], schedule: Schedule,
                   out_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], torch.dtype]:
     if isinstance(scales, torch.Tensor) or not isinstance(scales, Sequence):
         raise TypeError(f"scales must be a list of tensors [B, C, s, s], got {type(scales).__name__}")
@@ -167,7 +167,7 @@ def _check_scales(scales: Sequence[torch.Tensor], schedule: tuple[int, ...],
     return list(scales), _check_out_dtype(out_dtype, first.dtype)
 
 
-def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: tuple[int, ...],
+def _from_codes(codes: torch.Tensor, codebook: torch.Tensor, schedule: Schedule,
                 chosen: tuple[int, ...], mode: str, phi: Phi | None, dtype: torch.dtype) -> torch.Tensor:
     if mode == "flexvar" and backend.select("scale_shift", codes, codebook, kernel=backend.TRITON) == "kernel":
         return torch.ops.sar_fast.scale_shift_codes(codes, codebook, list(schedule), list(chosen), dtype)
@@ -187,7 +187,7 @@ def _to_device(rows: list[list[int]], device: torch.device) -> torch.Tensor:
 @lru_cache(maxsize=512)
 def _codes_meta(schedule: tuple[int, ...], chosen: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Forward table of the gather path: sources are token offsets into a row of codes."""
-    offsets, rows, out_start = scale_offsets(schedule), [], 0
+    offsets, rows, out_start = Schedule(schedule).offsets, [], 0
     for j in chosen:
         n_in, n_out = schedule[j], schedule[j + 1]
         rows.append([out_start, offsets[j], n_in, n_out, 0, 0, 0, 0])
@@ -346,7 +346,7 @@ def _codes_backward(ctx, grad_out):
     sched, chosen = ctx.schedule, ctx.transitions
     C = ctx.book_shape[1]
     grad_tokens = _adjoint_op(grad_out, sched, chosen, True, torch.float32).view(-1, C)
-    offsets = scale_offsets(sched)
+    offsets = Schedule(sched).offsets
     source_codes = torch.cat([codes[:, offsets[j]:offsets[j + 1]] for j in chosen], dim=1)
     grad_book = sum_rows_by_index(source_codes.reshape(-1).long(), grad_tokens, ctx.book_shape[0])
     return None, grad_book.to(ctx.book_dtype), None, None, None

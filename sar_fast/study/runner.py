@@ -65,12 +65,12 @@ def heldout_nll(path: str) -> float:
 def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
     """Held-out metrics of the model in export file `path`; `seed` fixes the exposure
     gap's draws and the sampled images (the same noise for every arm of one seed)."""
-    from ..evaluate import PRESETS as SAMPLING
-    from ..evaluate import image_identity, image_uniforms
     from ..metrics.digits import digits_metrics
     from ..metrics.exposure import exposure_gap, teacher_forcing_nll
     from ..models import load_checkpoint
+    from ..models.generate import PRESETS as SAMPLING
     from ..models.generate import generate
+    from ..rng import image_identity, image_uniforms
     from ..models.tokenizers import build_tokenizer
 
     model = load_checkpoint(path, cond_drop_rate=0.0).eval()
@@ -88,7 +88,7 @@ def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
     num = 10 * samples_per_class
     ids = [image_identity(k, 10) for k in range(num)]
     sample_labels = torch.tensor([c for c, _ in ids])
-    num_tokens = sum(s * s for s in schedule)
+    num_tokens = schedule.total
     uniforms = torch.stack([image_uniforms(seed, c, i, num_tokens) for c, i in ids])
     images = generate(model, book, sample_labels, schedule, cfg=settings["cfg"], cfg_ramp=settings["cfg_ramp"],
                       top_k=settings["top_k"], top_p=settings["top_p"], uniforms=uniforms,

@@ -2,6 +2,8 @@
 only for a multi-rank start) and its optimiser with parameter groups."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -10,7 +12,7 @@ from ..models.tokenizers import check_model_fits_tokenizer
 from .config import OptimConfig
 
 
-def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> ScaleAR:
+def build_run_model(args, schedule: Sequence[int], tokenizer: nn.Module) -> ScaleAR:
     """The model a run trains (`args`: sar_fast.train.config.ModelArgs): the --init checkpoint, or
     a fresh model of the --model preset sized to the tokenizer."""
     overrides = {"cond_drop_rate": args.cond_drop}
@@ -26,7 +28,7 @@ def build_run_model(args, schedule: tuple[int, ...], tokenizer: nn.Module) -> Sc
     return model
 
 
-def build_run_model_rank0(args, schedule: tuple[int, ...], tokenizer: nn.Module, info) -> tuple[ScaleAR, dict | None]:
+def build_run_model_rank0(args, schedule: Sequence[int], tokenizer: nn.Module, info) -> tuple[ScaleAR, dict | None]:
     """The run's model for a multi-rank start: with --init, only rank 0 reads the file and
     holds the full fp32 weights (returned as a state dict, to be broadcast into the shards
     by `parallel.load_full_state`); every other rank builds the model on the meta device

@@ -20,7 +20,7 @@ from typing import Any
 from ..data.digits import DIGITS_SCHEDULE
 from ..models.tokenizers.grey import EMBEDDED
 from ..sar import OFFICIAL, SARConfig
-from ..schedules import STANDARD_SCHEDULE, parse_schedule
+from ..schedules import STANDARD_SCHEDULE, Schedule, parse_schedule
 from .memory import GPU_GIB
 
 
@@ -67,7 +67,7 @@ class DataConfig:
     vae: str = option(EMBEDDED, f"tokenizer checkpoint (FlexVAE.pth, vae_ch160v4096z32.pth, their .safetensors "
                                 f"conversions, or an hf:// id of one) or {EMBEDDED}")
     resolution: int = option(256, "image side for --data")
-    schedule: tuple[int, ...] = option(STANDARD_SCHEDULE, "scale sides, e.g. 1,2,3,4,5,6,8,10,13,16 or 'standard'",
+    schedule: Schedule = option(STANDARD_SCHEDULE, "scale sides, e.g. 1,2,3,4,5,6,8,10,13,16 or 'standard'",
                                        parse=parse_schedule)
     random_schedules: bool = option(False, "FlexVAR's random schedule every step (FlexVAR models; needs on-the-fly "
                                            "tokenisation or a cache holding every side)")
@@ -75,6 +75,9 @@ class DataConfig:
     bad_images: str = option("skip", "empty/unreadable/corrupt images in --data: skip a handful (counted in the log "
                                      "and in metrics.jsonl as skipped_images; more than 10 and 1%% of the folder is "
                                      "an error) or stop with an error", choices=("skip", "error"))
+
+    def __post_init__(self) -> None:
+        self.schedule = Schedule(self.schedule, name="--schedule")
 
 
 @dataclass

@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from ..schedules import Schedule
+
 
 def flops_per_token(depth: int, dim: int, vocab: int, mlp_ratio: float, mean_context: float) -> float:
     """Forward FLOPs per token: 2 x (qkv + proj + MLP + AdaLN matmuls) per block, attention
@@ -15,7 +17,7 @@ def flops_per_token(depth: int, dim: int, vocab: int, mlp_ratio: float, mean_con
 
 def mean_visible_keys(schedule) -> float:
     """Average number of keys a token sees under the block-causal mask (scale sides)."""
-    return mean_visible_keys_of_lengths([s * s for s in schedule])
+    return mean_visible_keys_of_lengths(Schedule(schedule).lengths)
 
 
 def mean_visible_keys_of_lengths(scale_lens) -> float:

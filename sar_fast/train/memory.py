@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
+
+from ..schedules import Schedule
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 1.5   # CUDA context + NCCL communicators and buffers, per rank
@@ -48,7 +51,7 @@ class Estimate:
 
 
 def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
-             activation_checkpointing: bool | None = None, schedule: tuple[int, ...] | None = None,
+             activation_checkpointing: bool | None = None, schedule: Sequence[int] | None = None,
              fake: bool = True, reshard: str | None = None) -> Estimate:
     """Peak memory per rank of one step of `cfg` (a sar_fast.train.config.TrainConfig) on
     `world_size` GPUs; grad_accum / activation_checkpointing / reshard override the config's.
@@ -68,13 +71,13 @@ def estimate(cfg, world_size: int = 8, grad_accum: int | None = None,
         raise ValueError(f"batch size {cfg.optim.batch_size} does not split into {accum} micro-batches "
                          f"over {world_size} ranks")
     micro = cfg.optim.batch_size // (accum * world_size)
-    schedule = tuple(schedule or cfg.data.schedule)
+    schedule = Schedule(schedule or cfg.data.schedule)
     mcfg = _model_config(cfg, schedule, ModelConfig, preset_config)
     precision = "bf16" if cfg.system.precision in ("auto", "bf16") else "fp32"
     # fake CPU tensors: FSDP2 on a fake CUDA device would ask the driver for streams; byte
     # counts do not depend on the device, and the Triton ops still run as their fakes
     device = torch.device("cpu")
-    L = sum(s * s for s in schedule)
+    L = schedule.total
     if not fake and (world_size != 1 or precision != "fp32"):
         raise ValueError("a real CPU measurement runs 1 rank in fp32 (the interpreter has no bf16)")
     with parallel.local_world(world_size, fake), ops.use_backend("kernel"), _sm_count():

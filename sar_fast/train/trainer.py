@@ -45,6 +45,7 @@ from ..models.tokenizers import build_tokenizer
 from ..rng import SampleKey
 from ..safe_load import CheckpointError, exit_once
 from ..sar import SARConfig, sar_step
+from ..schedules import Schedule
 from .. import cli, files
 from . import checkpointing, flops, gpu_monitor, logs, parallel
 from .build import build_optimizer, build_run_model_rank0, param_groups
@@ -63,7 +64,7 @@ class LoopState:
 @dataclass
 class StepResult:
     objective: SARConfig
-    schedule: tuple[int, ...]
+    schedule: Schedule
     samples: int                       # images this rank trained on (all micro-batches)
     losses: torch.Tensor               # [3]: loss, TF (or SF) loss, CSF loss, averaged over ranks
     grad_norm: torch.Tensor            # before clipping; NaN when the step was skipped

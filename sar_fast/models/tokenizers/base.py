@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ... import ops
 from ...ops.reference import Phi
-from ...schedules import total_length, validate_schedule
+from ...schedules import Schedule
 from ..checkpoint import (
     CheckpointError,
     check_state_fits,
@@ -46,7 +46,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
 
 
 def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.device, vocab_size: int,
-                  allow_single_scale: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+                  allow_single_scale: bool = False) -> tuple[torch.Tensor, Schedule]:
     """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L] (which
     needs its schedule, unless `allow_single_scale` and it is one square scale), checked:
     shapes, integer dtype, device, 0 <= code < vocab_size."""
@@ -58,10 +58,10 @@ def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.de
             if not allow_single_scale or side * side != codes.shape[1]:
                 raise ValueError("concatenated codes [B, L] need the schedule they were encoded with")
             schedule = (side,)
-        schedule = validate_schedule(schedule)
-        if codes.shape[1] != total_length(schedule):
+        schedule = Schedule(schedule)
+        if codes.shape[1] != schedule.total:
             raise ValueError(f"codes have {codes.shape[1]} tokens per sample but schedule {schedule} "
-                             f"has {total_length(schedule)}")
+                             f"has {schedule.total}")
         flat = codes
     elif isinstance(codes, (list, tuple)) and codes:
         sides = []
@@ -74,8 +74,8 @@ def flatten_codes(codes: Codes, schedule: Sequence[int] | None, device: torch.de
                 raise ValueError(f"codes[{i}] must be [B, s*s] with B={codes[0].shape[0]}, "
                                  f"got shape {tuple(c.shape)}")
             sides.append(side)
-        inferred = validate_schedule(sides, name="schedule of the codes")
-        if schedule is not None and validate_schedule(schedule) != inferred:
+        inferred = Schedule(sides, name="schedule of the codes")
+        if schedule is not None and Schedule(schedule) != inferred:
             raise ValueError(f"schedule {tuple(schedule)} does not match the codes' scales {inferred}")
         schedule = inferred
         flat = torch.cat(list(codes), dim=1)
@@ -153,7 +153,7 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
         if latent.device != self._param.device:
             raise ValueError(f"latent is on {latent.device} but the tokenizer is on {self._param.device}")
 
-    def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, Schedule]:
         """(codes [B, L] int64, schedule) from a per-scale list or a concatenated [B, L]."""
         return flatten_codes(codes, schedule, self._param.device, self.vocab_size)
 
@@ -173,10 +173,10 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
         if h != w:
             raise ValueError(f"multi-scale codes need square images, got a {h}x{w} latent "
                              f"from {tuple(images.shape[-2:])} images")
-        schedule = validate_schedule(schedule, latent_side=h)
+        schedule = Schedule(schedule, latent_side=h)
         flat = ops.msq_encode(latent, self.quantize.embedding.weight, schedule, mode=self.mode,
                               normalize=self.normalize_codes, phi=self.phi)
-        return list(flat.split([s * s for s in schedule], dim=1))
+        return list(flat.split(schedule.lengths, dim=1))
 
     # ------------------------------------------------------------------ decode
     def decode_latent(self, latent: torch.Tensor, raw: bool = False) -> torch.Tensor:
@@ -195,7 +195,7 @@ class MultiScaleTokenizer(nn.Module, metaclass=abc.ABCMeta):
         return self._scale_shift(flat, schedule)
 
     @abc.abstractmethod
-    def _scale_shift(self, flat: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+    def _scale_shift(self, flat: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """Teacher-forcing inputs from concatenated codes (flexvar or var semantics)."""
 
     # ------------------------------------------------------------------ checkpoints

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ... import ops
-from ...schedules import validate_schedule
+from ...schedules import Schedule
 from .base import Codes, flatten_codes
 
 EMBEDDED = "embedded-digits"  # what --data / --vae take to mean the embedded dataset / this tokenizer
@@ -81,9 +81,9 @@ class GreyLevelTokenizer(nn.Module):
         h, w = latent.shape[-2:]
         if h != w:
             raise ValueError(f"multi-scale codes need square images, got {h}x{w}")
-        schedule = validate_schedule(schedule, latent_side=h)
+        schedule = Schedule(schedule, latent_side=h)
         flat = ops.msq_encode(latent, self.grey_values, schedule, mode="flexvar", normalize=False)
-        return list(flat.split([s * s for s in schedule], dim=1))
+        return list(flat.split(schedule.lengths, dim=1))
 
     # ------------------------------------------------------------------ decode
     def _flat_codes(self, codes: Codes, schedule: Sequence[int] | None) -> tuple[torch.Tensor, tuple[int, ...]]:
