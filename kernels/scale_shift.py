@@ -227,6 +227,16 @@ def num_tiles(sides: list[int], block_p: int) -> int:
     return sum(triton.cdiv(s * s, block_p) for s in sides)
 
 
+def _launch_shape(batch: int, sides: list[int], C: int, block_p: int | None, num_warps: int | None):
+    """(BLOCK_P, BLOCK_C, num_warps, tiles per image, grid) of a launch over the pixel tiles
+    of `sides` for `batch` images: the given tile sizes, else the defaults for C."""
+    dflt_p, dflt_w = default_config(C)
+    block_p = block_p or dflt_p
+    block_c = block_channels(C)
+    tiles = num_tiles(sides, block_p)
+    return block_p, block_c, num_warps or dflt_w, tiles, (tiles * batch, triton.cdiv(C, block_c))
+
+
 def launch_forward(out: torch.Tensor, src: torch.Tensor, codes: torch.Tensor | None,
                    meta: torch.Tensor, out_sides: list[int], C: int,
                    block_p: int | None = None, num_warps: int | None = None) -> None:
@@ -236,20 +246,14 @@ def launch_forward(out: torch.Tensor, src: torch.Tensor, codes: torch.Tensor | N
     codes None: `src` is the base tensor the dense maps' META_SRC_OFF offsets are from.
     `out_sides` are the output sides of the transitions in `meta` (sizes the grid).
     """
-    B = out.shape[0]
-    dflt_p, dflt_w = default_config(C)
-    block_p = block_p or dflt_p
-    block_c = block_channels(C)
-    tiles = num_tiles(out_sides, block_p)
-    grid = (tiles * B, triton.cdiv(C, block_c))
+    block_p, block_c, num_warps, tiles, grid = _launch_shape(out.shape[0], out_sides, C, block_p, num_warps)
     if grid[0] == 0:
         return
     gather = codes is not None
     _scale_shift_fwd_kernel[grid](
         out, src, codes if gather else src, meta, meta.shape[0], tiles, C,
         out.shape[1], codes.stride(0) if gather else 0, src.stride(0) if gather else 0,
-        GATHER=gather, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps or dflt_w)
+        GATHER=gather, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
 
 
 def launch_backward(grad_src: torch.Tensor, grad_out: torch.Tensor, meta: torch.Tensor,
@@ -257,15 +261,9 @@ def launch_backward(grad_src: torch.Tensor, grad_out: torch.Tensor, meta: torch.
                     block_p: int | None = None, num_warps: int | None = None) -> None:
     """grad_src (laid out by meta's offsets/strides) <- adjoint of the forward for grad_out
     [B, L_out, C] (contiguous). `in_sides` are the source sides of the transitions."""
-    B = grad_out.shape[0]
-    dflt_p, dflt_w = default_config(C)
-    block_p = block_p or dflt_p
-    block_c = block_channels(C)
-    tiles = num_tiles(in_sides, block_p)
-    grid = (tiles * B, triton.cdiv(C, block_c))
+    block_p, block_c, num_warps, tiles, grid = _launch_shape(grad_out.shape[0], in_sides, C, block_p, num_warps)
     if grid[0] == 0:
         return
     _scale_shift_bwd_kernel[grid](
         grad_src, grad_out, meta, meta.shape[0], tiles, C, grad_out.shape[1],
-        BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps or dflt_w)
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)

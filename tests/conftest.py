@@ -8,6 +8,7 @@ kernels/ there); a checkout whose kernels resolve elsewhere (another checkout's 
 install, or none) gets its own kernels/ bound by sar_fast itself, and the header says which
 tree is tested.
 """
+import ast
 import importlib
 import importlib.util
 import os
@@ -55,6 +56,34 @@ def poison_outputs(monkeypatch, family: str):
     module = {"attention": attention, "cross_entropy": cross_entropy}[family]
     monkeypatch.setattr(module, "POISON_OUTPUTS", True)
     return module
+
+
+def dotted_name(node) -> str:
+    """'a.b.c' for the expression a.b.c (ast Name / Attribute chain); the ast audits use it."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def random_scale_model(arch: str, schedule=(1, 2, 3, 5), seed: int | None = None, **overrides):
+    """A tiny ScaleAR ('flexvar' or 'var') with N(0, 0.2) weights instead of the near-identity
+    init, so that every block changes the output; `seed` fixes the draw (None: torch's state)."""
+    from sar_fast.models import build_model
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build_model(f"{arch}-tiny", schedule=schedule, **overrides)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def toy_phi(h, si, n):
+    """A stand-in for VAR's shared Phi convolutions: a per-scale gain."""
+    return h * (0.5 + 0.1 * si)
 
 
 def _package_dir(name: str) -> str | None:

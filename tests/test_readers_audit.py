@@ -5,7 +5,7 @@ numpy.load with allow_pickle), and DCP's load always gets sar_fast's reader and 
 import ast
 import os
 
-from conftest import ROOT
+from conftest import ROOT, dotted_name
 
 PACKAGE = os.path.join(ROOT, "sar_fast")
 SAFE_LOADER = os.path.join(PACKAGE, "safe_load.py")
@@ -24,15 +24,6 @@ def _calls():
                     yield path, node
 
 
-def _dotted(func) -> str:
-    parts = []
-    while isinstance(func, ast.Attribute):
-        parts.append(func.attr)
-        func = func.value
-    if isinstance(func, ast.Name):
-        parts.append(func.id)
-    return ".".join(reversed(parts))
-
 
 def _kwarg(call, name):
     return next((k.value for k in call.keywords if k.arg == name), None)
@@ -41,7 +32,7 @@ def _kwarg(call, name):
 def unsafe_reads(calls):
     found = []
     for path, call in calls:
-        name = _dotted(call.func)
+        name = dotted_name(call.func)
         where = f"{os.path.relpath(path, ROOT)}:{call.lineno} {name}"
         if path == SAFE_LOADER:
             continue

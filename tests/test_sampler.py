@@ -1,29 +1,21 @@
 import pytest
 import torch
 
+from conftest import random_scale_model, toy_phi
 from sar_fast.models import build_model
 from sar_fast.models.generate import generate
 from sar_fast.sampling import guidance_weight, sample_top_k_top_p
 
 
-def _random_model(arch, **kw):
-    model = build_model(f"{arch}-tiny", schedule=(1, 2, 3, 5), **kw)
-    for p in model.parameters():  # random, not the near-identity init, so every block matters
-        p.data.normal_(0, 0.2)
-    return model
-
-
-def _phi(h, si, n):
-    return h * (0.5 + 0.1 * si)
 
 
 @pytest.mark.parametrize("arch", ["flexvar", "var"])
 @pytest.mark.parametrize("cfg, top_k, top_p", [(2.0, 10, 0.9), (0.0, 0, 0.0), (1.5, 1, 0.0)])
 def test_kv_cache_equals_full_recompute(arch, cfg, top_k, top_p):
-    model = _random_model(arch)
+    model = random_scale_model(arch)
     book = torch.randn(64, 8)
     labels = torch.tensor([0, 3, 10])
-    kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, seed=5, phi=_phi if arch == "var" else None)
+    kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, seed=5, phi=toy_phi if arch == "var" else None)
     cached = generate(model, book, labels, **kw)
     full = generate(model, book, labels, use_cache=False, **kw)
     assert [c.shape for c in cached.codes] == [(3, 1), (3, 4), (3, 9), (3, 25)]
@@ -32,7 +24,7 @@ def test_kv_cache_equals_full_recompute(arch, cfg, top_k, top_p):
 
 
 def test_same_seed_same_samples_other_seed_differs():
-    model = _random_model("flexvar")
+    model = random_scale_model("flexvar")
     book = torch.randn(64, 8)
     labels = torch.arange(4)
     a = generate(model, book, labels, cfg=1.0, seed=1)
@@ -43,14 +35,14 @@ def test_same_seed_same_samples_other_seed_differs():
 
 
 def test_any_schedule_and_decoder():
-    model = _random_model("flexvar")
+    model = random_scale_model("flexvar")
     out = generate(model, torch.randn(64, 8), torch.tensor([1]), schedule=(1, 4, 7), seed=0,
                    decode=lambda codes: torch.zeros(len(codes[0]), 3, 8, 8))
     assert [c.shape[1] for c in out.codes] == [1, 16, 49] and out.images.shape == (1, 3, 8, 8)
 
 
 def test_sampler_restores_training_mode():
-    model = _random_model("flexvar").train()
+    model = random_scale_model("flexvar").train()
     generate(model, torch.randn(64, 8), torch.tensor([1]), seed=0)
     assert model.training
 
@@ -82,7 +74,7 @@ def test_guidance_ramps():
 
 
 def test_bad_sampler_input():
-    model = _random_model("flexvar")
+    model = random_scale_model("flexvar")
     with pytest.raises(ValueError, match="codebook must be"):
         generate(model, torch.randn(63, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="labels must lie"):

@@ -5,23 +5,9 @@ import pytest
 import torch
 
 import oracles
-from sar_fast.models import build_model
+from conftest import random_scale_model, toy_phi
 from sar_fast.models.generate import generate
 from sar_fast.sampling import CFG_RAMPS, guidance_weight, sample_top_k_top_p
-
-
-# test_sampler.py builds its models the same way at a fixed schedule; this one takes the
-# schedule (FlexVAR's special branches need sides beyond 16)
-def _random_model(arch, schedule):
-    torch.manual_seed(0)
-    model = build_model(f"{arch}-tiny", schedule=schedule)
-    for p in model.parameters():  # random, not the near-identity init, so every block matters
-        p.data.normal_(0, 0.2)
-    return model
-
-
-def _phi(h, si, n):
-    return h * (0.5 + 0.1 * si)
 
 
 @pytest.mark.parametrize("arch", ["flexvar", "var"])
@@ -30,10 +16,10 @@ def _phi(h, si, n):
     (3.0, "flexvar", 5, 0.0), (1.5, "linear", 1, 0.0)])
 def test_generate_matches_oracle(arch, cfg, ramp, top_k, top_p):
     schedule = (1, 2, 3, 5)
-    model = _random_model(arch, schedule)
+    model = random_scale_model(arch, schedule, seed=0)
     book = torch.randn(64, 8)
     labels = torch.tensor([0, 3, 10, 7])
-    phi = _phi if arch == "var" else None
+    phi = toy_phi if arch == "var" else None
     got = generate(model, book, labels, schedule, cfg=cfg, cfg_ramp=ramp, top_k=top_k, top_p=top_p,
                    generator=torch.Generator().manual_seed(5), phi=phi)
     want = oracles.generate(model, book, labels, schedule, cfg, ramp, top_k, top_p,
@@ -45,7 +31,7 @@ def test_generate_matches_oracle(arch, cfg, ramp, top_k, top_p):
 def test_generate_flexvar_branches_match_oracle():
     """Side 7 is not a FlexVAR training side and 17 is above 16: both greedy, 17 with t = cfg."""
     schedule = (1, 2, 7, 17)
-    model = _random_model("flexvar", schedule)
+    model = random_scale_model("flexvar", schedule, seed=0)
     book = torch.randn(64, 8)
     labels = torch.tensor([2, 5])
     got = generate(model, book, labels, schedule, cfg=2.5, cfg_ramp="flexvar", top_k=30, top_p=0.0,

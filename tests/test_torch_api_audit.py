@@ -6,7 +6,7 @@ that fences it (a probe with a public fallback, or a clear error)."""
 import ast
 import os
 
-from conftest import ROOT
+from conftest import ROOT, dotted_name
 
 PACKAGE = os.path.join(ROOT, "sar_fast")
 PARALLEL = "sar_fast/train/parallel.py"
@@ -43,15 +43,6 @@ def _modules():
                     yield os.path.relpath(path, ROOT), ast.parse(f.read(), path)
 
 
-def _dotted(node) -> str:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-    return ".".join(reversed(parts))
-
 
 def _private(dotted: str) -> bool:
     return any(part.startswith("_") and not part.startswith("__") for part in dotted.split("."))
@@ -66,7 +57,7 @@ def _uses(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             func = node.name
         if isinstance(node, ast.Call):
-            name = _dotted(node.func)
+            name = dotted_name(node.func)
             if name.split(".")[-1] in GROUP_CALLS:
                 found.append((func, "group:" + name, node.lineno))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "torch":
@@ -81,7 +72,7 @@ def _uses(tree):
                 if alias.name.split(".")[0] == "torch" and _private(alias.name):
                     found.append((func, alias.name, node.lineno))
         elif isinstance(node, ast.Attribute):
-            name = _dotted(node)
+            name = dotted_name(node)
             if name.startswith("torch.") and _private(name) and not isinstance(getattr(node, "_parent", None),
                                                                                  ast.Attribute):
                 found.append((func, name, node.lineno))

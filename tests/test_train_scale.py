@@ -20,6 +20,12 @@ TINY = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--batch-size",
         "--objective", "sar", "--transitions", "all", "--sampling", "cfg", "--cfg", "1.5", "--log-every", "1000"]
 
 
+def _torchrun_script(script, timeout: int):
+    """Run a Python file on 2 local ranks under torchrun (gloo, this checkout's sar_fast)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(script)], env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
@@ -218,8 +224,7 @@ def test_resume_auto_is_rank_zeros_choice(tmp_path):
         "p = checkpointing.resolve_resume_everywhere('auto', root, info)\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{r}}'), 'w').write(p)\n"
         "dist.destroy_process_group()\n")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(script)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    res = _torchrun_script(script, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     answers = {(tmp_path / f"out{r}").read_text() for r in range(2)}
     assert answers == {str(tmp_path / "rank0" / "step_00000001")}
@@ -300,8 +305,7 @@ def test_init_is_read_by_rank_zero_only(tmp_path):
         "ok = all(torch.equal(full[k], ref[k]) for k in full)\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([len(reads), ok]))\n"
         "dist.destroy_process_group()\n")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(script)], env=_env(), capture_output=True, text=True, timeout=200, check=False)
+    res = _torchrun_script(script, timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"out{r}").read_text()) for r in range(2))
     assert r0 == [1, True] and r1 == [0, True]
@@ -331,7 +335,6 @@ def test_collective_timeout_shortens_after_the_first_step(tmp_path):
         "t.run()\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([start, seen]))\n"
         "dist.destroy_process_group()\n")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(script)], env=_env(), capture_output=True, text=True, timeout=200, check=False)
+    res = _torchrun_script(script, timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "out0").read_text()) == [999.0, [77.0]]

@@ -8,6 +8,21 @@ from typing import Sequence
 import numpy as np
 
 
+def _paired_differences(arm: Sequence[float], control: Sequence[float], level: float, what: str) -> np.ndarray:
+    """arm - control per seed, in float64, once the inputs are checked."""
+    a, c = np.asarray(arm, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    if a.ndim != 1 or a.shape != c.shape:
+        raise ValueError(f"arm and control must be 1-d and of the same length (one value per seed), "
+                         f"got shapes {a.shape} and {c.shape}")
+    if a.size < 2:
+        raise ValueError(f"{what} needs at least 2 seeds, got {a.size}")
+    if not (np.isfinite(a).all() and np.isfinite(c).all()):
+        raise ValueError("arm and control must be finite")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    return a - c
+
+
 def paired_bootstrap(arm: Sequence[float], control: Sequence[float], resamples: int = 10_000,
                      level: float = 0.95, seed: int = 0) -> dict:
     """Mean of arm[i] - control[i] over seeds i and its percentile bootstrap interval.
@@ -18,19 +33,9 @@ def paired_bootstrap(arm: Sequence[float], control: Sequence[float], resamples: 
     distinct resamples) and tends to be narrow; it is a descriptive interval, not a test.
     Returns {mean, low, high, n, excludes_zero}.
     """
-    a, c = np.asarray(arm, dtype=np.float64), np.asarray(control, dtype=np.float64)
-    if a.ndim != 1 or a.shape != c.shape:
-        raise ValueError(f"arm and control must be 1-d and of the same length (one value per seed), "
-                         f"got shapes {a.shape} and {c.shape}")
-    if a.size < 2:
-        raise ValueError(f"a paired bootstrap needs at least 2 seeds, got {a.size}")
-    if not (np.isfinite(a).all() and np.isfinite(c).all()):
-        raise ValueError("arm and control must be finite")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    diff = _paired_differences(arm, control, level, "a paired bootstrap")
     if resamples < 100:
         raise ValueError(f"resamples must be >= 100, got {resamples}")
-    diff = a - c
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, diff.size, size=(resamples, diff.size))
     means = diff[picks].mean(axis=1)
@@ -49,17 +54,7 @@ def paired_t(arm: Sequence[float], control: Sequence[float], level: float = 0.95
     """
     from scipy import stats as _scipy_stats
 
-    a, c = np.asarray(arm, dtype=np.float64), np.asarray(control, dtype=np.float64)
-    if a.ndim != 1 or a.shape != c.shape:
-        raise ValueError(f"arm and control must be 1-d and of the same length (one value per seed), "
-                         f"got shapes {a.shape} and {c.shape}")
-    if a.size < 2:
-        raise ValueError(f"a paired t-interval needs at least 2 seeds, got {a.size}")
-    if not (np.isfinite(a).all() and np.isfinite(c).all()):
-        raise ValueError("arm and control must be finite")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    diff = a - c
+    diff = _paired_differences(arm, control, level, "a paired t-interval")
     n, mean = diff.size, float(diff.mean())
     se = float(diff.std(ddof=1) / np.sqrt(n))
     df = n - 1
