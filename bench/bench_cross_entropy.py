@@ -140,6 +140,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main() -> int:
     args = parse_args()
+    # deliberate repeat: every bench main opens with the same start() call and lazy imports
     started = start("bench_cross_entropy", args.out, args.smoke, args.dtype)
     if started is None:
         return 0

@@ -59,6 +59,7 @@ at::Tensor nearest_rows(at::Tensor rows, const at::Tensor& codebook, bool normal
   const at::Tensor row_norms = rows.square().sum(1).contiguous();
   const auto [book, book_norms] = matching_book(codebook, normalize);
   at::Tensor out = at::empty({rows.size(0)}, rows.options().dtype(at::kLong));
+  // deliberate repeat: every op dispatches CPU / CUDA the same way; a macro would hide the TORCH_CHECK
   if (rows.is_cuda()) {
 #ifdef SAR_FAST_WITH_CUDA
     nearest_rows_cuda(rows, row_norms, book, book_norms, out);

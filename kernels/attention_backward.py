@@ -36,6 +36,7 @@ def _dkdv_tiles(dk, dv, k, v, k_sid, Q, DO, LSE, DELTA, Q_SID, stride_qm, stride
                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV [BLOCK_N, D] of one key tile over the query tiles [start, stop).
     Works transposed (keys x queries) so every product lands in the key tile's layout."""
+    # deliberate repeat: _dq_tiles below loads its tiles the same way; see there why the loads are not shared
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for m0 in range(start, stop, BLOCK_M):
@@ -113,6 +114,7 @@ def _dq_tiles(dq, q, do, lse, delta, q_sid, K, V, K_SID, stride_kn, stride_vn, L
               qk_scale, start, stop, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ [BLOCK_M, D] of one query tile over the key tiles [start, stop).
+    # deliberate repeat: of kernels/attention._fwd_tiles' tile loads (see the docstring)
     The K/V tile loads repeat _fwd_tiles' on purpose: the loop bodies differ right after
     them, and a shared helper returning both tiles costs registers in this hot loop."""
     offs_n = tl.arange(0, BLOCK_N)

@@ -167,6 +167,7 @@ def _scale_shift_bwd_kernel(grad_src_ptr, grad_out_ptr, meta_ptr, num_t, tiles, 
     """Adjoint in gather form: each source pixel sums the output pixels whose taps reach it
     (no atomics, deterministic), with weights recomputed exactly as the forward does (hence
     the forward's tile lookup and indexing prologue, repeated)."""
+    # deliberate repeat: of the forward kernel's meta-row reads: each kernel reads its row in its own registers
     b, j, first = _find_tile(meta_ptr, num_t, tiles, BLOCK_P, False)
     row = meta_ptr + j * META_WIDTH
     out_start = tl.load(row + META_OUT_START)

@@ -290,6 +290,7 @@ def _sample(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, 
     return preds
 
 
+# deliberate repeat: of _sample's loop: the official path keeps the public code's draws (see the docstring)
 def _sample_official(config: SARConfig, cond: dict[int, torch.Tensor], uncond: dict[int, torch.Tensor] | None,
                      n: int, step: int, scales: list[int],
                      ssr_codes: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:

@@ -118,6 +118,7 @@ def split(t: torch.Tensor, schedule) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------- sampling
+# deliberate repeat: of sar_fast.sampling.guidance_weight: the oracle restates the library instead of calling it
 def ramp(kind: str, cfg: float, si: int, n: int) -> float:  # restates sampling.guidance_weight on purpose
     last = max(n - 1, 1)
     if kind == "linear":

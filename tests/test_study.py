@@ -141,16 +141,18 @@ def test_paired_t_matches_closed_forms():
     assert (r["high"] - r["mean"]) / r["se"] == pytest.approx(2.7764, abs=1e-4)
 
 
-def test_paired_t_rejects_bad_input():
-    from sar_fast.metrics.stats import paired_t
+@pytest.mark.parametrize("name", ["paired_t", "paired_bootstrap"])
+def test_paired_statistics_reject_bad_input(name):
+    from sar_fast.metrics import stats
+    stat = getattr(stats, name)
     with pytest.raises(ValueError, match="same length"):
-        paired_t([1.0, 2.0], [1.0])
-    with pytest.raises(ValueError, match="at least 2"):
-        paired_t([1.0], [1.0])
+        stat([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        stat([1.0], [1.0])
     with pytest.raises(ValueError, match="finite"):
-        paired_t([1.0, float("nan")], [1.0, 2.0])
+        stat([1.0, float("nan")], [1.0, 2.0])
     with pytest.raises(ValueError, match="level"):
-        paired_t([1.0, 2.0], [1.0, 1.0], level=1.0)
+        stat([1.0, 2.0], [1.0, 1.0], level=1.0)
 
 
 def test_holm_on_a_known_vector():

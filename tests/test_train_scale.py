@@ -215,6 +215,7 @@ def test_resume_auto_is_rank_zeros_choice(tmp_path):
         "import os, sys, json, torch.distributed as dist\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "from sar_fast.train import checkpointing, parallel\n"
+        # deliberate repeat: each 2-rank script below opens, uses and closes its own process group
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         f"root = os.path.join({str(tmp_path)!r}, f'rank{{r}}')\n"

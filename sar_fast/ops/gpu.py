@@ -41,6 +41,7 @@ def is_deterministic() -> bool:
 
 
 @contextlib.contextmanager
+# deliberate repeat: of ops.backend.use_backend's shape: two independent switches, each with its own state
 def use_deterministic(flag: bool) -> Iterator[None]:
     """Temporarily force deterministic mode on or off (tests, evaluation)."""
     global _override

@@ -61,6 +61,7 @@ REQUIRED.update({
     },
     "CrossAttnBlock": {"sa": "the SelfAttention module", "ca": "CrossAttention (left alone)"},
     "SelfAttnBlock": {"attn": "the SelfAttention module"},
+    # deliberate repeat: of var.py's SelfAttention rows: each family's table lists its own upstream attributes
     "Infinity.SelfAttention": {
         "forward": "replaced (x, attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid, scale_ind)",
         "mat_qkv": "Linear(C, 3C, bias=False)", "q_bias": "q part of the qkv bias",

@@ -92,6 +92,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None, rope2d_freqs_grid=None,
                 scale_ind=0):
+        # deliberate repeat: of sar_fast.patch.infinity's forward: the stand-in is the upstream model the patch
+        # replaces, restated independently
         B, L, C = x.shape
         qkv = F.linear(x, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)

@@ -54,6 +54,8 @@ class _Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
+        # deliberate repeat: the decoder below walks the same way; encoder and decoder differ in direction and in the
+        # module they end a level with
         for block in self.conv_blocks:
             for i, res in enumerate(block.res):
                 h = res(h)

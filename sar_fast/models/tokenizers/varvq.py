@@ -37,6 +37,8 @@ def _mid(c: int, groups: int) -> nn.Module:
 # Encoder and decoder repeat flexvq.py's in shape, and each forward mirrors the other's stage
 # loop, on purpose: the attribute names are the checkpoint keys (VAR's here, LlamaGen's there),
 # and a literal layout per format keeps key-for-key loading checkable by reading.
+# deliberate repeat: the same walk as flexvq._Encoder over VAR's module names; the names are the checkpoint keys, so the
+# two layouts stay apart
 class _Encoder(nn.Module):
     """VAR layout: down[level].block / .attn / .downsample, mid.block_1 / attn_1 / block_2."""
 
@@ -64,6 +66,8 @@ class _Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
+        # deliberate repeat: the decoder below walks the same way; encoder and decoder differ in direction and in the
+        # module they end a level with
         for stage in self.down:
             for i, block in enumerate(stage.block):
                 h = block(h)
