@@ -18,6 +18,7 @@ from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
 from .design import BASE_SEED, CONTROL, FULL, QUICK, StudySize, _read_json, arms, result_path
 from .report import report
+from . import __doc__ as _STUDY_DOC  # the command's help is the package's docstring
 
 
 # ------------------------------------------------------------------------------ training
@@ -165,7 +166,7 @@ def _worker_init(threads: int) -> None:
 
 # ------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sar_fast.study", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sar_fast.study", description=_STUDY_DOC.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="study directory (base/, results/, study.md/.json/.png); a rerun "
                                                 "with the same directory skips the finished (arm, seed) runs")
