@@ -19,7 +19,9 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 #   the backend dispatch, the extension's ops (quantiser, sampler) built against 2.11, and
 #   torch.compile(fullgraph=True) of the ops (dynamo differs most between releases);
 # - the trainer: 1 == 2 == 4 ranks (with micro-batches), collectives per step under both
-#   reshard policies, HSDP, the FSDP2 probe and its public fallback, the memory estimate's
+#   reshard policies, HSDP, the FSDP2 probe and its public fallback (forced, with its
+#   collective counts), two torchrun "nodes" of two against one of four, the private-API
+#   fences, the memory estimate's
 #   reshard policy (the parts that touch FSDP2 and dynamo, which differ between releases;
 #   the rest of the suite is release-independent Python and stays on the pin only);
 # - the compile report's CI subset for sm_90 (the lent H200) in bf16 with triton 3.6's own
@@ -69,6 +71,8 @@ PY
   tests/test_train_scale.py::test_one_gather_and_one_reduce_per_unit_per_step \
   tests/test_train_scale.py::test_pass_policy_gathers_per_pass \
   tests/test_train_scale.py::test_hsdp_mesh_trains_like_fsdp \
+  tests/test_train_scale.py::test_public_fallback_trains_alike_with_one_gather_per_step \
+  tests/test_multinode.py tests/test_torch_api_audit.py \
   tests/test_memory.py::test_estimate_drives_the_reshard_policy_of_the_step
 cr_out="$(mktemp -d)"
 "$py211" bench/compile_report.py --arch 90 --dtypes bf16 --head-dims 64,128 --subset ci --no-quantiser \
