@@ -21,7 +21,9 @@ from ..data.digits import DIGITS_SCHEDULE
 from ..models.tokenizers.grey import EMBEDDED
 from ..sar import OFFICIAL, SARConfig
 from ..schedules import STANDARD_SCHEDULE, Schedule, parse_schedule
-from .memory import GPU_GIB
+
+# what torch reports as total memory of the GPUs sold as 80 GB (H100/A100) and 141 GB (H200)
+GPU_GIB = {"80": 79.2, "141": 139.8}
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:

@@ -22,13 +22,12 @@ from typing import Sequence
 import torch
 
 from ..schedules import Schedule
+from .config import GPU_GIB
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 1.5   # CUDA context + NCCL communicators and buffers, per rank
 HEADROOM = 0.10      # allocator fragmentation and spikes the tracker cannot see
 GRAD_ACCUMS = (1, 2, 3, 4, 6, 8, 12, 16)
-# what torch reports as total memory of the GPUs sold as 80 GB (H100/A100) and 141 GB (H200)
-GPU_GIB = {"80": 79.2, "141": 139.8}
 
 
 @dataclass
