@@ -32,11 +32,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import JsonReport, add_smoke_flag, bar_panels, median_ms, start  # noqa: E402
 
+from sar_fast.schedules import STANDARD_SCHEDULE  # noqa: E402
+
 HEAD_DIM = 64
 TARGET_VS_FLEX, TARGET_VS_SDPA = 1.3, 2.0
 SDPA_BACKENDS = ("auto", "efficient", "cudnn", "flash", "math")
 # standard schedules by total length: VAR/FlexVAR at 256 px and VAR at 512 px
-SCHEDULES_BY_LENGTH = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+SCHEDULES_BY_LENGTH = {680: STANDARD_SCHEDULE, 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 

@@ -65,12 +65,14 @@ def build(torch, family: str, smoke: bool, device: str):
         return build_infinity(smoke, device)
     from standins.flexvar_like import FlexVAR, VQModel
     from standins.var_like import VAR, VQVAE
+
+    from sar_fast.schedules import STANDARD_SCHEDULE
     if smoke:
         dims = dict(depth=2, embed_dim=64, num_heads=2)
         sides, vocab = (1, 2, 3), 64
     else:
         dims = dict(depth=16, embed_dim=1024, num_heads=16)
-        sides, vocab = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (4096 if family == "var" else 8912)
+        sides, vocab = tuple(STANDARD_SCHEDULE), (4096 if family == "var" else 8912)
     if family == "var":
         vae = VQVAE(vocab_size=vocab, z_channels=32, v_patch_nums=sides)
         model = VAR(vae, num_classes=1000, patch_nums=sides, **dims)

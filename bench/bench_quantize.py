@@ -38,7 +38,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import JsonReport, add_smoke_flag, bar_panels, time_ms  # noqa: E402
 
-SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+from sar_fast.schedules import STANDARD_SCHEDULE  # noqa: E402
+
+SCHEDULE = STANDARD_SCHEDULE
 TARGET_SPEEDUP = 3.0
 
 

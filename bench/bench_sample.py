@@ -21,11 +21,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import JsonReport, add_smoke_flag, time_ms  # noqa: E402
 
-from sar_fast.evaluate import image_uniforms  # noqa: E402
 from sar_fast.models import build_model  # noqa: E402
 from sar_fast.models.generate import generate  # noqa: E402
+from sar_fast.rng import image_uniforms  # noqa: E402
+from sar_fast.schedules import STANDARD_SCHEDULE  # noqa: E402
 
-FLEXVAR_EVAL_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TINY_SCHEDULE = (1, 2, 3, 4, 6, 8)
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         return
     device = torch.device("cuda" if gpu else "cpu")
     if gpu:
-        model, schedule = build_model(args.model), FLEXVAR_EVAL_SCHEDULE
+        model, schedule = build_model(args.model), STANDARD_SCHEDULE
         batch, reps = args.batch or 64, args.reps or 3
     else:
         model = build_model("flexvar-tiny", depth=3, embed_dim=96, num_heads=4, vocab_size=17, code_dim=1,

@@ -38,9 +38,13 @@ import time
 from typing import Callable, Iterable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from sar_fast.kernels.support import HEAD_DIMS  # noqa: E402  (imports no triton)
+from sar_fast.schedules import STANDARD_SCHEDULE  # noqa: E402
 
 # d16 (VAR/FlexVAR depth 16) shapes: 256 px standard schedule, width 1024, vocabulary 8912.
-D16 = dict(batch=2, schedule=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), channels=1024, vocab=8912,
+D16 = dict(batch=2, schedule=tuple(STANDARD_SCHEDULE), channels=1024, vocab=8912,
            codebook_dim=32)
 ARCHS = (80, 90, 100)
 # Max dynamic shared memory per block (opt-in), CUDA programming guide, compute capabilities table.
@@ -60,7 +64,6 @@ ACCEPTED_STACK = {
     ("3.6", 90, "_fwd_kernel", "HEAD_DIM=128 BLOCK_M=32 BLOCK_N=64 w8s3"): 16,
 }
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
-HEAD_DIMS = (16, 32, 64, 128)
 # Kernels that carry a GEMM (tl.dot) and so must use tensor cores.
 GEMM_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_ce_forward_kernel",
                 "_kl_forward_kernel", "_grad_logits_kernel")

@@ -30,8 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from sar_fast.schedules import STANDARD_SCHEDULE  # noqa: E402
+
 SCHEDULES = {
-    680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    680: STANDARD_SCHEDULE,
     2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
     9451: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
 }
