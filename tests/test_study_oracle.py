@@ -129,35 +129,33 @@ def test_codebook_tokenizer(tmp_path):
         preflight_tokenizer(path)  # a caller that needs images
 
 
-def _tiny_student_run(tmp_path, teacher, extra=()):
-    from sar_fast.train.config import parse_config
-    labels, codes = oracle.teacher_samples(teacher, 512, seed=1)
-    oracle.save_teacher(teacher, tmp_path / "teacher")
-    oracle.write_code_cache(tmp_path / "cache", labels, codes, str(tmp_path / "teacher"), teacher.schedule,
-                            teacher.settings.num_classes)
-    return parse_config(["--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "60", "--lr", "3e-3",
-                         "--batch-size", "32", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
-                         "--ckpt-every", "60", "--keep-last", "1", "--no-progress", "--objective", "tf",
-                         "--pretrain-steps", "0",  # the tiny preset teacher-forces 300 steps first otherwise
-                         *oracle.trainer_flags(str(tmp_path / "cache"), str(tmp_path / "teacher"), teacher.schedule),
-                         *extra])
-
-
 def test_student_trained_on_teacher_samples_gains_coverage(tmp_path):
-    """The real trainer path (code cache + codebook-only --vae): 60 steps of teacher forcing
-    take the student's NLL of held-out teacher samples from ~log V (its near-uniform init)
-    well down towards the teacher's entropy."""
-    from sar_fast.models import load_checkpoint
+    """The real trainer path (prepare_data's code cache + the codebook-only --vae): 60 steps
+    of teacher forcing take the student's NLL of held-out teacher samples from ~log V (its
+    near-uniform init) well down towards the teacher's entropy."""
     from sar_fast.train import Trainer
-    teacher = oracle.make_teacher(2, schedule=(1, 2, 3, 4), vocab=16, code_dim=4, depth=1, embed_dim=32,
-                                  num_heads=2, head_gain=4.0)
-    Trainer(_tiny_student_run(tmp_path, teacher)).run()
-    student = load_checkpoint(str(tmp_path / "run" / "export.pth"), cond_drop_rate=0.0).eval()
-    heldout = oracle.teacher_samples(teacher, 200, seed=99)
-    m = oracle.oracle_metrics(teacher, student, heldout, n=100, seed=3)
+    from sar_fast.train.config import parse_config
+    settings = oracle.TeacherSettings(seed=2, schedule=(1, 2, 3, 4), vocab=16, code_dim=4, depth=1, embed_dim=32,
+                                      num_heads=2, head_gain=4.0)
+    data = tmp_path / "data"
+    record = oracle.prepare_data(data, settings, n_train=512, n_heldout=200)
+    assert oracle.prepare_data(data, settings, n_train=512, n_heldout=200) == record  # reused
+    with pytest.raises(ValueError, match="another request"):
+        oracle.prepare_data(data, settings, n_train=256, n_heldout=200)
+    Trainer(parse_config(["--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "60", "--lr", "3e-3",
+                          "--batch-size", "32", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+                          "--ckpt-every", "60", "--keep-last", "1", "--no-progress", "--objective", "tf",
+                          "--pretrain-steps", "0",  # the tiny preset teacher-forces 300 steps first otherwise
+                          *oracle.trainer_flags(str(data / "cache"), str(data / "teacher"), settings.schedule)])).run()
+    m = oracle.evaluate_student(tmp_path / "run" / "export.pth", data, seed=3, n_samples=100, gap_rows=50)
+    assert abs(m["teacher_entropy"] - record["teacher_entropy"]["per_token"]) < 0.1
     assert m["teacher_entropy"] < m["coverage_nll"] < math.log(16) - 0.3, m
     assert m["coverage_nll"] - m["teacher_entropy"] < (math.log(16) - m["teacher_entropy"]) / 2, m
+    assert abs(sum(c * s * s for c, s in zip(m["coverage_per_scale"], settings.schedule)) / 30
+               - m["coverage_nll"]) < 1e-9
+    assert len(m["gap_sample_per_scale"]) == len(settings.schedule) - 1
     # precision: the student's samples are likelier under the teacher than uniform random codes
+    teacher = oracle.load_teacher(data / "teacher")
     labels = oracle.balanced_labels(100, 10)
     noise = torch.randint(0, 16, (100, 30), generator=torch.Generator().manual_seed(0))
     uniform = float(oracle.sequence_nll(teacher.model, labels, noise, teacher.codebook, teacher.schedule).mean()) / 30

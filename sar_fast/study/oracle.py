@@ -250,17 +250,19 @@ def oracle_metrics(teacher: Teacher, student: ScaleAR, heldout: tuple[torch.Tens
                    seed: int, cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0) -> dict:
     """Per token (nats): 'precision_nll', the teacher's NLL of `n` student samples (drawn
     with `seed` and the given sampling); 'coverage_nll', the student's NLL of the held-out
-    teacher samples `heldout` = (labels, codes); 'teacher_entropy', the teacher's NLL of the
-    held-out samples (the floor of both, in expectation)."""
+    teacher samples `heldout` = (labels, codes), and per scale ('coverage_per_scale');
+    'teacher_entropy', the teacher's NLL of the held-out samples (the floor of both, in
+    expectation)."""
     labels, codes = heldout
-    length = total_length(teacher.schedule)
-    own = model_samples(student, teacher.codebook, teacher.schedule, balanced_labels(n, teacher.settings.num_classes),
-                        seed, cfg=cfg, top_k=top_k, top_p=top_p)
-    precision = sequence_nll(teacher.model, balanced_labels(n, teacher.settings.num_classes), own, teacher.codebook,
-                             teacher.schedule)
-    coverage = sequence_nll(student, labels, codes, teacher.codebook, teacher.schedule)
+    length, off = total_length(teacher.schedule), scale_offsets(teacher.schedule)
+    own_labels = balanced_labels(n, teacher.settings.num_classes)
+    own = model_samples(student, teacher.codebook, teacher.schedule, own_labels, seed, cfg=cfg, top_k=top_k,
+                        top_p=top_p)
+    precision = sequence_nll(teacher.model, own_labels, own, teacher.codebook, teacher.schedule)
+    coverage = -token_log_probs(student, labels, codes, teacher.codebook, teacher.schedule)
     floor = sequence_nll(teacher.model, labels, codes, teacher.codebook, teacher.schedule)
-    return {"precision_nll": float(precision.mean()) / length, "coverage_nll": float(coverage.mean()) / length,
+    return {"precision_nll": float(precision.mean()) / length, "coverage_nll": float(coverage.mean()),
+            "coverage_per_scale": [float(coverage[:, off[i]:off[i + 1]].mean()) for i in range(len(off) - 1)],
             "teacher_entropy": float(floor.mean()) / length}
 
 
@@ -308,3 +310,81 @@ def trainer_flags(cache: str, teacher_folder: str, schedule: Sequence[int]) -> l
     return ["--cache", os.fspath(cache), "--vae", os.path.join(os.fspath(teacher_folder), CODEBOOK_FILE),
             "--schedule", ",".join(str(s) for s in validate_schedule(schedule)), "--num-samples", "0",
             "--workers", "0"]
+
+
+# ------------------------------------------------------------------------------ a suite's data
+HELDOUT_FILE, DATA_RECORD = "heldout.safetensors", "data.json"
+
+
+def prepare_data(out: str | os.PathLike, settings: TeacherSettings, n_train: int, n_heldout: int,
+                 seed: int = 1) -> dict:
+    """A suite's fixed data in `out`: the teacher (out/teacher), `n_train` of its samples as a
+    code cache (out/cache, sample seed `seed`) and `n_heldout` held-out samples
+    (out/heldout.safetensors, seed `seed` + 1). Written once: a folder holding the same
+    request is reused, a different one refused. Returns the record (out/data.json)."""
+    from ..models.checkpoint import write_safetensors
+    out = os.fspath(out)
+    _check_count("n_train", n_train, 1)
+    _check_count("n_heldout", n_heldout, 1)
+    _check_count("seed", seed, 0)
+    settings = settings.check()
+    request = {"settings": {**asdict(settings), "schedule": list(settings.schedule)}, "n_train": n_train,
+               "n_heldout": n_heldout, "seed": seed}
+    record_path = os.path.join(out, DATA_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record.get("request") != request:
+            raise ValueError(f"{out} holds oracle data of another request ({record.get('request')}); "
+                             f"use another folder")
+        return record
+    teacher = make_teacher(**asdict(settings))
+    teacher_dir = os.path.join(out, "teacher")
+    labels, codes = teacher_samples(teacher, n_heldout, seed + 1)
+    entropy = mean_token_entropy(teacher.model, labels, codes, teacher.codebook, teacher.schedule)
+    save_teacher(teacher, teacher_dir, entropy=entropy)
+    write_safetensors({"labels": labels, "codes": codes}, os.path.join(out, HELDOUT_FILE))
+    train_labels, train_codes = teacher_samples(teacher, n_train, seed)
+    write_code_cache(os.path.join(out, "cache"), train_labels, train_codes, teacher_dir, teacher.schedule,
+                     settings.num_classes)
+    record = {"request": request, "teacher_entropy": entropy}
+    write_json_atomic(record_path, record)
+    return record
+
+
+def load_heldout(out: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [N], codes [N, L]) int64: the held-out teacher samples `prepare_data` wrote."""
+    from ..models.checkpoint import read_safetensors
+    path = os.path.join(os.fspath(out), HELDOUT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no held-out teacher samples at {path} (prepare_data writes them)")
+    tensors = read_safetensors(path)
+    if set(tensors) != {"labels", "codes"}:
+        raise CheckpointError(f"{path}: expected the tensors 'labels' and 'codes', found {sorted(tensors)}")
+    return tensors["labels"].long(), tensors["codes"].long()
+
+
+@torch.no_grad()
+def evaluate_student(export: str | os.PathLike, out: str | os.PathLike, seed: int, n_samples: int,
+                     gap_rows: int = 500) -> dict:
+    """The oracle metrics of the student in export file `export` against the data of `out`
+    (prepare_data): precision and coverage NLL per token (oracle_metrics; the student's
+    samples drawn with `seed`), the coverage per scale, and the exposure gap (argmax and
+    sampled inputs, sar_fast.metrics.exposure) on the first `gap_rows` held-out samples."""
+    from ..metrics.exposure import exposure_gap
+    teacher = load_teacher(os.path.join(os.fspath(out), "teacher"))
+    heldout = load_heldout(out)
+    student = load_checkpoint(os.fspath(export), cond_drop_rate=0.0).eval()
+    if (student.vocab_size, student.code_dim, student.num_classes) != \
+            (teacher.settings.vocab, teacher.settings.code_dim, teacher.settings.num_classes):
+        raise ValueError(f"the student {os.fspath(export)} ({student.vocab_size} codes of dim {student.code_dim}, "
+                         f"{student.num_classes} classes) does not fit the teacher of {os.fspath(out)}")
+    metrics = oracle_metrics(teacher, student, heldout, n_samples, seed)
+    labels, codes = heldout[0][:gap_rows], heldout[1][:gap_rows]
+    for prediction in ("argmax", "sample"):
+        gen = torch.Generator().manual_seed(seed * 7_777 + 1)
+        g = exposure_gap(student, labels, codes, teacher.schedule, teacher.codebook, prediction=prediction,
+                         generator=gen)
+        metrics[f"gap_{prediction}"] = g.mean
+        metrics[f"gap_{prediction}_per_scale"] = g.gap.tolist()
+    return metrics
