@@ -358,8 +358,8 @@ def preflight_inputs(cfg: TrainConfig) -> None:
     try:
         if cfg.model.init:
             preflight_checkpoint(cfg.model.init)
-        if data.vae != EMBEDDED:
-            preflight_tokenizer(data.vae)
+        if data.vae != EMBEDDED:  # a codebook-only tokenizer has no images: a cache, no sample grids
+            preflight_tokenizer(data.vae, images=not data.cache or cfg.checkpoint.num_samples > 0)
         if data.folder:
             scan_image_folder(data.folder)
         if data.cache:

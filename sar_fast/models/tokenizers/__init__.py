@@ -17,15 +17,19 @@ import torch.nn as nn
 from ..checkpoint import CheckpointError, extract_state_dict, read_checkpoint_file
 from ..transformer import ScaleAR
 from .base import MultiScaleTokenizer, read_state_dict
+from .codebook import CODEBOOK_KIND, CodebookTokenizer, is_codebook_state, save_codebook
 from .flexvq import FlexVQ16
 from .grey import EMBEDDED, GreyLevelTokenizer
 from .varvq import VARVQVAE
 
-TOKENIZERS = {"flexvar": FlexVQ16, "var": VARVQVAE}
+TOKENIZERS = {"flexvar": FlexVQ16, "var": VARVQVAE, CODEBOOK_KIND: CodebookTokenizer}
 
 
 def detect_tokenizer_kind(sd: Mapping[str, torch.Tensor]) -> str:
-    """'flexvar' (LlamaGen layout: encoder.conv_blocks.*) or 'var' (encoder.down.*)."""
+    """'flexvar' (LlamaGen layout: encoder.conv_blocks.*), 'var' (encoder.down.*) or
+    'codebook' (a codebook-only file: the one tensor `codebook`)."""
+    if is_codebook_state(sd):
+        return CODEBOOK_KIND
     flex = any(k.startswith("encoder.conv_blocks.") for k in sd)
     var = any(k.startswith("encoder.down.") for k in sd)
     if flex == var:
@@ -59,21 +63,27 @@ def load_tokenizer(path: str | os.PathLike | Mapping[str, Any], kind: str | None
         raise CheckpointError(f"{os.fspath(path)}: {e}") from None
 
 
-def preflight_tokenizer(path: str | os.PathLike) -> str:
+def preflight_tokenizer(path: str | os.PathLike, images: bool = True) -> str:
     """The kind of the tokenizer in `path`, checked without reading its weights (memory-mapped
-    or, for safetensors, read off the header)."""
+    or, for safetensors, read off the header). `images`: the caller encodes or decodes
+    images, which a codebook-only tokenizer cannot (refused here, before any work)."""
     try:
-        return detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, shapes_only=True))[0])
+        kind = detect_tokenizer_kind(extract_state_dict(read_checkpoint_file(path, shapes_only=True))[0])
     except CheckpointError as e:
         raise CheckpointError(e if os.fspath(path) in str(e) else f"{os.fspath(path)}: {e}") from None
+    if images and kind == CODEBOOK_KIND:
+        raise CheckpointError(f"{os.fspath(path)} is a codebook-only tokenizer (no encoder or decoder): it serves "
+                              "training from a code cache (--cache) without sample grids (--num-samples 0), "
+                              "not images")
+    return kind
 
 
 
 
 def build_tokenizer(spec: str, device: torch.device | str) -> nn.Module:
     """The tokenizer `spec` names (a FlexVAE.pth / vae_ch160v4096z32.pth checkpoint, a
-    .safetensors of one, an hf:// id, or EMBEDDED for the weight-free grey-level one), frozen
-    (eval) on `device`."""
+    .safetensors of one, an hf:// id, a codebook-only .safetensors (codebook.py), or EMBEDDED
+    for the weight-free grey-level one), frozen (eval) on `device`."""
     tok = GreyLevelTokenizer() if spec == EMBEDDED else load_tokenizer(spec)
     return tok.to(device).eval()
 
@@ -87,5 +97,6 @@ def check_model_fits_tokenizer(model: ScaleAR, tokenizer: nn.Module, model_flag:
                          f"{tokenizer.Cvae}); {model_flag} and --vae do not fit together")
 
 __all__ = ["build_tokenizer", "check_model_fits_tokenizer", "EMBEDDED", "GreyLevelTokenizer", "preflight_tokenizer",
+           "CodebookTokenizer", "CODEBOOK_KIND", "save_codebook",
            "FlexVQ16", "VARVQVAE", "MultiScaleTokenizer", "TOKENIZERS", "detect_tokenizer_kind", "load_tokenizer",
            "read_state_dict"]

@@ -1,0 +1,176 @@
+"""The oracle suite's teacher: its exact sequence NLL against a brute-force enumeration (every
+sequence of a tiny teacher: the probabilities sum to 1 per label, and the sampler's
+frequencies match them), determinism by seed, the codebook-only tokenizer, and a student
+trained on teacher samples through the real trainer path."""
+import math
+
+import pytest
+import torch
+
+from sar_fast.metrics.exposure import teacher_forcing_nll
+from sar_fast.models.checkpoint import CheckpointError
+from sar_fast.models.tokenizers import CodebookTokenizer, build_tokenizer, preflight_tokenizer
+from sar_fast.study import oracle
+from sar_fast.schedules import total_length
+
+TINY = dict(depth=1, embed_dim=16, num_heads=2, num_classes=2, head_gain=3.0)
+
+
+def _all_sequences(vocab: int, length: int) -> torch.Tensor:
+    """[vocab**length, length] int64: every sequence, in lexicographic order."""
+    return torch.cartesian_prod(*[torch.arange(vocab)] * length).reshape(-1, length)
+
+
+def test_exact_nll_against_brute_force_enumeration():
+    """schedule (1, 2), V = 3: 3^5 = 243 sequences per label. Every scale's distribution must be
+    normalised and depend on the earlier scales only, so exp(-nll) sums to 1 over them
+    (independently of how the model computes); and the sampler (generate, KV cache, inverse
+    CDF) must draw each sequence as often as exp(-nll) says."""
+    teacher = oracle.make_teacher(3, schedule=(1, 2), vocab=3, code_dim=2, **TINY)
+    seqs = _all_sequences(3, total_length(teacher.schedule))
+    draws = 20_000
+    labels, samples = oracle.teacher_samples(teacher, 2 * draws, seed=11, batch=4096)
+    for label in range(2):
+        lab = torch.full((seqs.shape[0],), label)
+        nll = oracle.sequence_nll(teacher.model, lab, seqs, teacher.codebook, teacher.schedule)
+        probs = torch.exp(-nll)
+        assert nll.dtype == torch.float64
+        assert abs(float(probs.sum()) - 1.0) < 1e-6, float(probs.sum())
+        assert float(probs.max()) < 0.5  # a distribution with some spread, not one sequence
+
+        # the sampler's frequencies: Pearson's chi-square over the cells expected >= 5 times
+        # (the rest pooled) against a bound 6 sd above its mean (deterministic seeds: no flake)
+        mine = samples[labels == label]
+        index = (mine * torch.tensor([3 ** (4 - i) for i in range(5)])).sum(1)  # lexicographic rank
+        observed = torch.bincount(index, minlength=seqs.shape[0]).double()
+        expected = probs * mine.shape[0]
+        big = expected >= 5
+        obs = torch.cat([observed[big], observed[~big].sum().view(1)])
+        exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+        chi2, df = float(((obs - exp) ** 2 / exp).sum()), int(obs.numel() - 1)
+        assert chi2 < df + 6 * math.sqrt(2 * df), (label, chi2, df)
+
+    # the per-token mean agrees with the study's teacher-forcing NLL (sar_fast.metrics.exposure)
+    lab = torch.zeros(seqs.shape[0], dtype=torch.long)
+    nll = oracle.sequence_nll(teacher.model, lab, seqs, teacher.codebook, teacher.schedule)
+    tf = teacher_forcing_nll(teacher.model, lab, seqs, teacher.schedule, teacher.codebook)["per_token"]
+    assert abs(float(nll.mean()) / seqs.shape[1] - tf) < 1e-6
+
+
+def test_teacher_and_samples_are_fixed_by_their_seeds(tmp_path):
+    rng_before = torch.get_rng_state()
+    a, b = oracle.make_teacher(5, **TINY), oracle.make_teacher(5, **TINY)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and torch.equal(a.codebook, b.codebook)
+    other = oracle.make_teacher(6, **TINY)
+    assert not torch.equal(other.codebook, a.codebook)
+    assert not torch.equal(other.model.head.weight, a.model.head.weight)
+
+    la, ca = oracle.teacher_samples(a, 24, seed=1, batch=24)
+    lb, cb = oracle.teacher_samples(b, 24, seed=1, batch=5)  # batching does not change the draws
+    assert torch.equal(la, lb) and torch.equal(ca, cb)
+    assert torch.equal(la, torch.arange(24) % 2) and ca.shape == (24, total_length(oracle.ORACLE_SCHEDULE))
+    assert not torch.equal(oracle.teacher_samples(a, 24, seed=2)[1], ca)
+
+    oracle.save_teacher(a, tmp_path / "teacher", note="test")
+    loaded = oracle.load_teacher(tmp_path / "teacher")
+    assert loaded.settings == a.settings and torch.equal(loaded.codebook, a.codebook)
+    assert torch.equal(oracle.teacher_samples(loaded, 24, seed=1)[1], ca)
+    assert torch.equal(oracle.sequence_nll(loaded.model, la, ca, loaded.codebook, loaded.schedule),
+                       oracle.sequence_nll(a.model, la, ca, a.codebook, a.schedule))
+
+
+def test_the_suite_teacher_has_the_documented_entropy():
+    """The suite's setting (gain 6, input std 1): mean per-token entropy of about 2 nats,
+    well below log 256, and its samples' NLL agrees with it (both are its entropy rate)."""
+    teacher = oracle.make_teacher(0)
+    labels, codes = oracle.teacher_samples(teacher, 128, seed=1)
+    h = oracle.mean_token_entropy(teacher.model, labels, codes, teacher.codebook, teacher.schedule)
+    nll = oracle.sequence_nll(teacher.model, labels, codes, teacher.codebook, teacher.schedule) / codes.shape[1]
+    assert 1.0 < h["per_token"] < 3.0 and len(h["per_scale"]) == len(teacher.schedule)
+    assert abs(float(nll.mean()) - h["per_token"]) < 0.1
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="vocab"):
+        oracle.make_teacher(0, vocab=1)
+    with pytest.raises(ValueError, match="head_gain"):
+        oracle.make_teacher(0, head_gain=0.0)
+    with pytest.raises(ValueError, match="1x1"):
+        oracle.make_teacher(0, schedule=(2, 3))
+    teacher = oracle.make_teacher(0, **TINY)
+    labels, codes = oracle.teacher_samples(teacher, 4, seed=0)
+    with pytest.raises(ValueError, match="codes must lie"):
+        oracle.sequence_nll(teacher.model, labels, codes + 256, teacher.codebook, teacher.schedule)
+    with pytest.raises(ValueError, match="codes must be an int tensor"):
+        oracle.sequence_nll(teacher.model, labels, codes[:, :-1], teacher.codebook, teacher.schedule)
+    with pytest.raises(ValueError, match="labels must lie"):
+        oracle.sequence_nll(teacher.model, labels + 5, codes, teacher.codebook, teacher.schedule)
+
+
+def test_codebook_tokenizer(tmp_path):
+    teacher = oracle.make_teacher(0, **TINY)
+    oracle.save_teacher(teacher, tmp_path / "t")
+    path = str(tmp_path / "t" / oracle.CODEBOOK_FILE)
+    tok = build_tokenizer(path, "cpu")
+    assert isinstance(tok, CodebookTokenizer) and torch.equal(tok.codebook(), teacher.codebook)
+    assert (tok.vocab_size, tok.Cvae, tok.mode, tok.phi) == (256, 16, "flexvar", None)
+    _, codes = oracle.teacher_samples(teacher, 2, seed=0)
+    from sar_fast import ops
+    assert torch.equal(tok.tf_inputs(codes, teacher.schedule),
+                       ops.scale_shift(codes, teacher.codebook, teacher.schedule, mode="flexvar"))
+    with pytest.raises(TypeError, match="cannot encode"):
+        tok.encode(torch.zeros(1, 3, 8, 8), (1, 2))
+    with pytest.raises(TypeError, match="cannot decode"):
+        tok.decode(codes, teacher.schedule)
+    assert preflight_tokenizer(path, images=False) == "codebook"
+    with pytest.raises(CheckpointError, match="codebook-only"):
+        preflight_tokenizer(path)  # a caller that needs images
+
+
+def test_student_trained_on_teacher_samples_gains_coverage(tmp_path):
+    """The real trainer path (prepare_data's code cache + the codebook-only --vae): 60 steps
+    of teacher forcing take the student's NLL of held-out teacher samples from ~log V (its
+    near-uniform init) well down towards the teacher's entropy."""
+    from sar_fast.train import Trainer
+    from sar_fast.train.config import parse_config
+    settings = oracle.TeacherSettings(seed=2, schedule=(1, 2, 3, 4), vocab=16, code_dim=4, depth=1, embed_dim=32,
+                                      num_heads=2, head_gain=4.0)
+    data = tmp_path / "data"
+    record = oracle.prepare_data(data, settings, n_train=512, n_heldout=200)
+    assert oracle.prepare_data(data, settings, n_train=512, n_heldout=200) == record  # reused
+    with pytest.raises(ValueError, match="another request"):
+        oracle.prepare_data(data, settings, n_train=256, n_heldout=200)
+    Trainer(parse_config(["--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "60", "--lr", "3e-3",
+                          "--batch-size", "32", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+                          "--ckpt-every", "60", "--keep-last", "1", "--no-progress", "--objective", "tf",
+                          "--pretrain-steps", "0",  # the tiny preset teacher-forces 300 steps first otherwise
+                          *oracle.trainer_flags(str(data / "cache"), str(data / "teacher"), settings.schedule)])).run()
+    m = oracle.evaluate_student(tmp_path / "run" / "export.pth", data, seed=3, n_samples=100, gap_rows=50)
+    assert abs(m["teacher_entropy"] - record["teacher_entropy"]["per_token"]) < 0.1
+    assert m["teacher_entropy"] < m["coverage_nll"] < math.log(16) - 0.3, m
+    assert m["coverage_nll"] - m["teacher_entropy"] < (math.log(16) - m["teacher_entropy"]) / 2, m
+    assert abs(sum(c * s * s for c, s in zip(m["coverage_per_scale"], settings.schedule)) / 30
+               - m["coverage_nll"]) < 1e-9
+    assert len(m["gap_sample_per_scale"]) == len(settings.schedule) - 1
+    # precision: the student's samples are likelier under the teacher than uniform random codes
+    teacher = oracle.load_teacher(data / "teacher")
+    labels = oracle.balanced_labels(100, 10)
+    noise = torch.randint(0, 16, (100, 30), generator=torch.Generator().manual_seed(0))
+    uniform = float(oracle.sequence_nll(teacher.model, labels, noise, teacher.codebook, teacher.schedule).mean()) / 30
+    assert m["teacher_entropy"] < m["precision_nll"] < uniform - 0.3, (m, uniform)
+
+
+def test_codebook_tokenizer_is_refused_where_images_are_needed(tmp_path):
+    from sar_fast.train.config import parse_config
+    teacher = oracle.make_teacher(0, **TINY)
+    oracle.save_teacher(teacher, tmp_path / "t")
+    book = str(tmp_path / "t" / oracle.CODEBOOK_FILE)
+    with pytest.raises(SystemExit, match="codebook-only"):  # no --cache: the digits would need encoding
+        parse_config(["--vae", book, "--max-steps", "1", "--out", str(tmp_path / "run"), "--num-samples", "0"])
+    labels, codes = oracle.teacher_samples(teacher, 8, seed=0)
+    oracle.write_code_cache(tmp_path / "cache", labels, codes, str(tmp_path / "t"), teacher.schedule, 10)
+    with pytest.raises(SystemExit, match="num-samples 0"):  # sample grids need a decoder
+        parse_config(["--cache", str(tmp_path / "cache"), "--vae", book, "--max-steps", "1",
+                      "--out", str(tmp_path / "run")])
