@@ -44,7 +44,7 @@ from ..models.generate import generate
 from ..models.tokenizers import build_tokenizer
 from ..models.tokenizers.codebook import save_codebook, unit_codebook
 from ..models.transformer import ScaleAR, preset_config
-from ..schedules import scale_offsets, total_length, validate_schedule
+from ..schedules import Schedule, scale_offsets, total_length
 
 ORACLE_SCHEDULE = (1, 2, 3, 4, 6, 8, 12)  # 7 scales, 274 tokens
 MODEL_FILE, CODEBOOK_FILE, SETTINGS_FILE = "model.safetensors", "codebook.safetensors", "teacher.json"
@@ -75,7 +75,7 @@ class TeacherSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        schedule = validate_schedule(self.schedule, name="schedule")
+        schedule = Schedule(self.schedule, name="schedule")
         if schedule[0] != 1:
             raise ValueError(f"schedule must start with the 1x1 scale, got {schedule}")
         return TeacherSettings(**{**asdict(self), "schedule": schedule})
@@ -273,7 +273,7 @@ def write_code_cache(out: str | os.PathLike, labels: torch.Tensor, codes: torch.
     teacher's codebook file, so `python -m sar_fast.train --cache OUT --vae
     TEACHER/codebook.safetensors` trains on them. Returns the manifest."""
     from ..data.codes import CACHE_FORMAT, check_code_cache
-    schedule = validate_schedule(schedule, name="schedule")
+    schedule = Schedule(schedule, name="schedule")
     book_path = os.path.abspath(os.path.join(os.fspath(teacher_folder), CODEBOOK_FILE))
     if not os.path.isfile(book_path):
         raise FileNotFoundError(f"no teacher codebook at {book_path} (save_teacher writes it)")
@@ -308,7 +308,7 @@ def write_code_cache(out: str | os.PathLike, labels: torch.Tensor, codes: torch.
 def trainer_flags(cache: str, teacher_folder: str, schedule: Sequence[int]) -> list[str]:
     """The sar_fast.train flags that train on a cache of teacher samples."""
     return ["--cache", os.fspath(cache), "--vae", os.path.join(os.fspath(teacher_folder), CODEBOOK_FILE),
-            "--schedule", ",".join(str(s) for s in validate_schedule(schedule)), "--num-samples", "0",
+            "--schedule", ",".join(str(s) for s in Schedule(schedule)), "--num-samples", "0",
             "--workers", "0"]
 
 
