@@ -67,6 +67,7 @@ void nearest_rows_cpu(const at::Tensor& rows, const at::Tensor& row_norms,
 void embed_upsample_cpu(const at::Tensor& codes, const at::Tensor& raw_book, int64_t side,
                         bool upsample, const at::Tensor& target, const at::Tensor* rest);
 
+// deliberate repeat: each CPU primitive above has a CUDA twin with the same signature.
 #ifdef SAR_FAST_WITH_CUDA
 void area_pool_rows_cuda(const at::Tensor& z, const std::vector<int64_t>& sides,
                          const std::vector<int64_t>& offsets, int64_t total_len, at::Tensor& out);
