@@ -43,7 +43,7 @@ from .models.generate import PRESETS, generate
 from .models.tokenizers.grey import EMBEDDED
 from .rng import image_identity, image_uniforms
 from .sampling import CFG_RAMPS
-from .schedules import parse_schedule
+from .schedules import Schedule, parse_schedule
 from . import files
 
 SAR_CFG_BY_DEPTH = {16: 2.2, 20: 2.6, 24: 3.3}
@@ -176,7 +176,7 @@ def resolve_settings(args, model, tokenizer_spec: str) -> tuple[str, dict]:
 def sample_shard(model, tok, settings: SamplingSettings, indices: np.ndarray, batch_size: int,
                  device: torch.device, autocast_dtype, meter: RateMeter) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [n, H, W, 3], labels [n]) of the given image indices of the set."""
-    num_tokens = sum(s * s for s in settings.schedule)
+    num_tokens = Schedule(settings.schedule).total
     codebook = tok.codebook().to(device)
     images, labels = [], []
     for start in range(0, len(indices), batch_size):

@@ -44,7 +44,7 @@ from ..models.generate import generate
 from ..models.tokenizers import build_tokenizer
 from ..models.tokenizers.codebook import save_codebook, unit_codebook
 from ..models.transformer import ScaleAR, preset_config
-from ..schedules import Schedule, scale_offsets, total_length
+from ..schedules import Schedule
 
 ORACLE_SCHEDULE = (1, 2, 3, 4, 6, 8, 12)  # 7 scales, 274 tokens
 MODEL_FILE, CODEBOOK_FILE, SETTINGS_FILE = "model.safetensors", "codebook.safetensors", "teacher.json"
@@ -168,7 +168,7 @@ def model_samples(model: ScaleAR, codebook: torch.Tensor, schedule: Sequence[int
     _check_count("seed", seed, 0)
     _check_count("batch", batch, 1)
     schedule = model.check_schedule(schedule)
-    gen, length, out = torch.Generator().manual_seed(seed), total_length(schedule), []
+    gen, length, out = torch.Generator().manual_seed(seed), Schedule(schedule).total, []
     for start in range(0, labels.shape[0], batch):
         part = labels[start:start + batch]
         uniforms = torch.rand(part.shape[0], length, generator=gen, dtype=torch.float64)
@@ -188,8 +188,8 @@ def _check_codes(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, sche
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise ValueError(f"labels must be an int tensor [B], got {getattr(labels, 'shape', type(labels).__name__)}")
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point() \
-            or codes.shape != (labels.shape[0], total_length(schedule)):
-        raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {total_length(schedule)}] (one row per "
+            or codes.shape != (labels.shape[0], Schedule(schedule).total):
+        raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {Schedule(schedule).total}] (one row per "
                          f"label, the tokens of schedule {list(schedule)}), got "
                          f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= model.vocab_size):
@@ -241,7 +241,7 @@ def mean_token_entropy(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor
     finally:
         model.train(was_training)
     h = -(logp.exp() * logp).sum(-1)
-    off = scale_offsets(schedule)
+    off = Schedule(schedule).offsets
     return {"per_token": float(h.mean()), "per_scale": [float(h[:, off[i]:off[i + 1]].mean())
                                                         for i in range(len(schedule))]}
 
@@ -254,7 +254,7 @@ def oracle_metrics(teacher: Teacher, student: ScaleAR, heldout: tuple[torch.Tens
     'teacher_entropy', the teacher's NLL of the held-out samples (the floor of both, in
     expectation)."""
     labels, codes = heldout
-    length, off = total_length(teacher.schedule), scale_offsets(teacher.schedule)
+    length, off = Schedule(teacher.schedule).total, Schedule(teacher.schedule).offsets
     own_labels = balanced_labels(n, teacher.settings.num_classes)
     own = model_samples(student, teacher.codebook, teacher.schedule, own_labels, seed, cfg=cfg, top_k=top_k,
                         top_p=top_p)
@@ -281,8 +281,8 @@ def write_code_cache(out: str | os.PathLike, labels: torch.Tensor, codes: torch.
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise ValueError("labels must be an int tensor [N]")
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point() \
-            or codes.shape != (labels.shape[0], total_length(schedule)):
-        raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {total_length(schedule)}]")
+            or codes.shape != (labels.shape[0], Schedule(schedule).total):
+        raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {Schedule(schedule).total}]")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= tok.vocab_size):
         raise ValueError(f"codes must lie in [0, {tok.vocab_size}) (the teacher codebook's size)")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -295,7 +295,7 @@ def write_code_cache(out: str | os.PathLike, labels: torch.Tensor, codes: torch.
         os.remove(manifest_path)
     np.save(os.path.join(out, "labels.npy"), labels.numpy().astype(np.int64))
     np.save(os.path.join(out, "codes.npy"), codes.numpy().astype(dtype)[:, None, :])  # one view
-    manifest = dict(format=CACHE_FORMAT, schedule=list(schedule), seq_len=total_length(schedule),
+    manifest = dict(format=CACHE_FORMAT, schedule=list(schedule), seq_len=Schedule(schedule).total,
                     num_samples=int(labels.shape[0]), done=int(labels.shape[0]), views=1, dtype=dtype,
                     classes=[f"class_{c}" for c in range(num_classes)], vocab_size=int(tok.vocab_size),
                     quant_mode=tok.mode, tokenizer_path=book_path, tokenizer_class=type(tok).__name__,
