@@ -23,7 +23,7 @@ def test_backend_switch_env_and_override(monkeypatch):
 
 
 def test_triton_is_no_backend_name():
-    """'kernel' names the op's kernel, Triton or extension alike; the old name is refused."""
+    """'kernel' names the op's kernel, Triton or extension alike; 'triton' is not a backend."""
     with pytest.raises(ValueError, match="backend must be one of auto, kernel, reference; got 'triton'"):
         ops.set_backend("triton")
     assert "triton" not in ops.BACKENDS

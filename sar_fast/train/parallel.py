@@ -286,7 +286,7 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
     tests/test_torch_compile.py), exactly dynamo's default limit, after which it would run
     the block eagerly for the rest of the run, saying so once in a log line; the end-of-run
     sample grids (eval mode, KV cache) need more. So the limit is raised for the blocks.
-    (dynamic=True from the first call was tried: the attention then graph-breaks, 16 graphs.)"""
+    Not dynamic=True from the first call: the attention then graph-breaks (16 graphs)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     block.compile(backend=backend)
 
