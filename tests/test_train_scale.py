@@ -224,7 +224,7 @@ def test_resume_auto_is_rank_zeros_choice(tmp_path):
         "info = parallel.DistInfo(r, 2, r, None)\n"
         "p = checkpointing.resolve_resume_everywhere('auto', root, info)\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{r}}'), 'w').write(p)\n"
-        "dist.destroy_process_group()\n")
+        "from sar_fast.train import parallel as _p; _p.shutdown(); _p.exit_process(0)\n")
     res = _torchrun_script(script, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     answers = {(tmp_path / f"out{r}").read_text() for r in range(2)}
@@ -305,7 +305,7 @@ def test_init_is_read_by_rank_zero_only(tmp_path):
         f"ref = torch.load({str(tmp_path / 'init.pth')!r}, weights_only=True)\n"
         "ok = all(torch.equal(full[k], ref[k]) for k in full)\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([len(reads), ok]))\n"
-        "dist.destroy_process_group()\n")
+        "from sar_fast.train import parallel as _p; _p.shutdown(); _p.exit_process(0)\n")
     res = _torchrun_script(script, timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"out{r}").read_text()) for r in range(2))
@@ -335,7 +335,7 @@ def test_collective_timeout_shortens_after_the_first_step(tmp_path):
         "start = timeout()\n"
         "t.run()\n"
         f"open(os.path.join({str(tmp_path)!r}, f'out{{t.info.rank}}'), 'w').write(json.dumps([start, seen]))\n"
-        "dist.destroy_process_group()\n")
+        "from sar_fast.train import parallel as _p; _p.shutdown(); _p.exit_process(0)\n")
     res = _torchrun_script(script, timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "out0").read_text()) == [999.0, [77.0]]

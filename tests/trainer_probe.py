@@ -20,7 +20,6 @@ import sys
 import traceback
 
 import torch
-import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -102,7 +101,8 @@ def main():
             torch.save(params, args.params)
         with open(args.json, "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    parallel.shutdown(clean=True)
+    parallel.exit_process(0)  # past gloo's teardown race at interpreter exit (see exit_process)
 
 
 if __name__ == "__main__":
