@@ -16,7 +16,7 @@ import torch
 from ..data.digits import DIGITS_SCHEDULE
 from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
-from .design import BASE_SEED, CONTROL, FULL, QUICK, StudySize, _read_json, arms, result_path
+from .design import BASE_SEED, CONTROL, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
 from .report import report
 from . import __doc__ as _STUDY_DOC  # the command's help is the package's docstring
 
@@ -164,15 +164,51 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def run_pool(run, out: str, size, todo: list[tuple[str, int]], workers: int, threads: int, describe) -> list:
+    """`run(out, size, arm, seed, threads)` for every (arm, seed) of `todo` on `workers`
+    processes, a progress line per finished run (`describe(result)` its numbers); returns
+    the failed runs as (arm, seed, error) (the others' results are worth having)."""
+    arms_start, failed = time.perf_counter(), []
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: no forked torch threads or process group
+    with futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(threads,)) as pool:
+        jobs = {pool.submit(run, out, size, arm, s, threads): (arm, s) for arm, s in todo}
+        for k, job in enumerate(futures.as_completed(jobs), 1):
+            arm, s = jobs[job]
+            elapsed = time.perf_counter() - arms_start
+            eta = elapsed / k * (len(todo) - k)
+            try:
+                r = job.result()
+            except Exception as e:  # keep going: the other runs' results are worth having
+                failed.append((arm, s, repr(e)))
+                print(f"[study] {k}/{len(todo)} {arm} seed {s} FAILED: {e!r}", file=sys.stderr, flush=True)
+                continue
+            print(f"[study] {k}/{len(todo)} {arm} seed {s}: {describe(r)} (train {r['train_s']:.0f}s); elapsed "
+                  f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    return failed
+
+
+def failed_runs(failed: list) -> None:
+    """Exit with an error naming every failed (arm, seed), when there are any."""
+    if failed:
+        raise SystemExit(f"error: {len(failed)} (arm, seed) runs failed (the table leaves them out; rerun the "
+                         f"same command to retry them): " + "; ".join(f"{a} seed {s}: {e}" for a, s, e in failed))
+
+
 # ------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sar_fast.study", description=_STUDY_DOC.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="study directory (base/, results/, study.md/.json/.png); a rerun "
                                                 "with the same directory skips the finished (arm, seed) runs")
+    p.add_argument("--suite", default="digits", choices=("digits", "oracle"),
+                   help="digits: the embedded digits and their grey tokenizer (Fréchet distance, TF NLL); oracle: "
+                        "a frozen random teacher whose likelihood is exact (precision and coverage NLL; "
+                        "docs/study.md)")
     p.add_argument("--quick", action="store_true", help="a pipeline check (about a minute on 2 quiet cores): "
                                                         "tiny model, a few steps, 2 seeds; its numbers mean nothing")
-    p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (" + ", ".join(arms()) + ")")
+    p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (digits: " + ", ".join(arms())
+                   + "; oracle: " + ", ".join(ORACLE_ARMS) + ")")
     p.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="seeds per arm (default: 5, --quick 2)")
     p.add_argument("--workers", type=int, default=2, help="(arm, seed) runs in parallel, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -192,63 +228,61 @@ def check_out(out: str) -> None:
         raise InputError(f"error: --out {describe_folder(out)}; expected a study directory (created when missing)")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    check_out(args.out)
-    size = QUICK if args.quick else FULL
-    if "seeds" in vars(args):
-        if args.seeds < 2:
-            raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
-        size = dataclasses.replace(size, seeds=args.seeds)
-    if args.workers < 1 or args.threads < 1:
-        raise SystemExit("error: --workers and --threads must be >= 1")
-    names = list(arms()) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(names) - set(arms()))
+def arm_names(text: str, known: dict) -> list[str]:
+    """The --arms selection among `known` (the suite's arms), the control first when missing."""
+    names = list(known) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise SystemExit(f"error: --arms: unknown {unknown}; known: {', '.join(arms())}")
+        raise SystemExit(f"error: --arms: unknown {unknown}; known: {', '.join(known)}")
     if CONTROL not in names:
         names.insert(0, CONTROL)  # every comparison is against it
-    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads * args.workers)  # the base is one run: give it every core
-    base = run_base(args.out, size)
-    todo, done, base_id = [], 0, base_sha256(args.out)
-    for s in range(1, size.seeds + 1):  # seed-major: an interrupted study leaves whole seeds to compare
+    return names
+
+
+def pending(out: str, names: list[str], seeds: int, key: str, base_id: str) -> tuple[list[tuple[str, int]], int]:
+    """(the (arm, seed) runs without a result, the number with one); a result of another
+    study size or base is refused, never mixed in."""
+    todo, done = [], 0
+    for s in range(1, seeds + 1):  # seed-major: an interrupted study leaves whole seeds to compare
         for arm in names:
-            r = _read_json(result_path(args.out, arm, s))
-            if r is not None and (r.get("key"), r.get("base_sha256")) != (size.key(), base_id):
-                raise SystemExit(f"error: {result_path(args.out, arm, s)} is from a study of another size or "
+            r = _read_json(result_path(out, arm, s))
+            if r is not None and (r.get("key"), r.get("base_sha256")) != (key, base_id):
+                raise SystemExit(f"error: {result_path(out, arm, s)} is from a study of another size or "
                                  "another base; use another --out")
             if r is None:
                 todo.append((arm, s))
             else:
                 done += 1
+    return todo, done
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    check_out(args.out)
+    if "seeds" in vars(args) and args.seeds < 2:
+        raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit("error: --workers and --threads must be >= 1")
+    if args.suite == "oracle":
+        from .oracle_suite import run_suite
+        return run_suite(args)
+    size = QUICK if args.quick else FULL
+    if "seeds" in vars(args):
+        size = dataclasses.replace(size, seeds=args.seeds)
+    names = arm_names(args.arms, arms())
+    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
+    start = time.perf_counter()
+    torch.set_num_threads(args.threads * args.workers)  # the base is one run: give it every core
+    base = run_base(args.out, size)
+    todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
     print(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
           f"{len(todo)} to run on {args.workers} workers", file=sys.stderr, flush=True)
-    arms_start, failed = time.perf_counter(), []
-    ctx = multiprocessing.get_context("spawn")  # fresh processes: no forked torch threads or process group
-    with futures.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(args.threads,)) as pool:
-        jobs = {pool.submit(run_arm, args.out, size, arm, s, args.threads): (arm, s) for arm, s in todo}
-        for k, job in enumerate(futures.as_completed(jobs), 1):
-            arm, s = jobs[job]
-            elapsed = time.perf_counter() - arms_start
-            eta = elapsed / k * (len(todo) - k)
-            try:
-                r = job.result()
-            except Exception as e:  # keep going: the other runs' results are worth having
-                failed.append((arm, s, repr(e)))
-                print(f"[study] {k}/{len(todo)} {arm} seed {s} FAILED: {e!r}", file=sys.stderr, flush=True)
-                continue
-            print(f"[study] {k}/{len(todo)} {arm} seed {s}: Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, "
-                  f"gap {r['gap_sample']:+.4f} (train {r['train_s']:.0f}s); elapsed {elapsed / 60:.1f} min, "
-                  f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
+                      lambda r: f"Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, gap {r['gap_sample']:+.4f}")
     summary = report(args.out, size, names)
     summary["wall_s"] = time.perf_counter() - start
     print(open(os.path.join(args.out, "study.md")).read())
     print(f"[study] {len(names)} arms x {size.seeds} seeds in {summary['wall_s'] / 60:.1f} min; "
           f"wrote {args.out}/study.md, study.json, study.png", file=sys.stderr)
-    if failed:
-        raise SystemExit(f"error: {len(failed)} (arm, seed) runs failed (the table leaves them out; rerun the "
-                         f"same command to retry them): " + "; ".join(f"{a} seed {s}: {e}" for a, s, e in failed))
+    failed_runs(failed)
     return summary
