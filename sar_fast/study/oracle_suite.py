@@ -25,7 +25,7 @@ from ..files import write_json_atomic
 from . import oracle
 from .design import BASE_SEED, ORACLE_FULL, ORACLE_QUICK, OracleSize, _read_json, oracle_arms, result_path
 from .oracle_report import report
-from .runner import _log, _train, arm_names, base_sha256, failed_runs, pending, run_pool
+from .jobs import arm_names, base_sha256, failed_runs, log_line, pending, run_pool, train_once
 
 PLATEAU = 0.99  # the base stops when a chunk leaves its coverage NLL above 99% of the best so far
 
@@ -80,7 +80,7 @@ def _evaluate(export: str, out: str, size: OracleSize, seed: int) -> dict:
     return oracle.evaluate_student(export, data_dir(out), seed, size.n_samples, size.gap_rows)
 
 
-def run_base(out: str, size: OracleSize, log=_log) -> dict:
+def run_base(out: str, size: OracleSize, log=log_line) -> dict:
     """Teacher forcing from scratch in chunks of base_chunk steps, held-out coverage NLL after
     each, until a chunk improves it by less than 1% (or base_steps). Resumable: the trainer
     resumes its own checkpoint, and the curve is kept in base/curve.json."""
@@ -93,7 +93,7 @@ def run_base(out: str, size: OracleSize, log=_log) -> dict:
     export = os.path.join(base_dir, "export.pth")
     while not state["done"]:
         steps = (len(state["curve"]) + 1) * size.base_chunk
-        _train(_trainer_config(out, base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
+        train_once(_trainer_config(out, base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
                                dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk))
         nll = coverage_nll(export, out)
         state["curve"].append({"step": steps, "coverage_nll": nll})
@@ -116,7 +116,7 @@ def run_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -
     cfg = _trainer_config(out, run_dir, size, seed, size.arm_steps, size.arm_lr, size.arm_warmup,
                           oracle_arms()[arm], os.path.join(out, "base", "export.pth"), progress=False,
                           ckpt_every=size.arm_steps)
-    train_s = _train(cfg)
+    train_s = train_once(cfg)
     start = time.perf_counter()
     metrics = _evaluate(os.path.join(run_dir, "export.pth"), out, size, seed)
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
@@ -140,11 +140,11 @@ def run_suite(args) -> dict:
     start = time.perf_counter()
     torch.set_num_threads(args.threads * args.workers)  # data and base are one process: give them every core
     record = prepare(args.out, size)
-    _log(f"[study] oracle data in {data_dir(args.out)}: teacher entropy "
+    log_line(f"[study] oracle data in {data_dir(args.out)}: teacher entropy "
          f"{record['teacher_entropy']['per_token']:.4f} nats/token")
     base = run_base(args.out, size)
     todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
-    _log(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
+    log_line(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
          f"{len(todo)} to run on {args.workers} workers")
     failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
                       lambda r: f"precision NLL {r['precision_nll']:.4f}, coverage NLL {r['coverage_nll']:.4f}, "

@@ -1,11 +1,10 @@
-"""Training and evaluating the study's base and arms (resumable per result file) and the
-command line; the design is in sar_fast/study/__init__.py."""
+"""Training and evaluating the digits suite's base and arms (resumable per result file) and the
+command line of both suites (`--suite oracle`: oracle_suite.py); the design is in
+sar_fast/study/__init__.py."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import dataclasses
-import multiprocessing
 import os
 import shutil
 import sys
@@ -16,7 +15,8 @@ import torch
 from ..data.digits import DIGITS_SCHEDULE
 from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
-from .design import BASE_SEED, CONTROL, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
+from .design import BASE_SEED, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
+from .jobs import arm_names, base_sha256, failed_runs, log_line, pending, run_pool, train_once
 from .report import report
 from . import __doc__ as _STUDY_DOC  # the command's help is the package's docstring
 
@@ -33,14 +33,6 @@ def _trainer_config(out: str, size: StudySize, seed: int, max_steps: int, lr: fl
     else:
         flags["init"] = init
     return resolve(PRESETS["tiny"], flags)
-
-
-def _train(cfg) -> float:
-    """One Trainer run in this process (a 1-rank group); its wall seconds."""
-    from ..train import Trainer
-    start = time.perf_counter()
-    Trainer(cfg).run()
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -102,11 +94,7 @@ def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ the base
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def run_base(out: str, size: StudySize, log=_log) -> dict:
+def run_base(out: str, size: StudySize, log=log_line) -> dict:
     """Teacher forcing from scratch in chunks of base_chunk steps, held-out NLL after each,
     until the NLL improves by less than 1% over a chunk (or base_steps). Resumable: the
     trainer resumes its own checkpoint, and the curve is kept in base/curve.json."""
@@ -121,7 +109,7 @@ def run_base(out: str, size: StudySize, log=_log) -> dict:
         steps = (len(state["curve"]) + 1) * size.base_chunk
         cfg = _trainer_config(base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
                               dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk)
-        _train(cfg)
+        train_once(cfg)
         nll = heldout_nll(export)
         state["curve"].append({"step": steps, "nll": nll})
         log(f"[study] base step {steps}: held-out TF NLL {nll:.4f}")
@@ -135,11 +123,6 @@ def run_base(out: str, size: StudySize, log=_log) -> dict:
     return state
 
 
-def base_sha256(out: str) -> str:
-    from ..data.codes import file_sha256
-    return file_sha256(os.path.join(out, "base", "export.pth"))
-
-
 def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) -> dict:
     """Train arm `arm` with seed `seed` from the base, evaluate, write its JSON; returns it."""
     torch.set_num_threads(threads)
@@ -148,7 +131,7 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run restarts: no mixed optimiser state
     cfg = _trainer_config(run_dir, size, seed, size.arm_steps, size.arm_lr, size.arm_warmup, objective,
                           os.path.join(out, "base", "export.pth"), progress=False, ckpt_every=size.arm_steps)
-    train_s = _train(cfg)
+    train_s = train_once(cfg)
     start = time.perf_counter()
     metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
@@ -158,41 +141,6 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     write_json_atomic(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
     return result
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def run_pool(run, out: str, size, todo: list[tuple[str, int]], workers: int, threads: int, describe) -> list:
-    """`run(out, size, arm, seed, threads)` for every (arm, seed) of `todo` on `workers`
-    processes, a progress line per finished run (`describe(result)` its numbers); returns
-    the failed runs as (arm, seed, error) (the others' results are worth having)."""
-    arms_start, failed = time.perf_counter(), []
-    ctx = multiprocessing.get_context("spawn")  # fresh processes: no forked torch threads or process group
-    with futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
-        jobs = {pool.submit(run, out, size, arm, s, threads): (arm, s) for arm, s in todo}
-        for k, job in enumerate(futures.as_completed(jobs), 1):
-            arm, s = jobs[job]
-            elapsed = time.perf_counter() - arms_start
-            eta = elapsed / k * (len(todo) - k)
-            try:
-                r = job.result()
-            except Exception as e:  # keep going: the other runs' results are worth having
-                failed.append((arm, s, repr(e)))
-                print(f"[study] {k}/{len(todo)} {arm} seed {s} FAILED: {e!r}", file=sys.stderr, flush=True)
-                continue
-            print(f"[study] {k}/{len(todo)} {arm} seed {s}: {describe(r)} (train {r['train_s']:.0f}s); elapsed "
-                  f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
-    return failed
-
-
-def failed_runs(failed: list) -> None:
-    """Exit with an error naming every failed (arm, seed), when there are any."""
-    if failed:
-        raise SystemExit(f"error: {len(failed)} (arm, seed) runs failed (the table leaves them out; rerun the "
-                         f"same command to retry them): " + "; ".join(f"{a} seed {s}: {e}" for a, s, e in failed))
 
 
 # ------------------------------------------------------------------------------ command line
@@ -226,34 +174,6 @@ def check_out(out: str) -> None:
     if os.path.isdir(out) and (os.path.isfile(os.path.join(out, "COMPLETE"))
                                or os.path.isdir(os.path.join(out, "checkpoints"))):
         raise InputError(f"error: --out {describe_folder(out)}; expected a study directory (created when missing)")
-
-
-def arm_names(text: str, known: dict) -> list[str]:
-    """The --arms selection among `known` (the suite's arms), the control first when missing."""
-    names = list(known) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise SystemExit(f"error: --arms: unknown {unknown}; known: {', '.join(known)}")
-    if CONTROL not in names:
-        names.insert(0, CONTROL)  # every comparison is against it
-    return names
-
-
-def pending(out: str, names: list[str], seeds: int, key: str, base_id: str) -> tuple[list[tuple[str, int]], int]:
-    """(the (arm, seed) runs without a result, the number with one); a result of another
-    study size or base is refused, never mixed in."""
-    todo, done = [], 0
-    for s in range(1, seeds + 1):  # seed-major: an interrupted study leaves whole seeds to compare
-        for arm in names:
-            r = _read_json(result_path(out, arm, s))
-            if r is not None and (r.get("key"), r.get("base_sha256")) != (key, base_id):
-                raise SystemExit(f"error: {result_path(out, arm, s)} is from a study of another size or "
-                                 "another base; use another --out")
-            if r is None:
-                todo.append((arm, s))
-            else:
-                done += 1
-    return todo, done
 
 
 def main(argv: list[str] | None = None) -> dict:
