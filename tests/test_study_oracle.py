@@ -232,11 +232,19 @@ def test_oracle_suite_quick_pipeline_resume_and_refusals(tmp_path):
         assert again[m] == pytest.approx(first[m], rel=1e-5)  # same seed, same run
 
     proc = _study(out)  # the full size in a quick study's folder: refused before any work
-    assert proc.returncode != 0 and "another request" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "another study or size" in proc.stderr, proc.stderr[-2000:]
+    from sar_fast.study import oracle_suite
+    with pytest.raises(SystemExit, match="another request"):  # and its data would be too
+        oracle_suite.prepare(str(out), design.ORACLE_FULL)
     tf1 = json.loads((out / "results" / "tf__seed1.json").read_text())
     (out / "results" / "tf__seed1.json").write_text(json.dumps({**tf1, "key": "0" * 16}))
     proc = _study(out, "--quick")  # a result of another size is refused, never mixed in
     assert proc.returncode != 0 and "another size" in proc.stderr, proc.stderr[-2000:]
+    other = tmp_path / "digits"  # a digits study's folder: refused before any data are made
+    (other / "base").mkdir(parents=True)
+    (other / "base" / "curve.json").write_text(json.dumps({"key": design.QUICK.key(), "curve": [], "done": False}))
+    proc = _study(other, "--quick")
+    assert proc.returncode != 0 and "another study" in proc.stderr and not (other / "data").exists(), proc.stderr
 
 
 def _oracle_result(arm: str, i: int, shift: list, tf_values: dict) -> dict:

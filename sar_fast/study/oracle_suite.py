@@ -80,21 +80,27 @@ def _evaluate(export: str, out: str, size: OracleSize, seed: int) -> dict:
     return oracle.evaluate_student(export, data_dir(out), seed, size.n_samples, size.gap_rows)
 
 
+def base_state(out: str, size: OracleSize) -> dict:
+    """The base's curve so far (out/base/curve.json; empty when none); a base of another
+    study (a digits study, another size) is refused."""
+    state = _read_json(os.path.join(out, "base", "curve.json")) or {"key": size.key(), "curve": [], "done": False}
+    if state.get("key") != size.key():
+        raise SystemExit(f"error: {os.path.join(out, 'base')} holds a base of another study or size; use another --out")
+    return state
+
+
 def run_base(out: str, size: OracleSize, log=log_line) -> dict:
     """Teacher forcing from scratch in chunks of base_chunk steps, held-out coverage NLL after
     each, until a chunk improves it by less than 1% (or base_steps). Resumable: the trainer
     resumes its own checkpoint, and the curve is kept in base/curve.json."""
-    base_dir = os.path.join(out, "base")
-    curve_path = os.path.join(base_dir, "curve.json")
-    state = _read_json(curve_path) or {"key": size.key(), "curve": [], "done": False}
-    if state["key"] != size.key():
-        raise SystemExit(f"error: {base_dir} holds a base of another study size; use another --out")
+    base_dir, curve_path = os.path.join(out, "base"), os.path.join(out, "base", "curve.json")
+    state = base_state(out, size)
     os.makedirs(base_dir, exist_ok=True)
     export = os.path.join(base_dir, "export.pth")
     while not state["done"]:
         steps = (len(state["curve"]) + 1) * size.base_chunk
         train_once(_trainer_config(out, base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
-                               dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk))
+                                   dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk))
         nll = coverage_nll(export, out)
         state["curve"].append({"step": steps, "coverage_nll": nll})
         log(f"[study] base step {steps}: held-out coverage NLL {nll:.4f}")
@@ -139,6 +145,7 @@ def run_suite(args) -> dict:
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     start = time.perf_counter()
     torch.set_num_threads(args.threads * args.workers)  # data and base are one process: give them every core
+    base_state(args.out, size)  # another study's folder is refused before the data are made
     record = prepare(args.out, size)
     log_line(f"[study] oracle data in {data_dir(args.out)}: teacher entropy "
          f"{record['teacher_entropy']['per_token']:.4f} nats/token")
