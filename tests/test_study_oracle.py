@@ -4,6 +4,7 @@ frequencies match them), determinism by seed, the codebook-only tokenizer, and a
 trained on teacher samples through the real trainer path."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,129 @@ def test_codebook_tokenizer_is_refused_where_images_are_needed(tmp_path):
     with pytest.raises(SystemExit, match="num-samples 0"):  # sample grids need a decoder
         parse_config(["--cache", str(tmp_path / "cache"), "--vae", book, "--max-steps", "1",
                       "--out", str(tmp_path / "run")])
+
+
+# ------------------------------------------------------------------ the suite (python -m sar_fast.study --suite oracle)
+def _study(out, *extra):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU reference ops: no interpreter
+    return subprocess.run([sys.executable, "-m", "sar_fast.study", "--suite", "oracle", "--out", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_oracle_suite_quick_pipeline_resume_and_refusals(tmp_path):
+    """`--suite oracle --quick` end to end (the pipeline and the table's shape, never its
+    numbers), then a rerun that trains only the missing result and reuses data and base, and
+    the refusals of another size's data and results."""
+    import json
+    import os
+    from sar_fast.metrics.stats import VERDICTS
+    from sar_fast.study import design, oracle_report
+    out = tmp_path / "study"
+    proc = _study(out, "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["suite"] == "oracle" and summary["key"] == design.ORACLE_QUICK.key()
+    assert list(summary["arms"]) == list(design.ORACLE_ARMS)
+    schedule = design.ORACLE_QUICK.teacher.schedule
+    for arm, row in summary["arms"].items():
+        assert row["seeds"] == [1, 2]
+        assert all(np.isfinite(row[m]["mean"]) for m in oracle_report.METRICS)
+        assert len(row["coverage_per_scale"]) == len(schedule) and len(row["gap_sample_per_scale"]) == len(schedule) - 1
+        if arm != "tf":
+            for d in row["vs_tf"].values():
+                assert d["t"]["n"] == 2 and d["t"]["low"] <= d["t"]["mean"] <= d["t"]["high"]
+                assert d["bootstrap"]["mean"] == pytest.approx(d["t"]["mean"])
+    claims = summary["claims"]
+    assert len(claims) == (5 + 1) * 2  # (SAR arms + sf_full) x (precision, coverage)
+    assert all(c["verdict"] in VERDICTS for c in claims)
+    table = (out / "study.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 7) + (1 + 6) + (1 + 12)
+    assert len(list((out / "results").glob("*.json"))) == 14
+    first = json.loads((out / "results" / "sf_full__seed2.json").read_text())
+    assert first["steps"] == design.ORACLE_QUICK.arm_steps and first["objective"]["objective"] == "sf_full"
+    data_stamp = os.stat(out / "data" / "data.json").st_mtime_ns, os.stat(out / "base" / "export.pth").st_mtime_ns
+
+    os.remove(out / "results" / "sf_full__seed2.json")  # resume: a rerun trains only what is missing
+    proc = _study(out, "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "13 (arm, seed) results found, 1 to run" in proc.stderr
+    assert (os.stat(out / "data" / "data.json").st_mtime_ns, os.stat(out / "base" / "export.pth").st_mtime_ns) \
+        == data_stamp  # data and base reused, not redone
+    again = json.loads((out / "results" / "sf_full__seed2.json").read_text())
+    for m in ("precision_nll", "coverage_nll", "gap_sample"):
+        assert again[m] == pytest.approx(first[m], rel=1e-5)  # same seed, same run
+
+    proc = _study(out)  # the full size in a quick study's folder: refused before any work
+    assert proc.returncode != 0 and "another study or size" in proc.stderr, proc.stderr[-2000:]
+    from sar_fast.study import oracle_suite
+    with pytest.raises(SystemExit, match="another request"):  # and its data would be too
+        oracle_suite.prepare(str(out), design.ORACLE_FULL)
+    tf1 = json.loads((out / "results" / "tf__seed1.json").read_text())
+    (out / "results" / "tf__seed1.json").write_text(json.dumps({**tf1, "key": "0" * 16}))
+    proc = _study(out, "--quick")  # a result of another size is refused, never mixed in
+    assert proc.returncode != 0 and "another size" in proc.stderr, proc.stderr[-2000:]
+    other = tmp_path / "digits"  # a digits study's folder: refused before any data are made
+    (other / "base").mkdir(parents=True)
+    (other / "base" / "curve.json").write_text(json.dumps({"key": design.QUICK.key(), "curve": [], "done": False}))
+    proc = _study(other, "--quick")
+    assert proc.returncode != 0 and "another study" in proc.stderr and not (other / "data").exists(), proc.stderr
+
+
+def _oracle_result(arm: str, i: int, shift: list, tf_values: dict) -> dict:
+    return {"arm": arm, "seed": i + 1, "coverage_per_scale": [1.0] * 3, "gap_sample_per_scale": [0.1] * 2,
+            "gap_argmax_per_scale": [0.1] * 2, "gap_sample": 0.1 + shift[i], "gap_argmax": 0.1,
+            **{m: tf_values[m][i] + shift[i] for m in ("precision_nll", "coverage_nll")}}
+
+
+def _oracle_results(diffs: dict, tf_values: dict) -> list[dict]:
+    """tf's metric values per seed and, per arm, tf's plus the given per-seed differences."""
+    out = []
+    for i in range(5):
+        out.append(_oracle_result("tf", i, [0.0] * 5, tf_values))
+        out += [_oracle_result(arm, i, d, tf_values) for arm, d in diffs.items()]
+    return out
+
+
+def test_oracle_verdicts_on_constructed_results():
+    """A case for each verdict of the rule (sar_fast.metrics.stats), Holm over the claim's
+    arms deciding one of them, and an arm that did not run."""
+    from sar_fast.metrics.stats import VERDICTS, holm, paired_t
+    from sar_fast.study import oracle_report
+    reproduced, opposite, no_effect, unresolved = VERDICTS
+    spread = [0.04, -0.04, 0.08, -0.08, 0.0]
+    diffs = {"sar_published": [-0.5 + 0.01 * k for k in range(5)],               # lower, clearly
+             "sar_all_sample_g0.1": [0.5 + 0.01 * k for k in range(5)],          # higher, clearly
+             "sar_all_sample_g1": [0.01, -0.01, 0.02, -0.02, 0.0],               # ~0, inside the margin
+             "sar_all_cfg_g0.1": [-1.0, 0.9, -0.5, 0.6, -0.25],                  # wide: nothing to say
+             "sar_all_cfg_g1": [-0.1 + s for s in spread],                       # p < 0.05, but not after Holm
+             "sf_full": [0.5 - 0.01 * k for k in range(5)]}                      # SF worse than tf, clearly
+    tf_values = {"precision_nll": [3.0, 3.1, 2.9, 3.05, 2.95], "coverage_nll": [2.0, 2.1, 1.9, 2.05, 1.95]}
+    rows = oracle_report.summarize(_oracle_results(diffs, tf_values))
+    claims = oracle_report.claim_verdicts(rows)
+    want = {"sar_published": reproduced, "sar_all_sample_g0.1": opposite, "sar_all_sample_g1": no_effect,
+            "sar_all_cfg_g0.1": unresolved, "sar_all_cfg_g1": unresolved, "sf_full": reproduced}
+    for metric in ("precision_nll", "coverage_nll"):
+        got = {c["arm"]: c for c in claims if c["metric"] == metric}
+        assert {a: c["verdict"] for a, c in got.items()} == want, metric
+        assert got["sar_all_cfg_g1"]["p"] < 0.05 < got["sar_all_cfg_g1"]["holm_p"]
+        sar = [a for a in want if a != "sf_full"]
+        raw = [paired_t(diffs[a], [0.0] * 5)["p"] for a in sar]  # the differences are exactly these
+        assert [got[a]["holm_p"] for a in sar] == pytest.approx(holm(raw))
+        assert got["sf_full"]["holm_p"] == pytest.approx(got["sf_full"]["p"])  # a claim of one arm
+        assert got["sar_published"]["margin"] == pytest.approx(0.05 * np.mean(tf_values[metric]))
+    del diffs["sf_full"]
+    claims = oracle_report.claim_verdicts(oracle_report.summarize(_oracle_results(diffs, tf_values)))
+    assert {c["verdict"] for c in claims if c["arm"] == "sf_full"} == {oracle_report.NOT_RUN}
+
+
+def test_study_suite_is_checked_by_argparse(capsys):
+    from sar_fast.study import runner
+    with pytest.raises(SystemExit) as e:
+        runner.build_parser().parse_args(["--out", "x", "--suite", "bogus"])
+    assert e.value.code == 2
+    assert "argument --suite: invalid choice: 'bogus'" in capsys.readouterr().err
+    assert runner.build_parser().parse_args(["--out", "x"]).suite == "digits"  # the default keeps its behaviour

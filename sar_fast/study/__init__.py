@@ -19,4 +19,7 @@ same images per seed in every arm: per-image noise as in sar_fast.evaluate). Eac
 written as JSON the moment it exists, so a rerun skips what is done. Then: paired
 differences against tf with a seeded bootstrap interval, a table (study.md, study.json),
 one plot (study.png) and a verdict per claim, given only where the interval excludes 0.
+
+`--suite oracle` runs the same design on a frozen random teacher whose likelihood is exact
+(precision and coverage NLL instead of the digits metrics): sar_fast.study.oracle_suite.
 """

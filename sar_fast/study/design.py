@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from ..sar import OFFICIAL
+from .oracle import TeacherSettings
 
 BASE_SEED = 0
 
@@ -74,6 +75,63 @@ FULL = StudySize(depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=8
 # A pipeline check, not a result: a model too small and runs too short to mean anything.
 QUICK = StudySize(depth=1, embed_dim=32, num_heads=2, batch_size=16, base_steps=8, base_chunk=4, base_lr=1e-3,
                   base_warmup=2, arm_steps=2, arm_lr=3e-4, arm_warmup=1, seeds=2, samples_per_class=2)
+
+
+# ------------------------------------------------------------------------------ the oracle suite
+# The arms of the oracle suite (a frozen random teacher instead of the digits): the control,
+# SAR as published, Eq. 6 with sampled and CFG-sampled inputs at the two gammas that moved the
+# digits numbers, and naive student forcing.
+ORACLE_ARMS = (CONTROL, "sar_published", "sar_all_sample_g0.1", "sar_all_sample_g1", "sar_all_cfg_g0.1",
+               "sar_all_cfg_g1", "sf_full")
+
+
+def oracle_arms() -> dict[str, dict]:
+    """Arm name -> the objective fields it sets: the digits suite's arms of the same names."""
+    every = arms()
+    return {name: every[name] for name in ORACLE_ARMS}
+
+
+@dataclass(frozen=True)
+class OracleSize:
+    """Everything that sizes the oracle suite: the teacher and its data, the student, the
+    base and the arms. All but `seeds` make every result's key, as in StudySize."""
+    teacher: TeacherSettings
+    n_train: int              # teacher sequences in the training code cache
+    n_heldout: int            # held-out teacher sequences: coverage NLL and exposure gaps
+    n_samples: int            # student sequences per evaluation: precision NLL
+    gap_rows: int             # held-out sequences the exposure gaps are measured on
+    depth: int
+    embed_dim: int
+    num_heads: int
+    batch_size: int
+    base_steps: int           # the most teacher-forcing steps of the base
+    base_chunk: int           # held-out coverage NLL after every chunk (the plateau check)
+    base_lr: float
+    base_warmup: int
+    arm_steps: int
+    arm_lr: float
+    arm_warmup: int
+    seeds: int
+
+    def key(self) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"}
+        fields["suite"] = "oracle"  # never equal to a digits study's key
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Proposed from the per-step measurements (docs/study.md, "The oracle suite"): about 60-70 min
+# on 2 quiet CPU cores with 2 workers; not run yet.
+ORACLE_FULL = OracleSize(teacher=TeacherSettings(), n_train=32_768, n_heldout=1_000, n_samples=500, gap_rows=500,
+                         depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=800, base_chunk=100,
+                         base_lr=1e-3, base_warmup=20, arm_steps=120, arm_lr=3e-4, arm_warmup=5, seeds=5)
+
+
+# A pipeline check (a tiny teacher of 4 scales and 16 codes, a few steps): its numbers mean nothing.
+ORACLE_QUICK = OracleSize(teacher=TeacherSettings(schedule=(1, 2, 3, 4), vocab=16, code_dim=4, depth=1, embed_dim=16,
+                                                  num_heads=2, head_gain=4.0),
+                          n_train=256, n_heldout=64, n_samples=40, gap_rows=32, depth=1, embed_dim=32, num_heads=2,
+                          batch_size=16, base_steps=4, base_chunk=2, base_lr=1e-3, base_warmup=1, arm_steps=2,
+                          arm_lr=3e-4, arm_warmup=1, seeds=2)
 
 
 def _read_json(path: str) -> dict | None:

@@ -1,11 +1,10 @@
-"""Training and evaluating the study's base and arms (resumable per result file) and the
-command line; the design is in sar_fast/study/__init__.py."""
+"""Training and evaluating the digits suite's base and arms (resumable per result file) and the
+command line of both suites (`--suite oracle`: oracle_suite.py); the design is in
+sar_fast/study/__init__.py."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import dataclasses
-import multiprocessing
 import os
 import shutil
 import sys
@@ -16,7 +15,8 @@ import torch
 from ..data.digits import DIGITS_SCHEDULE
 from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
-from .design import BASE_SEED, CONTROL, FULL, QUICK, StudySize, _read_json, arms, result_path
+from .design import BASE_SEED, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
+from .jobs import arm_names, base_sha256, failed_runs, log_line, pending, run_pool, train_once
 from .report import report
 from . import __doc__ as _STUDY_DOC  # the command's help is the package's docstring
 
@@ -33,14 +33,6 @@ def _trainer_config(out: str, size: StudySize, seed: int, max_steps: int, lr: fl
     else:
         flags["init"] = init
     return resolve(PRESETS["tiny"], flags)
-
-
-def _train(cfg) -> float:
-    """One Trainer run in this process (a 1-rank group); its wall seconds."""
-    from ..train import Trainer
-    start = time.perf_counter()
-    Trainer(cfg).run()
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -102,11 +94,7 @@ def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ the base
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def run_base(out: str, size: StudySize, log=_log) -> dict:
+def run_base(out: str, size: StudySize, log=log_line) -> dict:
     """Teacher forcing from scratch in chunks of base_chunk steps, held-out NLL after each,
     until the NLL improves by less than 1% over a chunk (or base_steps). Resumable: the
     trainer resumes its own checkpoint, and the curve is kept in base/curve.json."""
@@ -121,7 +109,7 @@ def run_base(out: str, size: StudySize, log=_log) -> dict:
         steps = (len(state["curve"]) + 1) * size.base_chunk
         cfg = _trainer_config(base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
                               dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk)
-        _train(cfg)
+        train_once(cfg)
         nll = heldout_nll(export)
         state["curve"].append({"step": steps, "nll": nll})
         log(f"[study] base step {steps}: held-out TF NLL {nll:.4f}")
@@ -135,11 +123,6 @@ def run_base(out: str, size: StudySize, log=_log) -> dict:
     return state
 
 
-def base_sha256(out: str) -> str:
-    from ..data.codes import file_sha256
-    return file_sha256(os.path.join(out, "base", "export.pth"))
-
-
 def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) -> dict:
     """Train arm `arm` with seed `seed` from the base, evaluate, write its JSON; returns it."""
     torch.set_num_threads(threads)
@@ -148,7 +131,7 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run restarts: no mixed optimiser state
     cfg = _trainer_config(run_dir, size, seed, size.arm_steps, size.arm_lr, size.arm_warmup, objective,
                           os.path.join(out, "base", "export.pth"), progress=False, ckpt_every=size.arm_steps)
-    train_s = _train(cfg)
+    train_s = train_once(cfg)
     start = time.perf_counter()
     metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
@@ -160,19 +143,20 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) ->
     return result
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sar_fast.study", description=_STUDY_DOC.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="study directory (base/, results/, study.md/.json/.png); a rerun "
                                                 "with the same directory skips the finished (arm, seed) runs")
+    p.add_argument("--suite", default="digits", choices=("digits", "oracle"),
+                   help="digits: the embedded digits and their grey tokenizer (Fréchet distance, TF NLL); oracle: "
+                        "a frozen random teacher whose likelihood is exact (precision and coverage NLL; "
+                        "docs/study.md)")
     p.add_argument("--quick", action="store_true", help="a pipeline check (about a minute on 2 quiet cores): "
                                                         "tiny model, a few steps, 2 seeds; its numbers mean nothing")
-    p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (" + ", ".join(arms()) + ")")
+    p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (digits: " + ", ".join(arms())
+                   + "; oracle: " + ", ".join(ORACLE_ARMS) + ")")
     p.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="seeds per arm (default: 5, --quick 2)")
     p.add_argument("--workers", type=int, default=2, help="(arm, seed) runs in parallel, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -195,60 +179,30 @@ def check_out(out: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_out(args.out)
-    size = QUICK if args.quick else FULL
-    if "seeds" in vars(args):
-        if args.seeds < 2:
-            raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
-        size = dataclasses.replace(size, seeds=args.seeds)
+    if "seeds" in vars(args) and args.seeds < 2:
+        raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
     if args.workers < 1 or args.threads < 1:
         raise SystemExit("error: --workers and --threads must be >= 1")
-    names = list(arms()) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(names) - set(arms()))
-    if unknown:
-        raise SystemExit(f"error: --arms: unknown {unknown}; known: {', '.join(arms())}")
-    if CONTROL not in names:
-        names.insert(0, CONTROL)  # every comparison is against it
+    if args.suite == "oracle":
+        from .oracle_suite import run_suite
+        return run_suite(args)
+    size = QUICK if args.quick else FULL
+    if "seeds" in vars(args):
+        size = dataclasses.replace(size, seeds=args.seeds)
+    names = arm_names(args.arms, arms())
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     start = time.perf_counter()
     torch.set_num_threads(args.threads * args.workers)  # the base is one run: give it every core
     base = run_base(args.out, size)
-    todo, done, base_id = [], 0, base_sha256(args.out)
-    for s in range(1, size.seeds + 1):  # seed-major: an interrupted study leaves whole seeds to compare
-        for arm in names:
-            r = _read_json(result_path(args.out, arm, s))
-            if r is not None and (r.get("key"), r.get("base_sha256")) != (size.key(), base_id):
-                raise SystemExit(f"error: {result_path(args.out, arm, s)} is from a study of another size or "
-                                 "another base; use another --out")
-            if r is None:
-                todo.append((arm, s))
-            else:
-                done += 1
+    todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
     print(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
           f"{len(todo)} to run on {args.workers} workers", file=sys.stderr, flush=True)
-    arms_start, failed = time.perf_counter(), []
-    ctx = multiprocessing.get_context("spawn")  # fresh processes: no forked torch threads or process group
-    with futures.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(args.threads,)) as pool:
-        jobs = {pool.submit(run_arm, args.out, size, arm, s, args.threads): (arm, s) for arm, s in todo}
-        for k, job in enumerate(futures.as_completed(jobs), 1):
-            arm, s = jobs[job]
-            elapsed = time.perf_counter() - arms_start
-            eta = elapsed / k * (len(todo) - k)
-            try:
-                r = job.result()
-            except Exception as e:  # keep going: the other runs' results are worth having
-                failed.append((arm, s, repr(e)))
-                print(f"[study] {k}/{len(todo)} {arm} seed {s} FAILED: {e!r}", file=sys.stderr, flush=True)
-                continue
-            print(f"[study] {k}/{len(todo)} {arm} seed {s}: Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, "
-                  f"gap {r['gap_sample']:+.4f} (train {r['train_s']:.0f}s); elapsed {elapsed / 60:.1f} min, "
-                  f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
+                      lambda r: f"Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, gap {r['gap_sample']:+.4f}")
     summary = report(args.out, size, names)
     summary["wall_s"] = time.perf_counter() - start
     print(open(os.path.join(args.out, "study.md")).read())
     print(f"[study] {len(names)} arms x {size.seeds} seeds in {summary['wall_s'] / 60:.1f} min; "
           f"wrote {args.out}/study.md, study.json, study.png", file=sys.stderr)
-    if failed:
-        raise SystemExit(f"error: {len(failed)} (arm, seed) runs failed (the table leaves them out; rerun the "
-                         f"same command to retry them): " + "; ".join(f"{a} seed {s}: {e}" for a, s, e in failed))
+    failed_runs(failed)
     return summary
