@@ -45,9 +45,9 @@ def arms() -> dict[str, dict]:
 
 
 @dataclass(frozen=True)
-class StudySize:
-    """Everything that sizes the study. All but `seeds` make every result's key (results of
-    another size are never mixed in; more seeds extend a study)."""
+class _RunSize:
+    """The student runs of either suite: the model, the base and the arms. All but `seeds`
+    make every result's key (results of another size are never mixed in; more seeds extend a study)."""
     depth: int
     embed_dim: int
     num_heads: int
@@ -60,11 +60,19 @@ class StudySize:
     arm_lr: float
     arm_warmup: int
     seeds: int
+
+    def _key(self, **extra) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"} | extra
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StudySize(_RunSize):
+    """The digits suite's size: the runs and how many images per class each evaluation samples."""
     samples_per_class: int
 
     def key(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return self._key()
 
 
 # Sized to fit 60 minutes on 2 quiet CPU cores (docs/study.md has the arithmetic).
@@ -92,7 +100,7 @@ def oracle_arms() -> dict[str, dict]:
 
 
 @dataclass(frozen=True)
-class OracleSize:
+class OracleSize(_RunSize):
     """Everything that sizes the oracle suite: the teacher and its data, the student, the
     base and the arms. All but `seeds` make every result's key, as in StudySize."""
     teacher: TeacherSettings
@@ -100,23 +108,9 @@ class OracleSize:
     n_heldout: int            # held-out teacher sequences: coverage NLL and exposure gaps
     n_samples: int            # student sequences per evaluation: precision NLL
     gap_rows: int             # held-out sequences the exposure gaps are measured on
-    depth: int
-    embed_dim: int
-    num_heads: int
-    batch_size: int
-    base_steps: int           # the most teacher-forcing steps of the base
-    base_chunk: int           # held-out coverage NLL after every chunk (the plateau check)
-    base_lr: float
-    base_warmup: int
-    arm_steps: int
-    arm_lr: float
-    arm_warmup: int
-    seeds: int
 
     def key(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "seeds"}
-        fields["suite"] = "oracle"  # never equal to a digits study's key
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return self._key(suite="oracle")  # never equal to a digits study's key
 
 
 # Proposed from the per-step measurements (docs/study.md, "The oracle suite"): about 60-70 min

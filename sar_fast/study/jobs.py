@@ -4,6 +4,7 @@ them, one process each."""
 from __future__ import annotations
 
 import concurrent.futures as futures
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -29,6 +30,19 @@ def train_once(cfg) -> float:
 def base_sha256(out: str) -> str:
     from ..data.codes import file_sha256
     return file_sha256(os.path.join(out, "base", "export.pth"))
+
+
+def start(args, quick, full, known: dict) -> tuple:
+    """(size, arm names, start time) of a suite's run: the --quick or full size with --seeds
+    applied, the --arms checked against `known`, OUT/results made, and every core given to
+    the one-process part that comes first (data, base)."""
+    size = quick if args.quick else full
+    if "seeds" in vars(args):
+        size = dataclasses.replace(size, seeds=args.seeds)
+    names = arm_names(args.arms, known)
+    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
+    torch.set_num_threads(args.threads * args.workers)
+    return size, names, time.perf_counter()
 
 
 def arm_names(text: str, known: dict) -> list[str]:

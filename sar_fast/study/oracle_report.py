@@ -12,6 +12,7 @@ import numpy as np
 from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import CONTROL, ORACLE_ARMS, OracleSize, _read_json, oracle_arms, result_path
+from .report import fmt_mean_sd
 
 # every metric: lower is better
 METRICS = {"precision_nll": "precision NLL: the teacher's NLL of student samples (nats/token)",
@@ -88,10 +89,6 @@ def claim_verdicts(rows: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ the table
-def _fmt(m: dict) -> str:
-    return f"{m['mean']:.4f}" + (f" ± {m['sd']:.4f}" if m.get("sd") is not None else "")
-
-
 def _fmt_diff(d: dict | None) -> str:
     if d is None:
         return "—"
@@ -104,7 +101,7 @@ def markdown(rows: dict, base: dict | None, claims: list[dict], size: OracleSize
     names = list(METRICS)
     lines = ["| arm | seeds | precision NLL | coverage NLL | gap (sampled) | gap (argmax) |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {arm} | {len(row['seeds'])} | " + " | ".join(_fmt(row[m]) for m in names) + " |"
+    lines += [f"| {arm} | {len(row['seeds'])} | " + " | ".join(fmt_mean_sd(row[m], 4) for m in names) + " |"
               for arm, row in rows.items()]
     diffs = ["| arm | " + " | ".join(f"Δ{m} vs tf" for m in names) + " |", "|---|" + "---|" * len(names)]
     diffs += [f"| {arm} | " + " | ".join(_fmt_diff(row["vs_tf"][m]) for m in names) + " |"

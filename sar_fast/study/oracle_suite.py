@@ -13,7 +13,6 @@ the claims with paired t-intervals, Holm's correction and a margin fixed before 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import sys
@@ -22,10 +21,10 @@ import time
 import torch
 
 from ..files import write_json_atomic
-from . import oracle
+from . import jobs, oracle
 from .design import BASE_SEED, ORACLE_FULL, ORACLE_QUICK, OracleSize, _read_json, oracle_arms, result_path
 from .oracle_report import report
-from .jobs import arm_names, base_sha256, failed_runs, log_line, pending, run_pool, train_once
+from .jobs import base_sha256, failed_runs, log_line, pending, run_pool, train_once
 
 PLATEAU = 0.99  # the base stops when a chunk leaves its coverage NLL above 99% of the best so far
 
@@ -138,13 +137,7 @@ def run_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -
 def run_suite(args) -> dict:
     """`python -m sar_fast.study --suite oracle` with the arguments runner.build_parser parsed
     (and runner.main checked)."""
-    size = ORACLE_QUICK if args.quick else ORACLE_FULL
-    if "seeds" in vars(args):
-        size = dataclasses.replace(size, seeds=args.seeds)
-    names = arm_names(args.arms, oracle_arms())
-    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads * args.workers)  # data and base are one process: give them every core
+    size, names, start = jobs.start(args, ORACLE_QUICK, ORACLE_FULL, oracle_arms())
     base_state(args.out, size)  # another study's folder is refused before the data are made
     record = prepare(args.out, size)
     log_line(f"[study] oracle data in {data_dir(args.out)}: teacher entropy "

@@ -129,8 +129,9 @@ def verdicts(rows: dict, seed: int = 0, results: list[dict] | None = None) -> li
     return out
 
 
-def _fmt(m: dict) -> str:
-    return f"{m['mean']:.3f}" + (f" ± {m['sd']:.3f}" if m.get("sd") is not None else "")
+def fmt_mean_sd(m: dict, digits: int = 3) -> str:
+    """'mean ± sd' of a metric over seeds (the mean alone with one seed)."""
+    return f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m.get("sd") is not None else "")
 
 
 def _fmt_diff(d: dict | None) -> str:
@@ -145,8 +146,8 @@ def markdown_table(rows: dict, base: dict | None, claims: list[dict], size: Stud
              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in rows.items():
         vs = row.get("vs_tf", {})
-        lines.append(f"| {arm} | {len(row['seeds'])} | {_fmt(row['frechet'])} | {_fmt(row['accuracy'])} | "
-                     f"{_fmt(row['nll'])} | {_fmt(row['gap_sample'])} | {_fmt(row['gap_argmax'])} | "
+        means = " | ".join(fmt_mean_sd(row[m]) for m in ("frechet", "accuracy", "nll", "gap_sample", "gap_argmax"))
+        lines.append(f"| {arm} | {len(row['seeds'])} | {means} | "
                      f"{_fmt_diff(vs.get('frechet'))} | {_fmt_diff(vs.get('nll'))} | "
                      f"{_fmt_diff(vs.get('gap_sample'))} |")
     text = ["Mean ± sd over seeds; Δ: paired mean difference arm - tf with its 95% paired bootstrap interval "

@@ -4,7 +4,6 @@ sar_fast/study/__init__.py."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -16,7 +15,8 @@ from ..data.digits import DIGITS_SCHEDULE
 from ..files import write_json_atomic
 from ..models.tokenizers.grey import EMBEDDED
 from .design import BASE_SEED, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
-from .jobs import arm_names, base_sha256, failed_runs, log_line, pending, run_pool, train_once
+from . import jobs
+from .jobs import base_sha256, failed_runs, log_line, pending, run_pool, train_once
 from .report import report
 from . import __doc__ as _STUDY_DOC  # the command's help is the package's docstring
 
@@ -186,13 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.suite == "oracle":
         from .oracle_suite import run_suite
         return run_suite(args)
-    size = QUICK if args.quick else FULL
-    if "seeds" in vars(args):
-        size = dataclasses.replace(size, seeds=args.seeds)
-    names = arm_names(args.arms, arms())
-    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads * args.workers)  # the base is one run: give it every core
+    size, names, start = jobs.start(args, QUICK, FULL, arms())
     base = run_base(args.out, size)
     todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
     print(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
