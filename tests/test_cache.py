@@ -8,7 +8,8 @@ import torch
 from conftest import need_module
 
 from sar_fast import cache
-from sar_fast.data.codes import CodeDataset, file_sha256, read_cache_manifest
+from sar_fast.data.codes import CodeDataset, read_cache_manifest
+from sar_fast.models.checkpoint import files_sha256
 from sar_fast.data.digits import EmbeddedDigitsDataset
 from sar_fast.data.images import ImageFolderDataset
 from sar_fast.models.tokenizers.grey import GreyLevelTokenizer
@@ -187,7 +188,7 @@ def test_cache_with_a_tiny_flexvq16(folder, tmp_path):
     out = tmp_path / "cache"
     _run("--data", str(folder), "--vae", str(path), "--out", str(out), "--resolution", "8", "--batch-size", "3")
     m = read_cache_manifest(out)
-    assert m["tokenizer_class"] == "FlexVQ16" and m["tokenizer_sha256"] == file_sha256(str(path))
+    assert m["tokenizer_class"] == "FlexVQ16" and m["tokenizer_sha256"] == files_sha256([str(path)])
     assert m["schedule"] == [1, 2, 3, 4] and m["vocab_size"] == 64  # 8 px / downsample 2
     ds = ImageFolderDataset(folder, resolution=8, train=False)
     images = torch.stack([ds[i][0] for i in range(len(ds))])

@@ -21,7 +21,7 @@ from ..models.checkpoint import weights_sha256
 from ..models.tokenizers import build_tokenizer
 from ..models.tokenizers.grey import EMBEDDED
 from ..schedules import STANDARD_SCHEDULE, Schedule
-from .common import _check_int, _sample_rng, collate
+from .common import check_int, _sample_rng, collate
 from .digits import DIGITS_SIDE, EmbeddedDigitsDataset
 from .images import AUGMENTATIONS, DataError, ImageFolderDataset
 
@@ -29,11 +29,6 @@ CACHE_FORMAT = "sar_fast.code_cache.v1"
 
 
 # ---------------------------------------------------------------------- code cache
-def file_sha256(path: str, block: int = 1 << 20) -> str:
-    from ..models.checkpoint import files_sha256
-    return files_sha256([path], block)
-
-
 def read_cache_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest.json of a code cache written by `python -m sar_fast.cache`."""
     path = os.path.join(os.fspath(cache_dir), "manifest.json")
@@ -157,7 +152,7 @@ class CodeDataset(Dataset):
         self.classes: list[str] = list(m["classes"])
         self.num_classes = len(self.classes)
         self.num_views = int(m["views"])
-        self.random_flip, self.seed, self.epoch = bool(random_flip), _check_int("seed", seed, 0), 0
+        self.random_flip, self.seed, self.epoch = bool(random_flip), check_int("seed", seed, 0), 0
         self._codes: np.ndarray | None = None
         self._labels = np.load(os.path.join(self.cache_dir, "labels.npy"))
 
@@ -174,7 +169,7 @@ class CodeDataset(Dataset):
         return state
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
 
     def __len__(self) -> int:
         return len(self._labels)

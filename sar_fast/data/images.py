@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import _check_int, _sample_rng
+from .common import check_int, _sample_rng
 
 # the file types torchvision's ImageFolder accepts
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -171,8 +171,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
-        self.resolution = _check_int("resolution", resolution, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.resolution = check_int("resolution", resolution, 1)
+        self.seed = check_int("seed", seed, 0)
         self.root, self.train, self.augment, self.hflip = os.fspath(root), bool(train), augment, bool(hflip)
         self.bad_images = bad_images
         samples, self.classes = scan_image_folder(root)
@@ -207,7 +207,7 @@ class ImageFolderDataset(Dataset):
         return len(self.skipped) + self.load_failures
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -13,7 +13,7 @@ from ..ops.gpu import to_device_async
 from ..rng import schedule_seed
 from ..schedules import Schedule, random_flexvar_schedule
 from .codes import CodeDataset, check_cache_matches, schedule_token_index
-from .common import _check_int, collate
+from .common import check_int, collate
 from .digits import EmbeddedDigitsDataset
 from .images import ImageFolderDataset
 
@@ -34,12 +34,12 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True):
-        self.length = _check_int("length", length, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.length = check_int("length", length, 1)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be < world_size ({self.world_size}), got {rank}")
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         if self.drop_last and self.length < self.world_size:
             raise ValueError(f"length {self.length} < world_size {self.world_size}: with drop_last "
@@ -75,13 +75,13 @@ class ResumableDistributedSampler(Sampler[int]):
         return self.num_samples - self.position
 
     def set_epoch(self, epoch: int) -> None:
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
     def advance(self, num_samples: int) -> None:
         """Record that `num_samples` more samples of this epoch were consumed."""
-        num_samples = _check_int("num_samples", num_samples, 0)
+        num_samples = check_int("num_samples", num_samples, 0)
         if self.position + num_samples > self.num_samples:
             raise ValueError(f"advance({num_samples}) would pass the end of the epoch "
                              f"(position {self.position} of {self.num_samples})")
@@ -96,7 +96,7 @@ class ResumableDistributedSampler(Sampler[int]):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
                                  f"{key}={getattr(self, key)!r}; the data order would not continue")
-        epoch, position = _check_int("epoch", state["epoch"], 0), _check_int("position", state["position"], 0)
+        epoch, position = check_int("epoch", state["epoch"], 0), check_int("position", state["position"], 0)
         if position > self.num_samples:
             raise ValueError(f"sampler state position {position} > samples per epoch {self.num_samples}")
         self.epoch, self.position = epoch, position

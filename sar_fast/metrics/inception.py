@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..data.codes import file_sha256
+from ..models.checkpoint import files_sha256
 from ..files import atomic_write
 from ..safe_load import load_file
 
@@ -146,7 +146,7 @@ class InceptionMetrics:
         if not self.cache_dir:
             return None
         if self._weights_key is None:
-            self._weights_key = file_sha256(self.weights_path)[:16]
+            self._weights_key = files_sha256([self.weights_path])[:16]
         digest = hashlib.sha256(f"{self._weights_key}|{side}".encode())
         files = _list_images(reference) if os.path.isdir(reference) else [reference]
         for f in files:

@@ -28,8 +28,8 @@ def train_once(cfg) -> float:
 
 
 def base_sha256(out: str) -> str:
-    from ..data.codes import file_sha256
-    return file_sha256(os.path.join(out, "base", "export.pth"))
+    from ..models.checkpoint import files_sha256
+    return files_sha256([os.path.join(out, "base", "export.pth")])
 
 
 def start(args, quick, full, known: dict) -> tuple:

@@ -44,6 +44,7 @@ from ..models.generate import generate
 from ..models.tokenizers import build_tokenizer
 from ..models.tokenizers.codebook import save_codebook, unit_codebook
 from ..models.transformer import ScaleAR, preset_config
+from ..data.common import check_int
 from ..schedules import Schedule
 
 ORACLE_SCHEDULE = (1, 2, 3, 4, 6, 8, 12)  # 7 scales, 274 tokens
@@ -147,15 +148,9 @@ def load_teacher(folder: str | os.PathLike) -> Teacher:
 
 
 # ------------------------------------------------------------------------------ sampling
-def _check_count(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """[n] int64: 0, 1, ..., num_classes - 1, 0, 1, ... (every class equally often)."""
-    return torch.arange(_check_count("n", n, 1)) % num_classes
+    return torch.arange(check_int("n", n, 1)) % num_classes
 
 
 @torch.no_grad()
@@ -165,8 +160,8 @@ def model_samples(model: ScaleAR, codebook: torch.Tensor, schedule: Sequence[int
     default from its own distribution: no guidance, no top-k/top-p). The noise is one
     stream of uniforms from `seed`, consumed in order, so (seed, labels) fixes the result
     whatever `batch`."""
-    _check_count("seed", seed, 0)
-    _check_count("batch", batch, 1)
+    check_int("seed", seed, 0)
+    check_int("batch", batch, 1)
     schedule = model.check_schedule(schedule)
     gen, length, out = torch.Generator().manual_seed(seed), Schedule(schedule).total, []
     for start in range(0, labels.shape[0], batch):
@@ -184,7 +179,8 @@ def teacher_samples(teacher: Teacher, n: int, seed: int, batch: int = 256) -> tu
 
 
 # ------------------------------------------------------------------------------ exact likelihoods
-def _check_codes(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, schedule: tuple[int, ...]) -> None:
+def _check_codes(labels: torch.Tensor, codes: torch.Tensor, schedule: Sequence[int], vocab_size: int,
+                 num_classes: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise ValueError(f"labels must be an int tensor [B], got {getattr(labels, 'shape', type(labels).__name__)}")
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point() \
@@ -192,10 +188,17 @@ def _check_codes(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, sche
         raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {Schedule(schedule).total}] (one row per "
                          f"label, the tokens of schedule {list(schedule)}), got "
                          f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= model.vocab_size):
-        raise ValueError(f"codes must lie in [0, {model.vocab_size}), got [{int(codes.min())}, {int(codes.max())}]")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
-        raise ValueError(f"labels must lie in [0, {model.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
+        raise ValueError(f"codes must lie in [0, {vocab_size}), got [{int(codes.min())}, {int(codes.max())}]")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _tf_log_softmax(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor,
+                    schedule: Schedule) -> torch.Tensor:
+    """[B, L, V] float64 log-probabilities of the teacher-forced pass on int64 `codes`."""
+    x = ops.scale_shift(codes, codebook.float(), schedule, mode=model.arch, out_dtype=torch.float32)
+    return F.log_softmax(model(labels.long(), x, schedule).double(), dim=-1)
 
 
 @torch.no_grad()
@@ -204,15 +207,14 @@ def token_log_probs(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, c
     """[B, L] float64: log p(code of token t | label, the scales before t's) under `model`
     (teacher forcing in eval mode: no label dropout)."""
     schedule = model.check_schedule(schedule)
-    _check_codes(model, labels, codes, schedule)
-    _check_count("batch", batch, 1)
+    _check_codes(labels, codes, schedule, model.vocab_size, model.num_classes)
+    check_int("batch", batch, 1)
     was_training, out = model.training, []
     model.eval()
     try:
         for start in range(0, labels.shape[0], batch):
-            lab, part = labels[start:start + batch].long(), codes[start:start + batch].long()
-            x = ops.scale_shift(part, codebook.float(), schedule, mode=model.arch, out_dtype=torch.float32)
-            logp = F.log_softmax(model(lab, x, schedule).double(), dim=-1)
+            part = codes[start:start + batch].long()
+            logp = _tf_log_softmax(model, labels[start:start + batch], part, codebook, schedule)
             out.append(logp.gather(-1, part.unsqueeze(-1)).squeeze(-1))
     finally:
         model.train(was_training)
@@ -233,11 +235,10 @@ def mean_token_entropy(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor
     """{'per_token', 'per_scale'}: the mean entropy (nats) of the model's per-token
     distributions on the prefixes `codes` (its own samples: its entropy rate)."""
     schedule = model.check_schedule(schedule)
-    _check_codes(model, labels, codes, schedule)
-    x = ops.scale_shift(codes.long(), codebook.float(), schedule, mode=model.arch, out_dtype=torch.float32)
+    _check_codes(labels, codes, schedule, model.vocab_size, model.num_classes)
     was_training = model.training
     try:
-        logp = F.log_softmax(model.eval()(labels.long(), x, schedule).double(), dim=-1)
+        logp = _tf_log_softmax(model.eval(), labels, codes.long(), codebook, schedule)
     finally:
         model.train(was_training)
     h = -(logp.exp() * logp).sum(-1)
@@ -254,7 +255,8 @@ def oracle_metrics(teacher: Teacher, student: ScaleAR, heldout: tuple[torch.Tens
     'teacher_entropy', the teacher's NLL of the held-out samples (the floor of both, in
     expectation)."""
     labels, codes = heldout
-    length, off = Schedule(teacher.schedule).total, Schedule(teacher.schedule).offsets
+    schedule = Schedule(teacher.schedule)
+    length, off = schedule.total, schedule.offsets
     own_labels = balanced_labels(n, teacher.settings.num_classes)
     own = model_samples(student, teacher.codebook, teacher.schedule, own_labels, seed, cfg=cfg, top_k=top_k,
                         top_p=top_p)
@@ -278,15 +280,7 @@ def write_code_cache(out: str | os.PathLike, labels: torch.Tensor, codes: torch.
     if not os.path.isfile(book_path):
         raise FileNotFoundError(f"no teacher codebook at {book_path} (save_teacher writes it)")
     tok = build_tokenizer(book_path, "cpu")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
-        raise ValueError("labels must be an int tensor [N]")
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point() \
-            or codes.shape != (labels.shape[0], Schedule(schedule).total):
-        raise ValueError(f"codes must be an int tensor [{labels.shape[0]}, {Schedule(schedule).total}]")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= tok.vocab_size):
-        raise ValueError(f"codes must lie in [0, {tok.vocab_size}) (the teacher codebook's size)")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes})")
+    _check_codes(labels, codes, schedule, tok.vocab_size, num_classes)
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
     dtype = "int16" if tok.vocab_size <= np.iinfo(np.int16).max + 1 else "int32"
@@ -324,9 +318,9 @@ def prepare_data(out: str | os.PathLike, settings: TeacherSettings, n_train: int
     request is reused, a different one refused. Returns the record (out/data.json)."""
     from ..models.checkpoint import write_safetensors
     out = os.fspath(out)
-    _check_count("n_train", n_train, 1)
-    _check_count("n_heldout", n_heldout, 1)
-    _check_count("seed", seed, 0)
+    check_int("n_train", n_train, 1)
+    check_int("n_heldout", n_heldout, 1)
+    check_int("seed", seed, 0)
     settings = settings.check()
     request = {"settings": {**asdict(settings), "schedule": list(settings.schedule)}, "n_train": n_train,
                "n_heldout": n_heldout, "seed": seed}
