@@ -117,7 +117,7 @@ class OracleSize(_RunSize):
 # on 2 quiet CPU cores with 2 workers; not run yet.
 ORACLE_FULL = OracleSize(teacher=TeacherSettings(), n_train=32_768, n_heldout=1_000, n_samples=500, gap_rows=500,
                          depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=800, base_chunk=100,
-                         base_lr=1e-3, base_warmup=20, arm_steps=120, arm_lr=3e-4, arm_warmup=5, seeds=5)
+                         base_lr=1e-3, base_warmup=20, arm_steps=120, arm_lr=3e-4, arm_warmup=5, seeds=8)
 
 
 # A pipeline check (a tiny teacher of 4 scales and 16 codes, a few steps): its numbers mean nothing.
@@ -139,3 +139,8 @@ def _read_json(path: str) -> dict | None:
 # ------------------------------------------------------------------------------ one arm
 def result_path(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "results", f"{arm}__seed{seed}.json")
+
+
+def export_path(out: str, arm: str, seed: int) -> str:
+    """Where an oracle arm's trained model is kept (small; later evaluations read it)."""
+    return os.path.join(out, "exports", f"{arm}__seed{seed}.pth")

@@ -22,7 +22,8 @@ import torch
 
 from ..files import write_json_atomic
 from . import jobs, oracle
-from .design import BASE_SEED, ORACLE_FULL, ORACLE_QUICK, OracleSize, _read_json, oracle_arms, result_path
+from .design import (BASE_SEED, ORACLE_FULL, ORACLE_QUICK, OracleSize, _read_json, export_path, oracle_arms,
+                     result_path)
 from .oracle_report import report
 from .jobs import base_sha256, failed_runs, log_line, pending, run_pool, train_once
 
@@ -127,9 +128,11 @@ def run_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
               "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s,
               "eval_s": time.perf_counter() - start, **metrics}
+    os.makedirs(os.path.dirname(export_path(out, arm, seed)), exist_ok=True)
+    os.replace(os.path.join(run_dir, "export.pth"), export_path(out, arm, seed))  # before the result: never one without
     os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
     write_json_atomic(result_path(out, arm, seed), result)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the arms' checkpoints are not worth keeping
+    shutil.rmtree(run_dir, ignore_errors=True)  # the training checkpoints are not worth keeping
     return result
 
 
