@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.common import check_int as _check_int
+
 DEFAULT_K = 3
 DEFAULT_CHUNK = 512
 # exact differences, not the matmul expansion: ties at a radius must be decided consistently
@@ -49,12 +51,6 @@ def _as_points(name: str, points) -> torch.Tensor:
     if not torch.isfinite(points).all():
         raise ValueError(f"{name} contains NaN or inf")
     return points
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _check_k(k, num: int, name: str) -> int:
