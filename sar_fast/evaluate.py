@@ -410,8 +410,9 @@ def gather_and_measure(args, out: str, settings: SamplingSettings, metric: str, 
     if metric == "digits":
         from .metrics.digits import digits_metrics
         metrics = digits_metrics(images, labels)
-        metrics_about = ("digits sanity metric: Fréchet distance of a small digits classifier's features vs the "
-                         "held-out real digits, and its class accuracy on the samples (not a quality claim)")
+        metrics_about = ("digits sanity metric: Fréchet distance and k-NN precision/recall (k=3) of a small digits "
+                         "classifier's features vs the held-out real digits, and its class accuracy on the samples "
+                         "(not a quality claim)")
     elif metric == "inception":
         from .metrics.inception import InceptionMetrics
         cache = args.stats_cache or os.path.join(os.path.dirname(os.path.abspath(out)), "reference_cache")

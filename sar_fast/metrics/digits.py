@@ -5,7 +5,10 @@ trained deterministically on the CPU in about a second.
   samples and of the held-out real digits (the 'val' split of sar_fast.data.digits, which the
   generator never trains on) - an FID in miniature;
 - `accuracy`: the fraction of samples the classifier assigns to the class they were
-  generated for (its own accuracy on real held-out digits is reported as `real_accuracy`).
+  generated for (its own accuracy on real held-out digits is reported as `real_accuracy`);
+- `precision`, `recall`: k-NN precision and recall (k=3, sar_fast.metrics.knn_prc) of the
+  samples' features against the same held-out real digits' features - how many samples look
+  real, and how much of the real digits the samples cover.
 
 A sanity check that the whole loop works and moves the right way, not a quality claim: the
 features are those of a 64-128-32 MLP, and the reference set is 180 images.
@@ -19,10 +22,12 @@ import torch
 from torch import nn
 
 from .frechet import feature_statistics, frechet_distance
+from .knn_prc import precision_recall
 
 FEATURE_DIM = 32
 _TRAIN_SEED = 0
 _TRAIN_STEPS = 300
+PRC_K = 3  # the paper's and torch-fidelity's default neighbourhood size
 
 
 class DigitsClassifier(nn.Module):
@@ -94,19 +99,28 @@ def digits_features(images) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=1)
-def _reference() -> tuple[np.ndarray, np.ndarray, float]:
+def _reference_features() -> tuple[torch.Tensor, float]:
+    """(features [N, 32] float64, classifier accuracy) of the held-out real digits, once per
+    process: the Fréchet statistics and the precision/recall balls both come from them."""
     from ..data.digits import load_digits_dataset
     from ..models.tokenizers.grey import DIGITS_MAX_GREY
     grey, labels = load_digits_dataset("val")
     features, predicted = digits_features(grey.float() / DIGITS_MAX_GREY)
+    return features, float((predicted == labels).double().mean())
+
+
+@functools.lru_cache(maxsize=1)
+def _reference() -> tuple[np.ndarray, np.ndarray, float]:
+    features, real_accuracy = _reference_features()
     mu, sigma = feature_statistics(features)
-    return mu, sigma, float((predicted == labels).double().mean())
+    return mu, sigma, real_accuracy
 
 
 def digits_metrics(images, labels) -> dict:
-    """{frechet, accuracy, real_accuracy, num_images} of generated digits `images` (float
-    [B, 1|3, 8, 8] in [0, 1] or uint8 [B, 8, 8, 3]) that were generated for `labels` [B],
-    against the held-out real digits."""
+    """{frechet, accuracy, real_accuracy, precision, recall, num_images} of generated digits
+    `images` (float [B, 1|3, 8, 8] in [0, 1] or uint8 [B, 8, 8, 3]) that were generated for
+    `labels` [B], against the held-out real digits. precision and recall need a k-th other
+    sample (B > PRC_K); with fewer images they are NaN (the rest is still measured)."""
     labels = torch.as_tensor(labels).long().cpu()
     features, predicted = digits_features(images)
     if labels.shape != predicted.shape:
@@ -115,6 +129,11 @@ def digits_metrics(images, labels) -> dict:
         raise ValueError(f"labels must lie in [0, 9], got [{int(labels.min())}, {int(labels.max())}]")
     mu_ref, sigma_ref, real_accuracy = _reference()
     mu, sigma = feature_statistics(features)
+    if features.shape[0] > PRC_K:
+        prc = precision_recall(_reference_features()[0], features, k=PRC_K)
+    else:
+        prc = {"precision": float("nan"), "recall": float("nan")}
     return {"frechet": frechet_distance(mu, sigma, mu_ref, sigma_ref),
             "accuracy": float((predicted == labels).double().mean()),
-            "real_accuracy": real_accuracy, "num_images": int(labels.numel())}
+            "real_accuracy": real_accuracy, "precision": prc["precision"], "recall": prc["recall"],
+            "num_images": int(labels.numel())}
