@@ -225,10 +225,13 @@ def draw_inverse_cdf(logits: torch.Tensor, top_k: int, top_p: float, uniforms: t
 # ------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, book, labels, schedule, cfg: float, cfg_ramp: str, top_k: int, top_p: float,
-             generator, phi=None, uniforms: torch.Tensor | None = None) -> list[torch.Tensor]:
+             generator, phi=None, uniforms: torch.Tensor | None = None, temperature: float = 1.0,
+             prefix=None) -> list[torch.Tensor]:
     """Scale by scale, no KV cache: one full teacher-forcing pass over the prefix for the
     conditional logits (and one for the null class when guided) per scale. uniforms
-    [B, sum(s*s)] replace the generator (inverse CDF in vocabulary order)."""
+    [B, sum(s*s)] replace the generator (inverse CDF in vocabulary order). The guided
+    logits are divided by `temperature` (always: x / 1.0 == x) before filtering. `prefix`:
+    the codes of the first len(prefix) scales, taken as they are (no model call, no draw)."""
     was_training = model.training
     model.eval()
     B, n = labels.shape[0], len(schedule)
@@ -236,15 +239,21 @@ def generate(model, book, labels, schedule, cfg: float, cfg_ramp: str, top_k: in
     maps, codes = [], []
     try:
         for si, side in enumerate(schedule):
-            prefix = schedule[:si + 1]
+            if si < len(prefix or ()):
+                idx = prefix[si].long()
+                codes.append(idx)
+                maps.append(book.double()[idx].permute(0, 2, 1).reshape(B, book.shape[1], side, side))
+                continue
+            sides = schedule[:si + 1]
             x = tf_inputs(maps, schedule, model.arch, phi, si + 1) if si else torch.zeros(B, 0, book.shape[1])
-            logits = model(labels, x, prefix)[:, -side * side:]
+            logits = model(labels, x, sides)[:, -side * side:]
             k = top_k
             if cfg_ramp == "flexvar" and (side > 16 or side not in FLEXVAR_TRAINED):
                 k = 1
             if cfg > 0:
                 t = cfg if (cfg_ramp == "flexvar" and side > 16) else ramp(cfg_ramp, cfg, si, n)
-                logits = mix(logits, model(null, x, prefix)[:, -side * side:], t)
+                logits = mix(logits, model(null, x, sides)[:, -side * side:], t)
+            logits = logits.float() / temperature
             if uniforms is None:
                 idx = draw(logits, k, top_p, generator)
             else:

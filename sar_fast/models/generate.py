@@ -7,6 +7,8 @@ ramps of sar_fast.sampling. `ScaleAR.generate` calls this on its own model.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -61,6 +63,42 @@ def _checked_uniforms(uniforms: torch.Tensor, generator: torch.Generator | None,
     return uniforms.to(device)
 
 
+def _checked_temperature(temperature) -> float:
+    """A finite temperature > 0, as a float; a clear error naming `temperature` otherwise."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def _checked_prefix(prefix, model: nn.Module, batch: int, schedule: Schedule, device) -> list[torch.Tensor]:
+    """The given codes of the first len(prefix) scales as int64 copies on `device`, once each
+    is known to be an integer tensor [batch, side*side] of its scale with values in
+    [0, vocab_size); a clear error naming `prefix` otherwise. None: no given scale."""
+    if prefix is None:
+        return []
+    if not isinstance(prefix, (list, tuple)):
+        raise ValueError(f"prefix must be a list or tuple of int64 tensors [B, side*side], one per leading scale, "
+                         f"got {type(prefix).__name__}")
+    if len(prefix) > len(schedule):
+        raise ValueError(f"prefix has {len(prefix)} scales but the schedule {list(schedule)} only {len(schedule)}")
+    given = []
+    for i, codes in enumerate(prefix):
+        want = (batch, schedule.lengths[i])
+        if not isinstance(codes, torch.Tensor) or codes.dtype == torch.bool or codes.is_floating_point() \
+                or codes.is_complex():
+            raise ValueError(f"prefix[{i}] must be an integer tensor {list(want)} (scale {i}, side {schedule[i]}), "
+                             f"got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if tuple(codes.shape) != want:
+            raise ValueError(f"prefix[{i}] must have shape {list(want)} (batch, tokens of scale {i}, side "
+                             f"{schedule[i]}), got {list(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= model.vocab_size):
+            raise ValueError(f"prefix[{i}] codes must lie in [0, {model.vocab_size}), "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
+        given.append(codes.to(device=device, dtype=torch.int64, copy=True))  # a copy: never the caller's tensor
+    return given
+
+
 def _guided(logits: torch.Tensor, batch: int, cfg: float, cfg_ramp: str, si: int, n: int, side: int) -> torch.Tensor:
     """Classifier-free guidance: the conditional half pushed away from the null-class half
     by the ramp's weight at scale `si` (FlexVAR: the full cfg beyond its trained sides)."""
@@ -92,6 +130,29 @@ def _next_scale_input(model: nn.Module, book: torch.Tensor, idx: torch.Tensor, s
     return F.interpolate(f_hat, size=(nxt, nxt), mode="area"), f_hat
 
 
+def _scale_logits(model: nn.Module, tokens: list[torch.Tensor], cond: torch.Tensor, caches: list[KVCache],
+                  schedule: Schedule, si: int, use_cache: bool) -> torch.Tensor:
+    """Scale `si`'s logits: its tokens against the KV cache (which they extend), or the whole
+    prefix recomputed under the block-causal mask (use_cache=False)."""
+    if use_cache:
+        return model.step_with_cache(tokens[-1], cond, caches)
+    hidden = model.trunk(torch.cat(tokens, dim=1), cond, schedule.lengths[:si + 1])
+    return apply_head(model.head, hidden[:, schedule.offsets[si]:])
+
+
+def _draw_scale(logits: torch.Tensor, batch: int, si: int, schedule: Schedule, cfg: float, cfg_ramp: str,
+                top_k: int, top_p: float, temperature: float, generator: torch.Generator | None,
+                uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Scale `si`'s codes [batch, s*s]: guidance, then temperature, then top-k / top-p and the draw."""
+    side = schedule[si]
+    if cfg > 0:
+        logits = _guided(logits, batch, cfg, cfg_ramp, si, len(schedule), side)
+    if temperature != 1.0:  # skipped at 1.0, so the default draws exactly as before
+        logits = logits.float() / temperature
+    noise = uniforms[:, schedule.scale(si)] if uniforms is not None else None
+    return sample_top_k_top_p(logits, _scale_top_k(top_k, cfg_ramp, side), top_p, generator, noise)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
              schedule: Sequence[int] | None = None, cfg: float = 1.5, cfg_ramp: str = "linear",
@@ -99,7 +160,8 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator | None = None,
              phi: Phi | None = None,
              decode: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-             use_cache: bool = True, uniforms: torch.Tensor | None = None) -> Samples:
+             use_cache: bool = True, uniforms: torch.Tensor | None = None,
+             temperature: float = 1.0, prefix: Sequence[torch.Tensor] | None = None) -> Samples:
     """Generate one image per label with `model`, a ScaleAR.
 
     codebook [V, Cv]: the embedding the model's inputs are built from (FlexVAR: the
@@ -110,15 +172,25 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     `uniforms` [B, sum(s*s)] in [0, 1) (one per token of each image, scales concatenated)
     replaces `seed`/`generator`: each image is then a function of its label and its own row
     of noise, whatever the batch (sar_fast.evaluate seeds a row per (class, index)).
+    Each scale's logits are guided (cfg), then divided by `temperature` (finite, > 0; 1.0
+    changes nothing), then top-k / top-p filtered, then drawn.
+    `prefix`: given codes of the first k = len(prefix) scales (0 <= k <= len(schedule)),
+    prefix[i] an integer tensor [B, s_i*s_i]; they are not drawn but returned as they are,
+    and the model runs on them (KV cache, next input) as on drawn ones, so scales k.. are
+    sampled teacher-forced on them; with guidance both halves see them. `uniforms` still
+    cover every token: the given scales' are unused, so an image's later scales draw with
+    the same noise whatever k (a generator draws nothing for the given scales).
     """
     schedule = model.check_schedule(schedule)
     _check_arguments(model, codebook, labels, cfg_ramp)
+    temperature = _checked_temperature(temperature)
     device = model.head.weight.device
     labels = labels.to(device)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = cfg > 0
     B, n, last = labels.shape[0], len(schedule), schedule[-1]
+    given = _checked_prefix(prefix, model, B, schedule, device)
     if uniforms is not None:
         uniforms = _checked_uniforms(uniforms, generator, B, schedule, device)
     book = codebook.to(device=device, dtype=torch.float32)
@@ -134,16 +206,15 @@ def generate(model: nn.Module, codebook: torch.Tensor, labels: torch.Tensor,
     was_training = model.training
     model.eval()
     try:
-        for si, side in enumerate(schedule):
-            if use_cache:
-                logits = model.step_with_cache(tokens[-1], cond, caches)
+        for si in range(n):
+            if si < len(given):  # given: not drawn, but the cache must still hold its keys/values
+                idx = given[si]
+                if use_cache and len(given) < n:
+                    model.step_with_cache(tokens[-1], cond, caches)
             else:
-                hidden = model.trunk(torch.cat(tokens, dim=1), cond, schedule.lengths[:si + 1])
-                logits = apply_head(model.head, hidden[:, offsets[si]:])
-            if guided:
-                logits = _guided(logits, B, cfg, cfg_ramp, si, n, side)
-            noise = uniforms[:, schedule.scale(si)] if uniforms is not None else None
-            idx = sample_top_k_top_p(logits, _scale_top_k(top_k, cfg_ramp, side), top_p, generator, noise)
+                logits = _scale_logits(model, tokens, cond, caches, schedule, si, use_cache)
+                idx = _draw_scale(logits, B, si, schedule, cfg, cfg_ramp, top_k, top_p, temperature,
+                                  generator, uniforms)
             codes.append(idx)
             if si == n - 1:
                 break
