@@ -12,7 +12,7 @@ import numpy as np
 from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import CONTROL, ORACLE_ARMS, OracleSize, _read_json, oracle_arms, result_path
-from .report import fmt_mean_sd
+from .report_md import fmt_mean_sd
 
 # every metric: lower is better
 METRICS = {"precision_nll": "precision NLL: the teacher's NLL of student samples (nats/token)",

@@ -146,7 +146,7 @@ def run_suite(args) -> dict:
     log_line(f"[study] oracle data in {data_dir(args.out)}: teacher entropy "
          f"{record['teacher_entropy']['per_token']:.4f} nats/token")
     base = run_base(args.out, size)
-    todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
+    todo, done = pending(args.out, names, size.seeds, size.key(), {None: base_sha256(args.out)})
     log_line(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
          f"{len(todo)} to run on {args.workers} workers")
     failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,

@@ -1,5 +1,8 @@
-"""The study's report: paired differences against the control, a verdict per claim, the table
-(study.md), study.json and the plot."""
+"""The digits suite's analysis: every result flattened to named numbers, paired differences
+against the control per base (t-interval and p-value, the bootstrap beside it), and the
+claims' verdicts by the rule fixed before the run (sar_fast.metrics.stats.verdict: Holm over
+the comparisons of a claim per metric, a margin of 5% of the control's mean), per base and
+combined over bases. The tables and the plot are in report_md."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,196 +11,213 @@ import os
 import numpy as np
 
 from ..files import write_json_atomic
-from ..metrics.stats import paired_bootstrap
-from .design import CONTROL, GAMMAS, SF_ARMS, StudySize, _gamma_name, _read_json, arms, result_path
+from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
+from .design import (CONTROL, EVAL_GRID, GAMMAS, SF_ARMS, TEMPERATURE_SETTINGS, StudySize, _gamma_name, _read_json,
+                     arms, result_path)
 
-MIN_SEEDS_FOR_VERDICT = 5  # fewer pairs make a percentile bootstrap too coarse to decide anything
+# name -> lower is better
+METRICS = {"frechet": True, "accuracy": False, "precision": False, "recall": False, "nll": True,
+           "gap_sample": True, "gap_argmax": True, "ce_own": True, "ce_gt": True}
+SAMPLE_METRICS = ("frechet", "accuracy", "precision", "recall")
 
-
-# lower is better for every compared metric except accuracy
-METRICS = {"frechet": "digits Fréchet distance", "accuracy": "class accuracy of samples",
-           "nll": "TF NLL (nats/token)", "gap_sample": "exposure gap, sampled inputs (nats/token)",
-           "gap_argmax": "exposure gap, argmax inputs (nats/token)"}
-
-
-# ------------------------------------------------------------------------------ analysis
-def _better(metric: str, diff: dict) -> str | None:
-    """'better' / 'worse' when the interval of arm - control excludes 0 and rests on at
-    least MIN_SEEDS_FOR_VERDICT seeds, else None."""
-    if not diff["excludes_zero"] or diff["n"] < MIN_SEEDS_FOR_VERDICT:
-        return None
-    lower_is_better = metric != "accuracy"
-    improved = diff["high"] < 0 if lower_is_better else diff["low"] > 0
-    return "better" if improved else "worse"
-
-
-def summarize(results: list[dict], seed: int = 0) -> dict:
-    """Per arm: mean and sd of every metric over seeds; paired differences against tf."""
-    by_arm: dict[str, dict[int, dict]] = {}
-    for r in results:
-        by_arm.setdefault(r["arm"], {})[r["seed"]] = r
-    control = by_arm.get(CONTROL, {})
-    rows = {}
-    for arm in [a for a in arms() if a in by_arm]:
-        runs = by_arm[arm]
-        row = {"seeds": sorted(runs)}
-        for m in METRICS:
-            values = np.array([runs[s][m] for s in sorted(runs)])
-            row[m] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None}
-        row["nll_per_scale"] = np.mean([runs[s]["nll_per_scale"] for s in runs], axis=0).tolist()
-        row["gap_sample_per_scale"] = np.mean([runs[s]["gaps"]["sample"]["per_scale"] for s in runs], axis=0).tolist()
-        paired = sorted(set(runs) & set(control))
-        if arm != CONTROL and len(paired) >= 2:
-            row["vs_tf"] = {m: paired_bootstrap([runs[s][m] for s in paired], [control[s][m] for s in paired],
-                                                seed=seed) for m in METRICS}
-            for m, d in row["vs_tf"].items():
-                d["direction"] = _better(m, d)
-        rows[arm] = row
-    return rows
+ALPHA = 0.05
+MARGIN_FRACTION = 0.05
+SAR_ARMS = ("sar_published", "sar_published_ssr_paper", *(f"sar_all_cfg_{_gamma_name(g)}" for g in GAMMAS),
+            "sar_all_cfg_g1_gt", "sar_all_cfg_g1_soft")
+# The rule, fixed before any run. Each claim: its comparisons (arm, control); the metrics it
+# is judged on; the paper's direction ('better' / 'worse' for the arm). A control 'tf@T*' is
+# tf sampled at its own best temperature of TEMPERATURE_SETTINGS (the sharpening control).
+# 'needs': a comparison is only judged where the named claim is reproduced for the same arm.
+CLAIMS = (
+    {"id": "sf_worse", "claim": "naive student forcing trains worse than teacher forcing", "wanted": "worse",
+     "comparisons": tuple((a, CONTROL) for a in SF_ARMS), "metrics": ("frechet",)},
+    {"id": "sar_better", "claim": "SAR improves on teacher forcing", "wanted": "better",
+     "comparisons": tuple((a, CONTROL) for a in SAR_ARMS), "metrics": ("frechet", "recall")},
+    {"id": "cfg_best", "claim": "CFG sampling of the rollout inputs beats argmax and plain sampling (every gamma)",
+     "wanted": "better", "metrics": ("frechet",),
+     "comparisons": tuple((f"sar_all_cfg_{_gamma_name(g)}", f"sar_all_{o}_{_gamma_name(g)}")
+                          for g in GAMMAS for o in ("argmax", "sample"))},
+    {"id": "not_sharpening", "claim": "SAR's gain survives a temperature-matched TF control", "wanted": "better",
+     "comparisons": tuple((a, "tf@T*") for a in SAR_ARMS), "metrics": ("frechet",)},
+    {"id": "closes_gap", "claim": "the gain comes from closing the train-test gap", "wanted": "better",
+     "comparisons": tuple((a, CONTROL) for a in SAR_ARMS), "metrics": ("gap_sample",), "needs": "sar_better"},
+)
+REPRODUCED = "reproduced"
+NOT_RUN = "not run (fewer than 2 seeds of both arms)"
+NO_GAIN = "not resolved (no reproduced quality gain to attribute)"
 
 
-FEW_SEEDS = f"not resolved (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"
-
-
-def _verdict_from(direction: str | None, wanted: str) -> str:
-    if direction is None:
-        return "not resolved at this scale"
-    if direction in ("missing", "few"):
-        return "not run" if direction == "missing" else FEW_SEEDS
-    return "reproduced" if direction == wanted else "contradicted"
-
-
-def best_sar_all(rows: dict) -> str | None:
-    """The CFG-sampled Eq. 6 arm with the lowest mean Fréchet distance (chosen on the same
-    seeds it is then compared on, so an optimistic choice: it can only favour SAR)."""
-    names = [f"sar_all_cfg_{_gamma_name(g)}" for g in GAMMAS if f"sar_all_cfg_{_gamma_name(g)}" in rows]
-    return min(names, key=lambda a: rows[a]["frechet"]["mean"]) if names else None
-
-
-def verdicts(rows: dict, seed: int = 0, results: list[dict] | None = None) -> list[dict]:
-    """One verdict per (claim, arm) on the Fréchet distance (the sample-quality metric; the
-    paper's claims are about FID), given only where the paired interval excludes 0."""
-    out = []
-
-    def direction(arm: str, metric: str = "frechet") -> str | None:
-        diff = rows.get(arm, {}).get("vs_tf", {}).get(metric)
-        if diff is None:
-            return "missing"
-        return "few" if diff["n"] < MIN_SEEDS_FOR_VERDICT else diff["direction"]
-
-    for arm in SF_ARMS:
-        if "vs_tf" in rows.get(arm, {}):
-            out.append({"claim": "naive student forcing trains worse than teacher forcing", "arm": arm,
-                        "evidence": "Fréchet distance vs tf",
-                        "verdict": _verdict_from(direction(arm), "worse")})
-    best = best_sar_all(rows)
-    sar_arms = [a for a in ("sar_published", best) if a and "vs_tf" in rows.get(a, {})]
-    for arm in sar_arms:
-        out.append({"claim": "SAR improves on teacher forcing", "arm": arm, "evidence": "Fréchet distance vs tf",
-                    "verdict": _verdict_from(direction(arm), "better")})
-    if best is not None and results is not None:
-        gamma = best.rsplit("_", 1)[1]
-        by = {(r["arm"], r["seed"]): r["frechet"] for r in results}
-        parts = []
-        for other in ("argmax", "sample"):
-            name = f"sar_all_{other}_{gamma}"
-            seeds = sorted(s for (a, s) in by if a == best and (name, s) in by)
-            if len(seeds) >= 2:
-                d = paired_bootstrap([by[(best, s)] for s in seeds], [by[(name, s)] for s in seeds], seed=seed)
-                parts.append((name, d))
-        if parts:
-            dirs = [_better("frechet", d) for _, d in parts]
-            verdict = FEW_SEEDS if any(d["n"] < MIN_SEEDS_FOR_VERDICT for _, d in parts) else \
-                "reproduced" if all(x == "better" for x in dirs) else \
-                "contradicted" if any(x == "worse" for x in dirs) else "not resolved at this scale"
-            out.append({"claim": "CFG sampling of the rollout inputs is the best variant", "arm": best,
-                        "evidence": "Fréchet distance of cfg minus " + ", ".join(
-                            f"{n}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for n, d in parts),
-                        "verdict": verdict, "intervals": {n: d for n, d in parts}})
-    for arm in sar_arms:
-        gain, gap = direction(arm), direction(arm, "gap_sample")
-        if gain == "few":
-            verdict = FEW_SEEDS
-        elif gain != "better":
-            verdict = "not resolved at this scale (no quality gain over tf to attribute)" if gain is None else \
-                "not resolved at this scale (SAR is worse than tf here)"
-        else:
-            verdict = "reproduced" if gap == "better" else "contradicted" if gap == "worse" else \
-                "not resolved at this scale"
-        out.append({"claim": "the gain comes from closing the train-test gap", "arm": arm,
-                    "evidence": "Fréchet distance and exposure gap (sampled inputs) vs tf", "verdict": verdict})
+# ------------------------------------------------------------------------------ the numbers
+def flat(result: dict) -> dict[str, float]:
+    """Every number of one result by name: the METRICS, 'metric@setting' of the grid,
+    'metric@step<k>' of the learning curve, 'rollout_frechet@k<k>' / 'rollout_accuracy@k<k>'."""
+    out = {m: float(result[m]) for m in METRICS}
+    for setting, values in result.get("grid", {}).items():
+        out.update({f"{m}@{setting}": float(values[m]) for m in SAMPLE_METRICS})
+    for point in result.get("curve", []):
+        out.update({f"{m}@step{point['step']}": float(v) for m, v in point.items() if m != "step"})
+    for point in result.get("rollout", []):
+        out[f"rollout_frechet@k{point['k']}"] = float(point["frechet"])
+        out[f"rollout_accuracy@k{point['k']}"] = float(point["accuracy"])
     return out
 
 
-def fmt_mean_sd(m: dict, digits: int = 3) -> str:
-    """'mean ± sd' of a metric over seeds (the mean alone with one seed)."""
-    return f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m.get("sd") is not None else "")
+def lower_is_better(name: str) -> bool:
+    base = name.split("@")[0].removeprefix("rollout_")
+    return METRICS[base]
 
 
-def _fmt_diff(d: dict | None) -> str:
-    if d is None:
-        return "—"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["excludes_zero"] else "")
+def by_base(results: list[dict]) -> dict[int, dict[str, dict[int, dict[str, float]]]]:
+    """{base: {arm: {seed: flat numbers}}}."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(int(r["base"]), {}).setdefault(r["arm"], {})[int(r["seed"])] = flat(r)
+    return out
 
 
-def markdown_table(rows: dict, base: dict | None, claims: list[dict], size: StudySize) -> str:
-    lines = ["| arm | seeds | Fréchet | accuracy | TF NLL | gap (sampled) | gap (argmax) | ΔFréchet vs tf | "
-             "ΔNLL vs tf | Δgap (sampled) vs tf |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm, row in rows.items():
-        vs = row.get("vs_tf", {})
-        means = " | ".join(fmt_mean_sd(row[m]) for m in ("frechet", "accuracy", "nll", "gap_sample", "gap_argmax"))
-        lines.append(f"| {arm} | {len(row['seeds'])} | {means} | "
-                     f"{_fmt_diff(vs.get('frechet'))} | {_fmt_diff(vs.get('nll'))} | "
-                     f"{_fmt_diff(vs.get('gap_sample'))} |")
-    text = ["Mean ± sd over seeds; Δ: paired mean difference arm - tf with its 95% paired bootstrap interval "
-            f"(* = excludes 0). Lower is better except accuracy. A verdict needs an interval that excludes 0 "
-            f"over at least {MIN_SEEDS_FOR_VERDICT} seeds.", "", *lines, ""]
-    if base:
-        text += [f"Base: {base['curve'][-1]['step']} teacher-forcing steps, held-out NLL "
-                 f"{base['curve'][-1]['nll']:.4f} ({'plateau reached' if base.get('plateau') else 'step limit'}); "
-                 f"every arm then trains {size.arm_steps} steps at batch {size.batch_size}.", ""]
-    text += ["| claim | arm | verdict | evidence |", "|---|---|---|---|"]
-    text += [f"| {c['claim']} | {c['arm']} | {c['verdict']} | {c['evidence']} |" for c in claims]
-    return "\n".join(text) + "\n"
+def _mean_sd(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None}
 
 
-def plot(rows: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    names = [a for a in rows if "vs_tf" in rows[a]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.8), sharey=True)
-    for ax, metric in zip(axes, ("frechet", "gap_sample")):
-        d = [rows[a]["vs_tf"][metric] for a in names]
-        y = np.arange(len(names))
-        ax.errorbar([x["mean"] for x in d], y, xerr=[[x["mean"] - x["low"] for x in d],
-                                                      [x["high"] - x["mean"] for x in d]], fmt="o", capsize=3)
-        ax.axvline(0.0, color="grey", lw=0.8)
-        ax.set_title(f"Δ {METRICS[metric]} vs tf (95% paired bootstrap)", fontsize=9)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-    axes[0].set_yticks(np.arange(len(names)), names, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def describe(runs: dict[int, dict[str, float]]) -> dict:
+    """{'seeds', name: {mean, sd}} over the seeds of one arm of one base."""
+    seeds = sorted(runs)
+    names = set.intersection(*(set(runs[s]) for s in seeds))
+    return {"seeds": seeds, **{n: _mean_sd([runs[s][n] for s in seeds]) for n in sorted(names)}}
+
+
+def tf_best_temperature(arms_of_base: dict) -> str | None:
+    """tf's setting of TEMPERATURE_SETTINGS with the lowest mean Fréchet distance (None
+    without tf): the sharpening control, chosen in tf's favour."""
+    tf = arms_of_base.get(CONTROL)
+    if not tf:
+        return None
+    means = {s: np.mean([v[f"frechet@{s}"] for v in tf.values()]) for s in TEMPERATURE_SETTINGS
+             if all(f"frechet@{s}" in v for v in tf.values())}
+    return min(means, key=means.get) if means else None
+
+
+def compare(arms_of_base: dict, arm: str, control: str, metric: str, seed: int = 0) -> dict | None:
+    """Paired arm - control of `metric` over the seeds both have ('t' and 'bootstrap'), None
+    with fewer than 2. control 'tf@T*': tf's Fréchet-type metric at its best temperature."""
+    control_metric = metric
+    if control == "tf@T*":
+        best = tf_best_temperature(arms_of_base)
+        if best is None:
+            return None
+        control, control_metric = CONTROL, f"{metric.split('@')[0]}@{best}"
+    a, c = arms_of_base.get(arm, {}), arms_of_base.get(control, {})
+    seeds = sorted(s for s in set(a) & set(c) if metric in a[s] and control_metric in c[s])
+    if len(seeds) < 2:
+        return None
+    x, y = [a[s][metric] for s in seeds], [c[s][control_metric] for s in seeds]
+    return {"t": paired_t(x, y), "bootstrap": paired_bootstrap(x, y, seed=seed),
+            "control_mean": float(np.mean(y)), "control_metric": control_metric}
+
+
+def paper_direction(wanted: str, metric: str) -> str:
+    """The stats.verdict direction ('lower'/'higher' of arm - control) of a 'better'/'worse' claim."""
+    better_is_lower = lower_is_better(metric)
+    return "lower" if (wanted == "better") == better_is_lower else "higher"
+
+
+# ------------------------------------------------------------------------------ the verdicts
+def claim_verdicts(arms_of_base: dict, seed: int = 0) -> list[dict]:
+    """One entry per (claim, comparison, metric) for one base: the paired t-interval, the
+    Holm-adjusted p-value over the claim's judged comparisons (per metric), the margin and
+    the verdict; NOT_RUN or NO_GAIN where nothing is judged."""
+    out, reproduced = [], set()
+    for spec in CLAIMS:
+        for metric in spec["metrics"]:
+            judged = {}
+            for arm, control in spec["comparisons"]:
+                d = compare(arms_of_base, arm, control, metric, seed)
+                entry = {"claim": spec["claim"], "id": spec["id"], "arm": arm, "control": control, "metric": metric,
+                         "wanted": spec["wanted"]}
+                if d is None:
+                    entry["verdict"] = NOT_RUN
+                elif "needs" in spec and (spec["needs"], arm) not in reproduced:
+                    entry["verdict"] = NO_GAIN
+                else:
+                    judged[(arm, control)] = d
+                    entry.update(diff=d["t"]["mean"], low=d["t"]["low"], high=d["t"]["high"], p=d["t"]["p"],
+                                 n=d["t"]["n"], margin=MARGIN_FRACTION * abs(d["control_mean"]),
+                                 control_metric=d["control_metric"])
+                out.append(entry)
+            adjusted = dict(zip(judged, holm([d["t"]["p"] for d in judged.values()])))
+            for entry in out:
+                pair = (entry["arm"], entry["control"])
+                if entry["id"] == spec["id"] and entry["metric"] == metric and pair in adjusted:
+                    entry["holm_p"] = adjusted[pair]
+                    entry["verdict"] = verdict(entry["low"], entry["high"], entry["diff"], entry["holm_p"],
+                                               entry["margin"], paper_direction(spec["wanted"], metric), ALPHA)
+                    if entry["verdict"] == REPRODUCED and metric == spec["metrics"][0]:
+                        reproduced.add((spec["id"], entry["arm"]))
+    return out
+
+
+def combine(per_base: dict[int, list[dict]]) -> list[dict]:
+    """One verdict per (claim, comparison, metric) over the bases: the bases' common verdict
+    when they agree, else 'not resolved (bases disagree)'; beside it the pooled difference
+    with the base as a random effect (a t-interval over the bases' mean differences, df =
+    bases - 1), when at least 2 bases judged it."""
+    bases = sorted(per_base)
+    out = []
+    for i, first in enumerate(per_base[bases[0]]):
+        entries = [per_base[b][i] for b in bases]
+        verdicts = {e["verdict"] for e in entries}
+        combined = verdicts.pop() if len(verdicts) == 1 else "not resolved (bases disagree)"
+        row = {k: first[k] for k in ("claim", "id", "arm", "control", "metric", "wanted")}
+        row.update(verdict=combined, per_base={b: e["verdict"] for b, e in zip(bases, entries)})
+        diffs = [e["diff"] for e in entries if "diff" in e]
+        if len(diffs) >= 2:
+            row["pooled"] = paired_t(diffs, [0.0] * len(diffs))
+        out.append(row)
+    return out
+
+
+def analyse(results: list[dict], seed: int = 0) -> dict:
+    """Everything the tables show: per base the arms' means, the paired differences against tf
+    of every number (and against tf@T* of the Fréchet distance), the verdicts; the combined
+    verdicts."""
+    data = by_base(results)
+    bases = {}
+    for b, arms_of_base in sorted(data.items()):
+        rows = {arm: describe(runs) for arm, runs in arms_of_base.items()}
+        vs_tf = {}
+        for arm in arms_of_base:
+            if arm == CONTROL:
+                continue
+            names = [n for n in rows[arm] if n != "seeds"]
+            vs_tf[arm] = {n: d for n in names if (d := compare(arms_of_base, arm, CONTROL, n, seed)) is not None}
+            if (d := compare(arms_of_base, arm, "tf@T*", "frechet", seed)) is not None:
+                vs_tf[arm]["frechet vs tf@T*"] = d
+        bases[b] = {"arms": rows, "vs_tf": vs_tf, "tf_best_temperature": tf_best_temperature(arms_of_base),
+                    "claims": claim_verdicts(arms_of_base, seed)}
+    combined = combine({b: v["claims"] for b, v in bases.items()}) if bases else []
+    return {"bases": bases, "claims": combined}
+
+
+def arm_order(names) -> list[str]:
+    """`names` in the order of design.arms()."""
+    return [a for a in arms() if a in set(names)]
 
 
 def report(out: str, size: StudySize, arm_names: list[str], seed: int = 0) -> dict:
-    results = [r for arm in arm_names for s in range(1, size.seeds + 1)
-               if (r := _read_json(result_path(out, arm, s))) is not None and r.get("key") == size.key()]
-    rows = summarize(results, seed)
-    base = _read_json(os.path.join(out, "base", "curve.json"))
-    claims = verdicts(rows, seed, results)
-    table = markdown_table(rows, base, claims, size)
-    summary = {"size": dataclasses.asdict(size), "base": base, "arms": rows, "claims": claims,
-               "best_sar_all": best_sar_all(rows), "arm_objectives": {a: arms()[a] for a in rows}}
+    """Read the results of `size` under `out`; write out/study.json, study.md and study.png."""
+    from .report_md import markdown, plot
+    results = [r for arm in arm_names for b in range(1, size.bases + 1) for s in range(1, size.seeds + 1)
+               if (r := _read_json(result_path(out, arm, s, b))) is not None and r.get("key") == size.key()]
+    analysis = analyse(results, seed)
+    base_curves = {b: _read_json(os.path.join(out, "bases", f"base{b}", "curve.json"))
+                   for b in range(1, size.bases + 1)}
+    summary = {"suite": "digits", "size": dataclasses.asdict(size), "key": size.key(), "grid": EVAL_GRID,
+               "rule": {"alpha": ALPHA, "margin_fraction": MARGIN_FRACTION, "claims": [dict(c) for c in CLAIMS]},
+               "base_curves": base_curves, **analysis,
+               "arm_objectives": {a: arms()[a] for a in arm_order({r["arm"] for r in results})}}
     write_json_atomic(os.path.join(out, "study.json"), summary)
     with open(os.path.join(out, "study.md"), "w") as f:
-        f.write(table)
-    plot(rows, os.path.join(out, "study.png"))
+        f.write(markdown(summary, size))
+    plot(summary, os.path.join(out, "study.png"))
     return summary

@@ -4,17 +4,17 @@ sar_fast/study/__init__.py."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
-import sys
 import time
 
 import torch
 
-from ..data.digits import DIGITS_SCHEDULE
 from ..files import write_json_atomic
-from ..models.tokenizers.grey import EMBEDDED
-from .design import BASE_SEED, FULL, ORACLE_ARMS, QUICK, StudySize, _read_json, arms, result_path
+from .design import (ARM_GROUPS, BASE_SEED, FULL, ORACLE_ARMS, ORACLE_FULL, QUICK, StudySize, _read_json, arms,
+                     base_dir, result_path)
+from .digits_eval import evaluate_export, heldout_nll
 from . import jobs
 from .jobs import base_sha256, failed_runs, log_line, pending, run_pool, train_once
 from .report import report
@@ -35,111 +35,92 @@ def _trainer_config(out: str, size: StudySize, seed: int, max_steps: int, lr: fl
     return resolve(PRESETS["tiny"], flags)
 
 
-# ------------------------------------------------------------------------------ evaluation
-def _heldout(tok):
-    from ..data.digits import EmbeddedDigitsDataset
-    val = EmbeddedDigitsDataset("val")
-    return val.labels, torch.cat(tok.encode(val.images, DIGITS_SCHEDULE), dim=1)
+PLATEAU = 0.99  # a stage ends when a chunk leaves its held-out NLL above 99% of the stage's best so far
+CURVE_METRICS = ("nll", "frechet", "accuracy", "precision", "recall")
 
 
-@torch.no_grad()
-def heldout_nll(path: str) -> float:
-    """TF NLL per token on the held-out digits of the model in export file `path`."""
-    from ..metrics.exposure import teacher_forcing_nll
-    from ..models import load_checkpoint
-    from ..models.tokenizers import build_tokenizer
-    model = load_checkpoint(path, cond_drop_rate=0.0).eval()
-    tok = build_tokenizer(EMBEDDED, "cpu")
-    labels, codes = _heldout(tok)
-    return teacher_forcing_nll(model, labels, codes, DIGITS_SCHEDULE, tok.codebook())["per_token"]
+# ------------------------------------------------------------------------------ the bases
+def base_seed(base: int) -> int:
+    return BASE_SEED + base - 1
 
 
-@torch.no_grad()
-def evaluate_export(path: str, seed: int, samples_per_class: int) -> dict:
-    """Held-out metrics of the model in export file `path`; `seed` fixes the exposure
-    gap's draws and the sampled images (the same noise for every arm of one seed)."""
-    from ..metrics.digits import digits_metrics
-    from ..metrics.exposure import exposure_gap, teacher_forcing_nll
-    from ..models import load_checkpoint
-    from ..models.generate import PRESETS as SAMPLING
-    from ..models.generate import generate
-    from ..rng import image_identity, image_uniforms
-    from ..models.tokenizers import build_tokenizer
-
-    model = load_checkpoint(path, cond_drop_rate=0.0).eval()
-    tok = build_tokenizer(EMBEDDED, "cpu")
-    book, schedule = tok.codebook(), DIGITS_SCHEDULE
-    labels, codes = _heldout(tok)
-    nll = teacher_forcing_nll(model, labels, codes, schedule, book)
-    gaps = {}
-    for prediction in ("argmax", "sample"):
-        gen = torch.Generator().manual_seed(seed * 7_777 + 1)
-        g = exposure_gap(model, labels, codes, schedule, book, prediction=prediction, generator=gen)
-        gaps[prediction] = {"mean": g.mean, "per_scale": g.gap.tolist(), "ce_own": g.ce_own.tolist(),
-                            "ce_gt": g.ce_gt.tolist()}
-    settings = SAMPLING["digits"]
-    num = 10 * samples_per_class
-    ids = [image_identity(k, 10) for k in range(num)]
-    sample_labels = torch.tensor([c for c, _ in ids])
-    num_tokens = schedule.total
-    uniforms = torch.stack([image_uniforms(seed, c, i, num_tokens) for c, i in ids])
-    images = generate(model, book, sample_labels, schedule, cfg=settings["cfg"], cfg_ramp=settings["cfg_ramp"],
-                      top_k=settings["top_k"], top_p=settings["top_p"], uniforms=uniforms,
-                      decode=tok.decode).images
-    digits = digits_metrics(images, sample_labels)
-    return {"nll": nll["per_token"], "nll_per_scale": nll["per_scale"],
-            "gap_argmax": gaps["argmax"]["mean"], "gap_sample": gaps["sample"]["mean"], "gaps": gaps,
-            "frechet": digits["frechet"], "accuracy": digits["accuracy"], "num_images": digits["num_images"],
-            "sampling": dict(settings, schedule=list(schedule))}
-
-
-# ------------------------------------------------------------------------------ the base
-def run_base(out: str, size: StudySize, log=log_line) -> dict:
-    """Teacher forcing from scratch in chunks of base_chunk steps, held-out NLL after each,
-    until the NLL improves by less than 1% over a chunk (or base_steps). Resumable: the
-    trainer resumes its own checkpoint, and the curve is kept in base/curve.json."""
-    base_dir = os.path.join(out, "base")
-    curve_path = os.path.join(base_dir, "curve.json")
-    state = _read_json(curve_path) or {"key": size.key(), "curve": [], "done": False}
-    if state["key"] != size.key():
-        raise SystemExit(f"error: {base_dir} holds a base of another study size; use another --out")
-    os.makedirs(base_dir, exist_ok=True)
-    export = os.path.join(base_dir, "export.pth")
-    while not state["done"]:
-        steps = (len(state["curve"]) + 1) * size.base_chunk
-        cfg = _trainer_config(base_dir, size, BASE_SEED, steps, size.base_lr, size.base_warmup,
-                              dict(objective="tf"), None, progress=True, ckpt_every=size.base_chunk)
+def _train_to_plateau(run_dir: str, size: StudySize, base: int, lr: float, cap: int, init: str | None,
+                      curve: list, stage: int, save, log) -> bool:
+    """Teacher forcing in chunks of base_chunk steps from `init` (None: from scratch), the
+    held-out NLL after each chunk appended to `curve`, until a chunk improves the stage's best
+    by less than 1% (True) or `cap` steps (False). Resumable: the trainer resumes its own
+    checkpoint and the chunks already in `curve` are not rerun; `save()` after every chunk."""
+    done = [c for c in curve if c["stage"] == stage]
+    while True:
+        prev = [c["nll"] for c in done]
+        if len(prev) >= 2 and prev[-1] > min(prev[:-1]) * PLATEAU:
+            return True
+        if done and done[-1]["step"] >= cap:
+            return False
+        steps = min((len(done) + 1) * size.base_chunk, cap)
+        cfg = _trainer_config(run_dir, size, base_seed(base), steps, lr, size.base_warmup, dict(objective="tf"),
+                              init, progress=True, ckpt_every=size.base_chunk)
         train_once(cfg)
-        nll = heldout_nll(export)
-        state["curve"].append({"step": steps, "nll": nll})
-        log(f"[study] base step {steps}: held-out TF NLL {nll:.4f}")
-        prev = [c["nll"] for c in state["curve"][:-1]]
-        plateau = bool(prev) and nll > min(prev) * 0.99
-        state["done"] = plateau or steps >= size.base_steps
-        state["plateau"] = plateau
-        if state["done"]:  # the starting point of every arm, on the sampling noise of seed 1
-            state["metrics"] = evaluate_export(export, 1, size.samples_per_class)
+        entry = {"stage": stage, "lr": lr, "step": steps, "nll": heldout_nll(os.path.join(run_dir, "export.pth"))}
+        done.append(entry)
+        curve.append(entry)
+        save()
+        log(f"[study] base {base} stage {stage} (lr {lr:g}) step {steps}: held-out TF NLL {entry['nll']:.4f}")
+
+
+def run_base(out: str, size: StudySize, base: int = 1, log=log_line) -> dict:
+    """Base `base` (seed base-1): teacher forcing from scratch at base_lr to a plateau (held-out
+    NLL improving by less than 1% over a chunk) or base_steps, then each `anneal` stage from the
+    previous stage's model, the same way. Its final model is bases/base<k>/export.pth and its
+    curve bases/base<k>/curve.json. Resumable per chunk."""
+    folder = base_dir(out, base)
+    curve_path = os.path.join(folder, "curve.json")
+    state = _read_json(curve_path) or {"key": size.key(), "curve": [], "stages": [], "done": False}
+    if state.get("key") != size.key():
+        raise SystemExit(f"error: {folder} holds a base of another study size; use another --out")
+    os.makedirs(folder, exist_ok=True)
+    init = None
+    for stage, (lr, cap) in enumerate(size.stages()):
+        run_dir = os.path.join(folder, f"stage{stage}")
+        if stage >= len(state["stages"]):
+            plateau = _train_to_plateau(run_dir, size, base, lr, cap, init, state["curve"], stage,
+                                        lambda: write_json_atomic(curve_path, state), log)
+            state["stages"].append({"lr": lr, "cap": cap, "plateau": plateau,
+                                    "steps": state["curve"][-1]["step"], "nll": state["curve"][-1]["nll"]})
+            write_json_atomic(curve_path, state)
+        init = os.path.join(run_dir, "export.pth")
+    if not state["done"]:
+        shutil.copyfile(init, os.path.join(folder, "export.pth"))
+        state["metrics"] = evaluate_export(os.path.join(folder, "export.pth"), 1, size.samples_per_class)
+        state["done"] = True
         write_json_atomic(curve_path, state)
     return state
 
 
-def run_arm(out: str, size: StudySize, arm: str, seed: int, threads: int = 1) -> dict:
-    """Train arm `arm` with seed `seed` from the base, evaluate, write its JSON; returns it."""
+# ------------------------------------------------------------------------------ the arms
+def run_arm(out: str, size: StudySize, arm: str, seed: int, base: int, threads: int = 1) -> dict:
+    """Train arm `arm` with seed `seed` from base `base`, measured at every curve step (the
+    plain setting) and fully at the last; write its JSON; returns it."""
     torch.set_num_threads(threads)
     objective = arms()[arm]
-    run_dir = os.path.join(out, "runs", f"{arm}__seed{seed}")
+    run_dir = os.path.join(out, "runs", f"{arm}__base{base}__seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run restarts: no mixed optimiser state
-    cfg = _trainer_config(run_dir, size, seed, size.arm_steps, size.arm_lr, size.arm_warmup, objective,
-                          os.path.join(out, "base", "export.pth"), progress=False, ckpt_every=size.arm_steps)
-    train_s = train_once(cfg)
-    start = time.perf_counter()
-    metrics = evaluate_export(os.path.join(run_dir, "export.pth"), seed, size.samples_per_class)
-    result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
-              "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s,
-              "eval_s": time.perf_counter() - start, **metrics}
-    os.makedirs(os.path.dirname(result_path(out, arm, seed)), exist_ok=True)
-    write_json_atomic(result_path(out, arm, seed), result)
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of 75 runs are not worth keeping
+    export, curve, train_s, eval_s = os.path.join(run_dir, "export.pth"), [], 0.0, 0.0
+    chunk = math.gcd(*size.curve_steps)
+    for steps in size.curve_steps:  # the trainer resumes its checkpoint: one run, measured on the way
+        cfg = _trainer_config(run_dir, size, seed, steps, size.arm_lr, size.arm_warmup, objective,
+                              os.path.join(base_dir(out, base), "export.pth"), progress=False, ckpt_every=chunk)
+        train_s += train_once(cfg)
+        start = time.perf_counter()
+        metrics = evaluate_export(export, seed, size.samples_per_class, full=steps == size.arm_steps)
+        eval_s += time.perf_counter() - start
+        curve.append({"step": steps, **{k: metrics[k] for k in CURVE_METRICS}})
+    result = {"arm": arm, "seed": seed, "base": base, "key": size.key(), "base_sha256": base_sha256(out, base),
+              "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s, "eval_s": eval_s,
+              **metrics, "curve": curve}
+    os.makedirs(os.path.dirname(result_path(out, arm, seed, base)), exist_ok=True)
+    write_json_atomic(result_path(out, arm, seed, base), result)
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of hundreds of runs are not worth keeping
     return result
 
 
@@ -155,9 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/study.md)")
     p.add_argument("--quick", action="store_true", help="a pipeline check (about a minute on 2 quiet cores): "
                                                         "tiny model, a few steps, 2 seeds; its numbers mean nothing")
-    p.add_argument("--arms", default="all", help="comma-separated arm names, or 'all' (digits: " + ", ".join(arms())
+    p.add_argument("--arms", default="all", help="comma-separated arm names or digits groups, or 'all' (digits "
+                   "groups: " + "; ".join(f"{g}: {', '.join(a)}" for g, a in ARM_GROUPS.items())
                    + "; oracle: " + ", ".join(ORACLE_ARMS) + ")")
-    p.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="seeds per arm (default: 5, --quick 2)")
+    p.add_argument("--seeds", type=int, default=argparse.SUPPRESS,
+                   help=f"seeds per arm and base (default: digits {FULL.seeds}, oracle {ORACLE_FULL.seeds}, --quick 2)")
+    p.add_argument("--bases", type=int, default=argparse.SUPPRESS,
+                   help=f"digits: independently trained bases, each with every arm and seed (default {FULL.bases})")
     p.add_argument("--workers", type=int, default=2, help="(arm, seed) runs in parallel, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     return p
@@ -179,24 +164,30 @@ def check_out(out: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_out(args.out)
-    if "seeds" in vars(args) and args.seeds < 2:
-        raise SystemExit("error: --seeds must be >= 2 (paired intervals need two seeds)")
+    for name in ("seeds", "bases"):
+        low = 2 if name == "seeds" else 1
+        if name in vars(args) and getattr(args, name) < low:
+            raise SystemExit(f"error: --{name} must be >= {low}" + (" (paired intervals need two seeds)"
+                                                                     if name == "seeds" else ""))
     if args.workers < 1 or args.threads < 1:
         raise SystemExit("error: --workers and --threads must be >= 1")
     if args.suite == "oracle":
+        if "bases" in vars(args):
+            raise SystemExit("error: --bases: the oracle suite has one base")
         from .oracle_suite import run_suite
         return run_suite(args)
-    size, names, start = jobs.start(args, QUICK, FULL, arms())
-    base = run_base(args.out, size)
-    todo, done = pending(args.out, names, size.seeds, size.key(), base_sha256(args.out))
-    print(f"[study] base done ({base['curve'][-1]['step']} steps); {done} (arm, seed) results found, "
-          f"{len(todo)} to run on {args.workers} workers", file=sys.stderr, flush=True)
+    size, names, start = jobs.start(args, QUICK, FULL, arms(), ARM_GROUPS)
+    bases = {b: run_base(args.out, size, b) for b in range(1, size.bases + 1)}
+    todo, done = pending(args.out, names, size.seeds, size.key(), {b: base_sha256(args.out, b) for b in bases})
+    log_line(f"[study] {len(bases)} bases done ({', '.join(str(s['stages'][-1]['steps']) for s in bases.values())} "
+             f"steps in their last stage); {done} results found, {len(todo)} to run on {args.workers} workers")
     failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
                       lambda r: f"Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, gap {r['gap_sample']:+.4f}")
     summary = report(args.out, size, names)
     summary["wall_s"] = time.perf_counter() - start
-    print(open(os.path.join(args.out, "study.md")).read())
-    print(f"[study] {len(names)} arms x {size.seeds} seeds in {summary['wall_s'] / 60:.1f} min; "
-          f"wrote {args.out}/study.md, study.json, study.png", file=sys.stderr)
+    with open(os.path.join(args.out, "study.md")) as f:
+        print(f.read())
+    log_line(f"[study] {len(names)} arms x {size.seeds} seeds x {size.bases} bases in {summary['wall_s'] / 60:.1f} "
+             f"min; wrote {args.out}/study.md, study.json, study.png")
     failed_runs(failed)
     return summary
