@@ -212,13 +212,15 @@ def test_oracle_suite_quick_pipeline_resume_and_refusals(tmp_path):
                 assert d["t"]["n"] == 2 and d["t"]["low"] <= d["t"]["mean"] <= d["t"]["high"]
                 assert d["bootstrap"]["mean"] == pytest.approx(d["t"]["mean"])
     claims = summary["claims"]
-    assert len(claims) == (5 + 1) * 2  # (SAR arms + sf_full) x (precision, coverage)
+    assert len(claims) == (5 + 1) * 2 + 5  # (SAR arms + sf_full) x (precision, coverage) + the sharpening control
     assert all(c["verdict"] in VERDICTS for c in claims)
+    assert summary["arms"]["tf"]["best_temperature"] in ("t1", "t0.9", "t0.8")
     table = (out / "study.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 7) + (1 + 6) + (1 + 12)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == (1 + 7) + (1 + 6) + (1 + 7) + (1 + 17)
     assert len(list((out / "results").glob("*.json"))) == 14
     first = json.loads((out / "results" / "sf_full__seed2.json").read_text())
     assert first["steps"] == design.ORACLE_QUICK.arm_steps and first["objective"]["objective"] == "sf_full"
+    assert set(first["tempered"]) == {"t0.9", "t0.8"} and (out / "exports" / "sf_full__seed2.pth").is_file()
     data_stamp = os.stat(out / "data" / "data.json").st_mtime_ns, os.stat(out / "base" / "export.pth").st_mtime_ns
 
     os.remove(out / "results" / "sf_full__seed2.json")  # resume: a rerun trains only what is missing
@@ -230,6 +232,14 @@ def test_oracle_suite_quick_pipeline_resume_and_refusals(tmp_path):
     again = json.loads((out / "results" / "sf_full__seed2.json").read_text())
     for m in ("precision_nll", "coverage_nll", "gap_sample"):
         assert again[m] == pytest.approx(first[m], rel=1e-5)  # same seed, same run
+    # a result without the tempered metrics (written before they existed) gets them from its kept export
+    tf2 = json.loads((out / "results" / "tf__seed2.json").read_text())
+    (out / "results" / "tf__seed2.json").write_text(json.dumps({k: v for k, v in tf2.items() if k != "tempered"}))
+    proc = _study(out, "--quick")
+    assert proc.returncode == 0 and "tempered metrics for 1 earlier results" in proc.stderr, proc.stderr[-2000:]
+    refilled = json.loads((out / "results" / "tf__seed2.json").read_text())["tempered"]
+    for t, values in tf2["tempered"].items():
+        assert refilled[t] == pytest.approx(values, rel=1e-6)
 
     proc = _study(out)  # the full size in a quick study's folder: refused before any work
     assert proc.returncode != 0 and "another study or size" in proc.stderr, proc.stderr[-2000:]
@@ -280,6 +290,9 @@ def test_oracle_verdicts_on_constructed_results():
     claims = oracle_report.claim_verdicts(rows)
     want = {"sar_published": reproduced, "sar_all_sample_g0.1": opposite, "sar_all_sample_g1": no_effect,
             "sar_all_cfg_g0.1": unresolved, "sar_all_cfg_g1": unresolved, "sf_full": reproduced}
+    assert {c["verdict"] for c in claims if c["claim"] == oracle_report.SHARPENING["claim"]} == \
+        {oracle_report.NOT_RUN}  # no tempered metrics: the sharpening control is not run
+    claims = [c for c in claims if c["claim"] != oracle_report.SHARPENING["claim"]]
     for metric in ("precision_nll", "coverage_nll"):
         got = {c["arm"]: c for c in claims if c["metric"] == metric}
         assert {a: c["verdict"] for a, c in got.items()} == want, metric
@@ -292,6 +305,62 @@ def test_oracle_verdicts_on_constructed_results():
     del diffs["sf_full"]
     claims = oracle_report.claim_verdicts(oracle_report.summarize(_oracle_results(diffs, tf_values)))
     assert {c["verdict"] for c in claims if c["arm"] == "sf_full"} == {oracle_report.NOT_RUN}
+
+
+def test_sharpening_control_on_constructed_results():
+    """tf at temperature 0.8 gains 0.3 nats of precision for 0.05 of coverage (its best
+    temperature by their sum); an arm whose gain at temperature 1 is 0.1 is then worse than
+    that control; with tf's best at 1 the control is tf itself."""
+    from sar_fast.metrics.stats import VERDICTS
+    from sar_fast.study import oracle_report
+    reproduced, opposite = VERDICTS[:2]
+    tf_values = {"precision_nll": [3.0, 3.1, 2.9, 3.05, 2.95], "coverage_nll": [2.0, 2.1, 1.9, 2.05, 1.95]}
+    results = _oracle_results({"sar_published": [-0.1, -0.11, -0.09, -0.1, -0.1]}, tf_values)
+    for r in results:
+        r["tempered"] = {"t0.9": {"precision_nll": r["precision_nll"] - 0.1, "coverage_nll": r["coverage_nll"] + 0.02},
+                         "t0.8": {"precision_nll": r["precision_nll"] - 0.3, "coverage_nll": r["coverage_nll"] + 0.05}}
+    rows = oracle_report.summarize(results)
+    assert rows["tf"]["best_temperature"] == "t0.8"
+    claims = oracle_report.claim_verdicts(rows)
+    pick = {(c["claim"], c["arm"], c["metric"]): c for c in claims}
+    main = pick[(oracle_report.CLAIMS[0]["claim"], "sar_published", "precision_nll")]
+    sharp = pick[(oracle_report.SHARPENING["claim"], "sar_published", "precision_nll")]
+    assert main["verdict"] == reproduced and sharp["verdict"] == opposite
+    assert sharp["diff"] == pytest.approx(-0.1 + 0.3, abs=1e-9)
+    assert sharp["margin"] == pytest.approx(0.05 * (np.mean(tf_values["precision_nll"]) - 0.3))
+    # the sampling-matched rows: every arm against tf at the same temperature
+    assert rows["sar_published"]["vs_tf"]["precision_nll@t0.8"]["t"]["mean"] == pytest.approx(-0.1, abs=1e-9)
+    for r in results:  # sharpening that costs more coverage than it buys precision: tf's best is 1
+        for t in r["tempered"].values():
+            t["coverage_nll"] += 1.0
+    rows = oracle_report.summarize(results)
+    assert rows["tf"]["best_temperature"] == "t1"
+    sharp = {c["arm"]: c for c in oracle_report.claim_verdicts(rows)
+             if c["claim"] == oracle_report.SHARPENING["claim"]}["sar_published"]
+    assert sharp["verdict"] == reproduced and sharp["diff"] == pytest.approx(-0.1, abs=1e-9)
+
+
+def test_tempered_likelihoods_are_the_sharpened_distribution():
+    """At temperature T the student's token log-probabilities are those of logits / T: over a
+    brute-force enumeration of a tiny teacher's sequences they still sum to 1, and two first
+    tokens' log-probability ratio is the untempered one divided by T."""
+    import itertools
+    from sar_fast.study import oracle
+    teacher = oracle.make_teacher(seed=3, schedule=(1, 2), vocab=3, code_dim=4, depth=1, embed_dim=16, num_heads=2,
+                                  num_classes=2)
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=5)))
+    labels = torch.zeros(len(seqs), dtype=torch.long)
+    for t in (0.5, 1.7):
+        logp = oracle.token_log_probs(teacher.model, labels, seqs, teacher.codebook, teacher.schedule, temperature=t)
+        assert torch.logsumexp(logp.sum(1), 0).item() == pytest.approx(0.0, abs=1e-9)
+        plain = oracle.token_log_probs(teacher.model, labels, seqs, teacher.codebook, teacher.schedule)
+        first = [seqs[:, 0] == v for v in range(3)]
+        ratio_t = logp[first[0], 0][0] - logp[first[1], 0][0]
+        ratio_1 = plain[first[0], 0][0] - plain[first[1], 0][0]
+        assert ratio_t.item() == pytest.approx(ratio_1.item() / t, rel=1e-9)
+    with pytest.raises(ValueError, match="temperature"):
+        oracle.token_log_probs(teacher.model, labels[:2], seqs[:2], teacher.codebook, teacher.schedule,
+                               temperature=0.0)
 
 
 def test_study_suite_is_checked_by_argparse(capsys):

@@ -155,9 +155,10 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def model_samples(model: ScaleAR, codebook: torch.Tensor, schedule: Sequence[int], labels: torch.Tensor, seed: int,
-                  cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, batch: int = 256) -> torch.Tensor:
+                  cfg: float = 0.0, top_k: int = 0, top_p: float = 0.0, batch: int = 256,
+                  temperature: float = 1.0) -> torch.Tensor:
     """codes [n, L] int64: one sequence per label drawn scale by scale from `model` (by
-    default from its own distribution: no guidance, no top-k/top-p). The noise is one
+    default from its own distribution: no guidance, no top-k/top-p, temperature 1). The noise is one
     stream of uniforms from `seed`, consumed in order, so (seed, labels) fixes the result
     whatever `batch`."""
     check_int("seed", seed, 0)
@@ -167,7 +168,8 @@ def model_samples(model: ScaleAR, codebook: torch.Tensor, schedule: Sequence[int
     for start in range(0, labels.shape[0], batch):
         part = labels[start:start + batch]
         uniforms = torch.rand(part.shape[0], length, generator=gen, dtype=torch.float64)
-        drawn = generate(model, codebook, part, schedule, cfg=cfg, top_k=top_k, top_p=top_p, uniforms=uniforms)
+        drawn = generate(model, codebook, part, schedule, cfg=cfg, top_k=top_k, top_p=top_p, uniforms=uniforms,
+                         temperature=temperature)
         out.append(torch.cat(drawn.codes, dim=1).cpu())
     return torch.cat(out)
 
@@ -195,26 +197,30 @@ def _check_codes(labels: torch.Tensor, codes: torch.Tensor, schedule: Sequence[i
 
 
 def _tf_log_softmax(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor,
-                    schedule: Schedule) -> torch.Tensor:
-    """[B, L, V] float64 log-probabilities of the teacher-forced pass on int64 `codes`."""
+                    schedule: Schedule, temperature: float = 1.0) -> torch.Tensor:
+    """[B, L, V] float64 log-probabilities of the teacher-forced pass on int64 `codes` (the
+    logits divided by `temperature`: the distribution the sampler draws from at it)."""
     x = ops.scale_shift(codes, codebook.float(), schedule, mode=model.arch, out_dtype=torch.float32)
-    return F.log_softmax(model(labels.long(), x, schedule).double(), dim=-1)
+    logits = model(labels.long(), x, schedule).double()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 @torch.no_grad()
 def token_log_probs(model: ScaleAR, labels: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor,
-                    schedule: Sequence[int], batch: int = 256) -> torch.Tensor:
+                    schedule: Sequence[int], batch: int = 256, temperature: float = 1.0) -> torch.Tensor:
     """[B, L] float64: log p(code of token t | label, the scales before t's) under `model`
-    (teacher forcing in eval mode: no label dropout)."""
+    (teacher forcing in eval mode: no label dropout), its logits divided by `temperature`."""
     schedule = model.check_schedule(schedule)
     _check_codes(labels, codes, schedule, model.vocab_size, model.num_classes)
     check_int("batch", batch, 1)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     was_training, out = model.training, []
     model.eval()
     try:
         for start in range(0, labels.shape[0], batch):
             part = codes[start:start + batch].long()
-            logp = _tf_log_softmax(model, labels[start:start + batch], part, codebook, schedule)
+            logp = _tf_log_softmax(model, labels[start:start + batch], part, codebook, schedule, temperature)
             out.append(logp.gather(-1, part.unsqueeze(-1)).squeeze(-1))
     finally:
         model.train(was_training)
@@ -266,6 +272,36 @@ def oracle_metrics(teacher: Teacher, student: ScaleAR, heldout: tuple[torch.Tens
     return {"precision_nll": float(precision.mean()) / length, "coverage_nll": float(coverage.mean()),
             "coverage_per_scale": [float(coverage[:, off[i]:off[i + 1]].mean()) for i in range(len(off) - 1)],
             "teacher_entropy": float(floor.mean()) / length}
+
+
+# The sharpening control: every student is also sampled (and scored) at these temperatures.
+ORACLE_TEMPERATURES = (0.9, 0.8)
+
+
+@torch.no_grad()
+def tempered_metrics(teacher: Teacher, student: ScaleAR, heldout: tuple[torch.Tensor, torch.Tensor], n: int,
+                     seed: int, temperature: float) -> dict:
+    """The student at `temperature` (its logits divided by it): 'precision_nll', the
+    teacher's NLL per token of `n` samples drawn at it (the same noise as oracle_metrics'
+    for `seed`); 'coverage_nll', the tempered student's NLL per token of the held-out
+    teacher samples. Sharpening (T < 1) buys precision with coverage."""
+    labels, codes = heldout
+    length = Schedule(teacher.schedule).total
+    own_labels = balanced_labels(n, teacher.settings.num_classes)
+    own = model_samples(student, teacher.codebook, teacher.schedule, own_labels, seed, temperature=temperature)
+    precision = sequence_nll(teacher.model, own_labels, own, teacher.codebook, teacher.schedule)
+    coverage = -token_log_probs(student, labels, codes, teacher.codebook, teacher.schedule, temperature=temperature)
+    return {"precision_nll": float(precision.mean()) / length, "coverage_nll": float(coverage.mean())}
+
+
+@torch.no_grad()
+def evaluate_tempered(export: str | os.PathLike, out: str | os.PathLike, seed: int, n_samples: int,
+                      temperatures: Sequence[float] = ORACLE_TEMPERATURES) -> dict:
+    """{'t<T>': tempered_metrics} of the student in `export` for every temperature."""
+    teacher = load_teacher(os.path.join(os.fspath(out), "teacher"))
+    heldout = load_heldout(out)
+    student = load_checkpoint(os.fspath(export), cond_drop_rate=0.0).eval()
+    return {f"t{t:g}": tempered_metrics(teacher, student, heldout, n_samples, seed, t) for t in temperatures}
 
 
 # ------------------------------------------------------------------------------ training data

@@ -12,6 +12,7 @@ import numpy as np
 from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import CONTROL, ORACLE_ARMS, OracleSize, _read_json, oracle_arms, result_path
+from .oracle import ORACLE_TEMPERATURES
 from .report_md import fmt_mean_sd
 
 # every metric: lower is better
@@ -32,6 +33,12 @@ CLAIMS = ({"claim": "SAR improves on teacher forcing", "wanted": "lower",
           {"claim": "naive student forcing trains worse than teacher forcing", "wanted": "higher",
            "arms": ("sf_full",), "evidence": ("precision_nll", "coverage_nll")})
 NOT_RUN = "not run (fewer than 2 seeds paired with tf)"
+# The sharpening control: each SAR arm (sampled at temperature 1) against tf sampled at its own
+# best temperature of 1 and ORACLE_TEMPERATURES, "best" fixed before the run as the lowest mean
+# precision NLL + coverage NLL (a temperature that buys precision with as much coverage is no gain).
+SHARPENING = {"claim": "SAR's gain survives a temperature-matched TF control", "wanted": "lower",
+              "arms": CLAIMS[0]["arms"], "evidence": ("precision_nll",)}
+TEMPERED = tuple(f"{m}@t{t:g}" for t in ORACLE_TEMPERATURES for m in ("precision_nll", "coverage_nll"))
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -39,53 +46,96 @@ def _mean_sd(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None}
 
 
+def _flat(r: dict) -> dict:
+    """The METRICS of one result and, when it has them, its tempered metrics ('metric@t<T>')."""
+    out = {m: r[m] for m in METRICS}
+    for t, values in r.get("tempered", {}).items():
+        out.update({f"{m}@{t}": v for m, v in values.items()})
+    return out
+
+
+def tf_best_temperature(control: dict[int, dict]) -> str | None:
+    """'t1' or the 't<T>' of ORACLE_TEMPERATURES where tf's mean precision NLL + coverage NLL
+    is lowest (over its seeds that have every temperature); None when none has them."""
+    seeds = [s for s, r in control.items() if all(n in r for n in TEMPERED)]
+    if not seeds:
+        return None
+    score = {"t1": np.mean([control[s]["precision_nll"] + control[s]["coverage_nll"] for s in seeds])}
+    for t in ORACLE_TEMPERATURES:
+        score[f"t{t:g}"] = np.mean([control[s][f"precision_nll@t{t:g}"] + control[s][f"coverage_nll@t{t:g}"]
+                                    for s in seeds])
+    return min(score, key=score.get)
+
+
+def _paired(a: list[float], c: list[float], seed: int) -> dict:
+    return {"t": paired_t(a, c), "bootstrap": paired_bootstrap(a, c, seed=seed)}
+
+
 def summarize(results: list[dict], seed: int = 0) -> dict:
-    """Per arm (in ORACLE_ARMS' order): mean and sd of every metric over seeds, per-scale
-    means, and the paired differences against tf ('t': paired_t, 'bootstrap': paired_bootstrap
-    seeded by `seed`) over the seeds both have, when there are at least 2."""
+    """Per arm (in ORACLE_ARMS' order): mean and sd of every metric over seeds (the tempered
+    ones where every seed has them), per-scale means, the paired differences against tf
+    ('t': paired_t, 'bootstrap': paired_bootstrap seeded by `seed`) over the seeds both
+    have, when at least 2, and against tf at its best temperature ('vs_tf_tempered')."""
     by_arm: dict[str, dict[int, dict]] = {}
+    raw: dict[str, dict[int, dict]] = {}
     for r in results:
-        by_arm.setdefault(r["arm"], {})[r["seed"]] = r
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = _flat(r)
+        raw.setdefault(r["arm"], {})[r["seed"]] = r
     control = by_arm.get(CONTROL, {})
+    best = tf_best_temperature(control)
     rows = {}
     for arm in [a for a in ORACLE_ARMS if a in by_arm]:
         runs = by_arm[arm]
         seeds = sorted(runs)
-        row = {"seeds": seeds, **{m: _mean_sd([runs[s][m] for s in seeds]) for m in METRICS}}
+        names = [n for n in (*METRICS, *TEMPERED) if all(n in runs[s] for s in seeds)]
+        row = {"seeds": seeds, **{m: _mean_sd([runs[s][m] for s in seeds]) for m in names}}
         for per_scale in ("coverage_per_scale", "gap_sample_per_scale", "gap_argmax_per_scale"):
-            row[per_scale] = np.mean([runs[s][per_scale] for s in seeds], axis=0).tolist()
+            row[per_scale] = np.mean([raw[arm][s][per_scale] for s in seeds], axis=0).tolist()
         paired = sorted(set(runs) & set(control))
         if arm != CONTROL and len(paired) >= 2:
-            row["vs_tf"] = {}
-            for m in METRICS:
-                a, c = [runs[s][m] for s in paired], [control[s][m] for s in paired]
-                row["vs_tf"][m] = {"t": paired_t(a, c), "bootstrap": paired_bootstrap(a, c, seed=seed)}
+            row["vs_tf"] = {m: _paired([runs[s][m] for s in paired], [control[s][m] for s in paired], seed)
+                            for m in names if all(m in control[s] for s in paired)}
+            key = "precision_nll" if best == "t1" else f"precision_nll@{best}"
+            if best is not None and all(key in control[s] for s in paired):
+                row["vs_tf_tempered"] = {"precision_nll": _paired([runs[s]["precision_nll"] for s in paired],
+                                                                  [control[s][key] for s in paired], seed)}
         rows[arm] = row
+    if CONTROL in rows and best is not None:
+        rows[CONTROL]["best_temperature"] = best
     return rows
 
 
 def claim_verdicts(rows: dict) -> list[dict]:
     """One verdict per (claim, arm, evidence metric) by stats.verdict: the paired t-interval
     and the Holm-adjusted p-value (over the claim's arms that were run, per metric), the
-    margin MARGIN_FRACTION x tf's mean. An arm without paired seeds is 'not run'."""
+    margin MARGIN_FRACTION x the control's mean. An arm without paired seeds is 'not run'.
+    The sharpening claim compares with tf at its best temperature ('vs_tf_tempered')."""
     out = []
-    for spec in CLAIMS:
+    for spec in (*CLAIMS, SHARPENING):
+        field = "vs_tf_tempered" if spec is SHARPENING else "vs_tf"
         for metric in spec["evidence"]:
-            ran = [a for a in spec["arms"] if "vs_tf" in rows.get(a, {})]
-            adjusted = dict(zip(ran, holm([rows[a]["vs_tf"][metric]["t"]["p"] for a in ran])))
-            margin = MARGIN_FRACTION * abs(rows[CONTROL][metric]["mean"]) if CONTROL in rows else None
+            ran = [a for a in spec["arms"] if metric in rows.get(a, {}).get(field, {})]
+            adjusted = dict(zip(ran, holm([rows[a][field][metric]["t"]["p"] for a in ran])))
             for arm in spec["arms"]:
-                entry = {"claim": spec["claim"], "arm": arm, "metric": metric, "wanted": spec["wanted"],
-                         "margin": margin}
+                entry = {"claim": spec["claim"], "arm": arm, "metric": metric, "wanted": spec["wanted"]}
                 if arm not in adjusted:
                     out.append({**entry, "verdict": NOT_RUN})
                     continue
-                t = rows[arm]["vs_tf"][metric]["t"]
+                t = rows[arm][field][metric]["t"]
+                control_mean = _control_mean(rows, field, metric)
                 entry.update(diff=t["mean"], low=t["low"], high=t["high"], p=t["p"], holm_p=adjusted[arm],
-                             n=t["n"], verdict=verdict(t["low"], t["high"], t["mean"], adjusted[arm], margin,
-                                                       spec["wanted"], alpha=ALPHA))
+                             n=t["n"], margin=MARGIN_FRACTION * abs(control_mean),
+                             verdict=verdict(t["low"], t["high"], t["mean"], adjusted[arm],
+                                             MARGIN_FRACTION * abs(control_mean), spec["wanted"], alpha=ALPHA))
                 out.append(entry)
     return out
+
+
+def _control_mean(rows: dict, field: str, metric: str) -> float:
+    """tf's mean of `metric` (at its best temperature for the sharpening control)."""
+    best = rows[CONTROL].get("best_temperature", "t1")
+    name = metric if field == "vs_tf" or best == "t1" else f"{metric}@{best}"
+    return rows[CONTROL][name]["mean"]
 
 
 # ------------------------------------------------------------------------------ the table
@@ -95,6 +145,24 @@ def _fmt_diff(d: dict | None) -> str:
     t, b = d["t"], d["bootstrap"]
     return (f"{t['mean']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.3g}; "
             f"boot [{b['low']:+.4f}, {b['high']:+.4f}]")
+
+
+def _tempered_table(rows: dict) -> list[str]:
+    """Every arm sampled (and scored) at each temperature of the grid, with its paired
+    difference from tf at the same temperature: the sampling-matched comparison."""
+    if not all(n in rows.get(CONTROL, {}) for n in TEMPERED):
+        return []
+    lines = ["Sampling-matched (the student's logits divided by T for both its samples and its coverage NLL; Δ vs tf "
+             f"at the same T; tf's best temperature by precision + coverage: {rows[CONTROL]['best_temperature']}):",
+             "", "| arm | " + " | ".join(TEMPERED) + " |", "|---|" + "---|" * len(TEMPERED)]
+    for arm, row in rows.items():
+        cells = []
+        for n in TEMPERED:
+            d = row.get("vs_tf", {}).get(n)
+            cells.append(fmt_mean_sd(row[n], 4) + (f"; Δ {d['t']['mean']:+.4f} [{d['t']['low']:+.4f}, "
+                                                   f"{d['t']['high']:+.4f}]" if d else "") if n in row else "—")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def markdown(rows: dict, base: dict | None, claims: list[dict], size: OracleSize, record: dict | None) -> str:
@@ -113,7 +181,7 @@ def markdown(rows: dict, base: dict | None, claims: list[dict], size: OracleSize
         text += [f"Teacher entropy (the floor of both NLLs, in expectation): "
                  f"{record['teacher_entropy']['per_token']:.4f} nats/token; {size.n_train} training sequences, "
                  f"{size.n_heldout} held out, {size.n_samples} student samples per evaluation.", ""]
-    text += [*lines, "", *diffs, ""]
+    text += [*lines, "", *diffs, "", *_tempered_table(rows)]
     if base:
         last = base["curve"][-1]
         text += [f"Base: {last['step']} teacher-forcing steps, held-out coverage NLL {last['coverage_nll']:.4f} "

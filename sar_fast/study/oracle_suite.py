@@ -125,6 +125,8 @@ def run_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -
     train_s = train_once(cfg)
     start = time.perf_counter()
     metrics = _evaluate(os.path.join(run_dir, "export.pth"), out, size, seed)
+    metrics["tempered"] = oracle.evaluate_tempered(os.path.join(run_dir, "export.pth"), data_dir(out), seed,
+                                                   size.n_samples)
     result = {"arm": arm, "seed": seed, "key": size.key(), "base_sha256": base_sha256(out),
               "objective": cfg.objective.to_dict(), "steps": size.arm_steps, "train_s": train_s,
               "eval_s": time.perf_counter() - start, **metrics}
@@ -134,6 +136,26 @@ def run_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -
     write_json_atomic(result_path(out, arm, seed), result)
     shutil.rmtree(run_dir, ignore_errors=True)  # the training checkpoints are not worth keeping
     return result
+
+
+def temper_arm(out: str, size: OracleSize, arm: str, seed: int, threads: int = 1) -> dict:
+    """Add the tempered metrics (oracle.evaluate_tempered) to the result of (arm, seed) from its
+    kept export (results written before they were part of run_arm); returns the result."""
+    torch.set_num_threads(threads)
+    path = result_path(out, arm, seed)
+    result = _read_json(path)
+    start = time.perf_counter()
+    result["tempered"] = oracle.evaluate_tempered(export_path(out, arm, seed), data_dir(out), seed, size.n_samples)
+    result["tempered_eval_s"] = time.perf_counter() - start
+    write_json_atomic(path, result)
+    return result
+
+
+def untempered(out: str, names: list[str], seeds: int) -> list[tuple[str, int]]:
+    """The (arm, seed) results without tempered metrics whose export is kept."""
+    return [(arm, s) for s in range(1, seeds + 1) for arm in names
+            if (r := _read_json(result_path(out, arm, s))) is not None and "tempered" not in r
+            and os.path.isfile(export_path(out, arm, s))]
 
 
 # ------------------------------------------------------------------------------ command line
@@ -152,6 +174,12 @@ def run_suite(args) -> dict:
     failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
                       lambda r: f"precision NLL {r['precision_nll']:.4f}, coverage NLL {r['coverage_nll']:.4f}, "
                                 f"gap {r['gap_sample']:+.4f}")
+    todo = untempered(args.out, names, size.seeds)
+    if todo:
+        log_line(f"[study] tempered metrics for {len(todo)} earlier results")
+        failed += run_pool(temper_arm, args.out, size, todo, args.workers, args.threads,
+                           lambda r: "at T " + ", ".join(f"{t[1:]}: precision {m['precision_nll']:.4f}, coverage "
+                                                         f"{m['coverage_nll']:.4f}" for t, m in r["tempered"].items()))
     summary = report(args.out, size, names, record)
     summary["wall_s"] = time.perf_counter() - start
     with open(os.path.join(args.out, "study.md")) as f:
