@@ -125,7 +125,7 @@ def test_pooled_difference_treats_bases_as_random():
 def test_markdown_has_every_table(tmp_path):
     shift = {"sar_published": -0.5, "sf_full": +1.0}
     results = _results(shift)
-    summary = {**report.analyse(results), "base_curves": {}}
+    summary = {**report.analyse(results), "base_curves": {}, "rule": {"alpha": 0.05, "margin_fraction": 0.05}}
     from sar_fast.study.report_md import markdown
     text = markdown(summary, design.QUICK)
     for needle in ("## Verdicts", "## Base 1", "## Base 2", "Sampling-matched", "Learning curve",

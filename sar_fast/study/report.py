@@ -2,7 +2,7 @@
 against the control per base (t-interval and p-value, the bootstrap beside it), and the
 claims' verdicts by the rule fixed before the run (sar_fast.metrics.stats.verdict: Holm over
 the comparisons of a claim per metric, a margin of 5% of the control's mean), per base and
-combined over bases. The tables and the plot are in report_md."""
+combined over bases. The tables and the plot: report_md."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +14,7 @@ from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import (CONTROL, EVAL_GRID, GAMMAS, SF_ARMS, TEMPERATURE_SETTINGS, StudySize, _gamma_name, _read_json,
                      arms, result_path)
+from .report_md import arm_order, markdown, plot
 
 # name -> lower is better
 METRICS = {"frechet": True, "accuracy": False, "precision": False, "recall": False, "nll": True,
@@ -199,14 +200,8 @@ def analyse(results: list[dict], seed: int = 0) -> dict:
     return {"bases": bases, "claims": combined}
 
 
-def arm_order(names) -> list[str]:
-    """`names` in the order of design.arms()."""
-    return [a for a in arms() if a in set(names)]
-
-
 def report(out: str, size: StudySize, arm_names: list[str], seed: int = 0) -> dict:
     """Read the results of `size` under `out`; write out/study.json, study.md and study.png."""
-    from .report_md import markdown, plot
     results = [r for arm in arm_names for b in range(1, size.bases + 1) for s in range(1, size.seeds + 1)
                if (r := _read_json(result_path(out, arm, s, b))) is not None and r.get("key") == size.key()]
     analysis = analyse(results, seed)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .design import CONTROL, EVAL_GRID, StudySize
-from .report import ALPHA, MARGIN_FRACTION, arm_order
+from .design import CONTROL, EVAL_GRID, StudySize, arms
+
+
+def arm_order(names) -> list[str]:
+    """`names` in the order of design.arms()."""
+    return [a for a in arms() if a in set(names)]
 
 
 def fmt_mean_sd(m: dict, digits: int = 3) -> str:
@@ -111,9 +115,10 @@ def markdown(summary: dict, size: StudySize) -> str:
             "excludes 0; the Fréchet column also shows the percentile bootstrap). Lower is better except accuracy, "
             "precision and recall. tf@T: tf sampled at its best temperature of the grid (the sharpening control).", ""]
     text += [_base_line(b, (summary.get("base_curves") or {}).get(b), size) for b in per_base] + [""]
+    rule = summary["rule"]
     text += [f"## Verdicts (rule fixed before the run: Holm over each claim's comparisons per metric, alpha "
-             f"{ALPHA}, margin {MARGIN_FRACTION:.0%} of the control's mean; a verdict over bases needs every base "
-             f"to agree)", "", *_claims_table(summary["claims"], per_base)]
+             f"{rule['alpha']}, margin {rule['margin_fraction']:.0%} of the control's mean; a verdict over bases needs "
+             f"every base to agree)", "", *_claims_table(summary["claims"], per_base)]
     for b, base in per_base.items():
         text += [f"## Base {b}", "", *_arms_table(base), *_diff_table(base), "Sampling-matched evaluation:", "",
                  *_grid_table(base), "Learning curve (arm steps):", "", *_curve_table(base),
