@@ -111,6 +111,7 @@ class StudySize(_RunSize):
     every `curve_steps`. `bases` independently trained bases (seeds 0, 1, ...); like `seeds`
     it is not in the key, so more of either extend a study."""
     samples_per_class: int
+    rollout_images: int       # held-out digits rolled out from ground-truth prefixes (the first N of 180)
     anneal: tuple[tuple[float, int], ...]
     curve_steps: tuple[int, ...]
     bases: int
@@ -126,12 +127,14 @@ class StudySize(_RunSize):
 # Sized on 2 quiet CPU cores (docs/study.md has the arithmetic); one arm group per run.
 FULL = StudySize(depth=3, embed_dim=96, num_heads=4, batch_size=32, base_steps=800, base_chunk=100, base_lr=1e-3,
                  base_warmup=20, arm_steps=100, arm_lr=3e-4, arm_warmup=5, seeds=8, samples_per_class=20,
+                 rollout_images=180,
                  anneal=((3e-4, 600),), curve_steps=(25, 50, 100), bases=2)
 
 
 # A pipeline check, not a result: a model too small and runs too short to mean anything.
 QUICK = StudySize(depth=1, embed_dim=32, num_heads=2, batch_size=16, base_steps=4, base_chunk=2, base_lr=1e-3,
                   base_warmup=1, arm_steps=2, arm_lr=3e-4, arm_warmup=1, seeds=2, samples_per_class=2,
+                  rollout_images=20,
                   anneal=((3e-4, 2),), curve_steps=(1, 2), bases=2)
 
 

@@ -77,7 +77,7 @@ def sample_metrics(model, tok, seed: int, samples_per_class: int, setting: dict)
 
 
 def rollout_curve(model, tok, labels: torch.Tensor, codes: torch.Tensor, seed: int) -> list[dict]:
-    """Generation-level exposure: for k = 0 .. n-1, every held-out digit's first k scales
+    """Generation-level exposure: for k = 0 .. n-1, each given held-out digit's first k scales
     are its ground truth and the rest are sampled (the 'plain' setting); the Fréchet distance
     and accuracy of those images. k = 0 is free generation for the held-out labels."""
     from ..metrics.digits import digits_metrics
@@ -92,10 +92,12 @@ def rollout_curve(model, tok, labels: torch.Tensor, codes: torch.Tensor, seed: i
 
 
 @torch.no_grad()
-def evaluate_export(path: str, seed: int, samples_per_class: int, full: bool = True) -> dict:
+def evaluate_export(path: str, seed: int, samples_per_class: int, full: bool = True,
+                    rollout_images: int | None = None) -> dict:
     """Held-out metrics of the model in export file `path`. `full`: the exposure gaps, every
-    setting of the grid and the rollout curve; otherwise (a learning-curve point) TF NLL and
-    the 'plain' setting's sample metrics only."""
+    setting of the grid and the rollout curve (of the first `rollout_images` held-out digits;
+    None: all); otherwise (a learning-curve point) TF NLL and the 'plain' setting's sample
+    metrics only."""
     from ..metrics.exposure import teacher_forcing_nll
     model, tok = _load(path)
     book = tok.codebook()
@@ -109,5 +111,5 @@ def evaluate_export(path: str, seed: int, samples_per_class: int, full: bool = T
         gaps = _gaps(model, labels, codes, book, seed)
         out.update(gap_argmax=gaps["argmax"]["mean"], gap_sample=gaps["sample"]["mean"],
                    ce_own=gaps["sample"]["ce_own_mean"], ce_gt=gaps["sample"]["ce_gt_mean"], gaps=gaps,
-                   rollout=rollout_curve(model, tok, labels, codes, seed))
+                   rollout=rollout_curve(model, tok, labels[:rollout_images], codes[:rollout_images], seed))
     return out

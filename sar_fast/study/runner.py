@@ -91,7 +91,8 @@ def run_base(out: str, size: StudySize, base: int = 1, log=log_line) -> dict:
         init = os.path.join(run_dir, "export.pth")
     if not state["done"]:
         shutil.copyfile(init, os.path.join(folder, "export.pth"))
-        state["metrics"] = evaluate_export(os.path.join(folder, "export.pth"), 1, size.samples_per_class)
+        state["metrics"] = evaluate_export(os.path.join(folder, "export.pth"), 1, size.samples_per_class,
+                                           rollout_images=size.rollout_images)
         state["done"] = True
         write_json_atomic(curve_path, state)
     return state
@@ -112,7 +113,8 @@ def run_arm(out: str, size: StudySize, arm: str, seed: int, base: int, threads: 
                               os.path.join(base_dir(out, base), "export.pth"), progress=False, ckpt_every=chunk)
         train_s += train_once(cfg)
         start = time.perf_counter()
-        metrics = evaluate_export(export, seed, size.samples_per_class, full=steps == size.arm_steps)
+        metrics = evaluate_export(export, seed, size.samples_per_class, full=steps == size.arm_steps,
+                                  rollout_images=size.rollout_images)
         eval_s += time.perf_counter() - start
         curve.append({"step": steps, **{k: metrics[k] for k in CURVE_METRICS}})
     result = {"arm": arm, "seed": seed, "base": base, "key": size.key(), "base_sha256": base_sha256(out, base),
