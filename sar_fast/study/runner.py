@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"steps in their last stage); {done} results found, {len(todo)} to run on {args.workers} workers")
     failed = run_pool(run_arm, args.out, size, todo, args.workers, args.threads,
                       lambda r: f"Fréchet {r['frechet']:.3f}, NLL {r['nll']:.4f}, gap {r['gap_sample']:+.4f}")
-    summary = report(args.out, size, names)
+    summary = report(args.out, size, list(arms()))  # every group's results in the folder, not just this run's
     summary["wall_s"] = time.perf_counter() - start
     with open(os.path.join(args.out, "study.md")) as f:
         print(f.read())
