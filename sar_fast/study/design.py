@@ -14,6 +14,10 @@ from .oracle import TeacherSettings
 BASE_SEED = 0
 
 
+# A base (or base stage) has plateaued when a chunk leaves its held-out NLL above 99% of its best so far.
+PLATEAU = 0.99
+
+
 GAMMAS = (0.01, 0.1, 1.0)
 
 

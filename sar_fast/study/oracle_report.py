@@ -13,7 +13,7 @@ from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import CONTROL, ORACLE_ARMS, OracleSize, _read_json, oracle_arms, result_path
 from .oracle import ORACLE_TEMPERATURES
-from .report_md import fmt_mean_sd
+from .report_md import fmt_mean_sd, mean_sd
 
 # every metric: lower is better
 METRICS = {"precision_nll": "precision NLL: the teacher's NLL of student samples (nats/token)",
@@ -39,11 +39,6 @@ NOT_RUN = "not run (fewer than 2 seeds paired with tf)"
 SHARPENING = {"claim": "SAR's gain survives a temperature-matched TF control", "wanted": "lower",
               "arms": CLAIMS[0]["arms"], "evidence": ("precision_nll",)}
 TEMPERED = tuple(f"{m}@t{t:g}" for t in ORACLE_TEMPERATURES for m in ("precision_nll", "coverage_nll"))
-
-
-def _mean_sd(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None}
 
 
 def _flat(r: dict) -> dict:
@@ -88,7 +83,7 @@ def summarize(results: list[dict], seed: int = 0) -> dict:
         runs = by_arm[arm]
         seeds = sorted(runs)
         names = [n for n in (*METRICS, *TEMPERED) if all(n in runs[s] for s in seeds)]
-        row = {"seeds": seeds, **{m: _mean_sd([runs[s][m] for s in seeds]) for m in names}}
+        row = {"seeds": seeds, **{m: mean_sd([runs[s][m] for s in seeds]) for m in names}}
         for per_scale in ("coverage_per_scale", "gap_sample_per_scale", "gap_argmax_per_scale"):
             row[per_scale] = np.mean([raw[arm][s][per_scale] for s in seeds], axis=0).tolist()
         paired = sorted(set(runs) & set(control))

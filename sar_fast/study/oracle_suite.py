@@ -22,12 +22,11 @@ import torch
 
 from ..files import write_json_atomic
 from . import jobs, oracle
-from .design import (BASE_SEED, ORACLE_FULL, ORACLE_QUICK, OracleSize, _read_json, export_path, oracle_arms,
+from .design import (BASE_SEED, ORACLE_FULL, PLATEAU, ORACLE_QUICK, OracleSize, _read_json, export_path, oracle_arms,
                      result_path)
 from .oracle_report import report
 from .jobs import base_sha256, failed_runs, log_line, pending, run_pool, train_once
 
-PLATEAU = 0.99  # the base stops when a chunk leaves its coverage NLL above 99% of the best so far
 
 
 def data_dir(out: str) -> str:

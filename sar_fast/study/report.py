@@ -14,7 +14,7 @@ from ..files import write_json_atomic
 from ..metrics.stats import holm, paired_bootstrap, paired_t, verdict
 from .design import (CONTROL, EVAL_GRID, GAMMAS, SF_ARMS, TEMPERATURE_SETTINGS, StudySize, _gamma_name, _read_json,
                      arms, result_path)
-from .report_md import arm_order, markdown, plot
+from .report_md import arm_order, markdown, mean_sd, plot
 
 # name -> lower is better
 METRICS = {"frechet": True, "accuracy": False, "precision": False, "recall": False, "nll": True,
@@ -76,16 +76,11 @@ def by_base(results: list[dict]) -> dict[int, dict[str, dict[int, dict[str, floa
     return out
 
 
-def _mean_sd(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None}
-
-
 def describe(runs: dict[int, dict[str, float]]) -> dict:
     """{'seeds', name: {mean, sd}} over the seeds of one arm of one base."""
     seeds = sorted(runs)
     names = set.intersection(*(set(runs[s]) for s in seeds))
-    return {"seeds": seeds, **{n: _mean_sd([runs[s][n] for s in seeds]) for n in sorted(names)}}
+    return {"seeds": seeds, **{n: mean_sd([runs[s][n] for s in seeds]) for n in sorted(names)}}
 
 
 def tf_best_temperature(arms_of_base: dict) -> str | None:

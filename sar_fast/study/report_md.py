@@ -11,6 +11,12 @@ def arm_order(names) -> list[str]:
     return [a for a in arms() if a in set(names)]
 
 
+def mean_sd(values) -> dict:
+    """{'mean', 'sd'} of values over seeds (sd None for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None}
+
+
 def fmt_mean_sd(m: dict, digits: int = 3) -> str:
     """'mean ± sd' of a metric over seeds (the mean alone with one seed)."""
     return f"{m['mean']:.{digits}f}" + (f" ± {m['sd']:.{digits}f}" if m.get("sd") is not None else "")

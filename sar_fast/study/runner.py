@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..files import write_json_atomic
-from .design import (ARM_GROUPS, BASE_SEED, FULL, ORACLE_ARMS, ORACLE_FULL, QUICK, StudySize, _read_json, arms,
+from .design import (ARM_GROUPS, BASE_SEED, FULL, ORACLE_ARMS, ORACLE_FULL, PLATEAU, QUICK, StudySize, _read_json, arms,
                      base_dir, result_path)
 from .digits_eval import evaluate_export, heldout_nll
 from . import jobs
@@ -35,7 +35,6 @@ def _trainer_config(out: str, size: StudySize, seed: int, max_steps: int, lr: fl
     return resolve(PRESETS["tiny"], flags)
 
 
-PLATEAU = 0.99  # a stage ends when a chunk leaves its held-out NLL above 99% of the stage's best so far
 CURVE_METRICS = ("nll", "frechet", "accuracy", "precision", "recall")
 
 
